@@ -1,0 +1,11 @@
+"""fastclr: fast SimCLR at large batch sizes.
+
+Importing fastclr needs neither a GPU nor the compiled extension (see ``fastclr.ops``).
+"""
+from fastclr import reference
+from fastclr.loss import NTXentLoss, nt_xent_fused
+from fastclr.ops import extension_available, extension_error
+
+__version__ = "0.1.0"
+__all__ = ["nt_xent_fused", "NTXentLoss", "reference", "extension_available",
+           "extension_error", "__version__"]

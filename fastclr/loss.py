@@ -1,0 +1,180 @@
+"""``nt_xent_fused`` and ``NTXentLoss``: input checks, backend dispatch, reductions."""
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+
+import torch
+from torch import nn
+
+from fastclr import ops, reference
+
+IMPLS = ("auto", "reference", "cpu", "triton", "cuda")
+REDUCTIONS = ("mean", "sum", "none")
+_HALF = (torch.float16, torch.bfloat16)
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+_warned_fallback = False
+
+
+def _describe(x) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"a {x.dtype} tensor of shape {tuple(x.shape)} on {x.device}"
+    return f"{type(x).__name__} {x!r}"
+
+
+def _check_embeddings(z1, z2) -> None:
+    for name, z in (("z1", z1), ("z2", z2)):
+        if not isinstance(z, torch.Tensor):
+            raise TypeError(f"nt_xent_fused: {name} must be a torch.Tensor, got {_describe(z)}")
+        if z.dim() != 2:
+            raise ValueError(f"nt_xent_fused: {name} must be 2-D (N, D), got shape {tuple(z.shape)}")
+        if z.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"nt_xent_fused: {name} must be float32, bfloat16, float16 or float64, "
+                            f"got {z.dtype}")
+    if z1.shape != z2.shape:
+        raise ValueError(f"nt_xent_fused: z1 and z2 must have the same shape, got {tuple(z1.shape)} "
+                         f"and {tuple(z2.shape)}")
+    if z1.dtype != z2.dtype:
+        raise TypeError(f"nt_xent_fused: z1 and z2 must have the same dtype, got {z1.dtype} and {z2.dtype}")
+    if z1.device != z2.device:
+        raise ValueError(f"nt_xent_fused: z1 and z2 must be on the same device, got {z1.device} "
+                         f"and {z2.device}")
+    if z1.shape[0] < 1 or z1.shape[1] < 1:
+        raise ValueError(f"nt_xent_fused: need N >= 1 rows and D >= 1 features, got shape "
+                         f"{tuple(z1.shape)}")
+    if z1.dtype == torch.float64 and z1.device.type != "cpu":
+        raise TypeError(f"nt_xent_fused: float64 is supported on CPU only, got float64 on {z1.device}")
+
+
+def _temperature_tensor(temperature, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if isinstance(temperature, torch.Tensor):
+        if temperature.dim() != 0:
+            raise ValueError("nt_xent_fused: temperature must be a float or a 0-dim tensor, got "
+                             f"shape {tuple(temperature.shape)}")
+        if not temperature.is_floating_point():
+            raise TypeError(f"nt_xent_fused: temperature tensor must be floating point, got "
+                            f"{temperature.dtype}")
+        if not torch.compiler.is_compiling():
+            if temperature.device.type == "cpu":
+                value = float(temperature.detach())
+                if not (math.isfinite(value) and value > 0):
+                    raise ValueError(f"nt_xent_fused: temperature must be finite and > 0, got {value}")
+            else:  # no host sync per step on an accelerator: checked on the device
+                torch._assert_async((temperature > 0) & torch.isfinite(temperature),
+                                    "nt_xent_fused: temperature must be finite and > 0")
+        return temperature.to(device=device, dtype=dtype)
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+        raise TypeError(f"nt_xent_fused: temperature must be a float or a 0-dim tensor, got "
+                        f"{_describe(temperature)}")
+    value = float(temperature)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"nt_xent_fused: temperature must be finite and > 0, got {value}")
+    return torch.tensor(value, dtype=dtype, device=device)
+
+
+def _resolve_impl(impl: str, device: torch.device) -> str:
+    """The backend that will run: see DESIGN.md, Dispatch."""
+    global _warned_fallback
+    if impl not in IMPLS:
+        raise ValueError(f"nt_xent_fused: impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "reference":
+        return impl
+    if impl in ("triton", "cuda"):
+        raise NotImplementedError(
+            f"nt_xent_fused: impl={impl!r} is not part of this build yet (the "
+            f"{'Triton' if impl == 'triton' else 'CUDA'} kernels land in a later release); "
+            "use impl='auto', 'cpu' or 'reference'")
+    if impl == "cpu":
+        if device.type != "cpu":
+            raise ValueError(f"nt_xent_fused: impl='cpu' needs CPU tensors, got tensors on {device}")
+        if not ops.extension_available():
+            raise RuntimeError(f"nt_xent_fused: impl='cpu' needs the compiled extension: "
+                               f"{ops.extension_error()}")
+        return impl
+    # auto
+    if device.type == "cpu" and ops.extension_available():
+        return "cpu"
+    if not _warned_fallback:
+        _warned_fallback = True
+        why = (ops.extension_error() if device.type == "cpu"
+               else f"no fused kernel for {device.type} tensors in this build")
+        warnings.warn(f"fastclr: falling back to the reference NT-Xent (O(M^2) memory): {why}",
+                      RuntimeWarning, stacklevel=3)
+    return "reference"
+
+
+def nt_xent_fused(z1: torch.Tensor, z2: torch.Tensor, temperature=0.5, *, impl: str = "auto",
+                  reduction: str = "mean", return_accuracy: bool = False):
+    """NT-Xent (SimCLR's contrastive loss) with the normalisation fused in.
+
+    Rows ``z1[i]`` and ``z2[i]`` are the two views of image ``i``; every other row of
+    ``[z1; z2]`` is a negative. loss_i = logsumexp_{j != i}(u_i . u_j / tau) - u_i . u_{p(i)} / tau
+    with u = z / max(||z||, 1e-12). The fused paths never build the 2N x 2N matrix.
+
+    Args:
+        z1, z2: (N, D) tensors, same shape, dtype (float32, bfloat16, float16; float64 on
+            CPU) and device.
+        temperature: a float > 0, or a 0-dim tensor (its gradient flows if it requires grad).
+        impl: "auto" | "reference" | "cpu" | "triton" | "cuda".
+        reduction: "mean" | "sum" | "none" (the 2N per-row losses).
+        return_accuracy: also return ``{"top1", "top5"}``: the fraction of rows whose positive
+            outranks all but fewer than k negatives, computed in the same pass.
+
+    Returns:
+        The loss (float32 for half inputs, the input dtype otherwise), or ``(loss, accuracy)``.
+    """
+    _check_embeddings(z1, z2)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"nt_xent_fused: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    acc_dtype = reference.accumulation_dtype(z1.dtype)
+    t = _temperature_tensor(temperature, acc_dtype, z1.device)
+    backend = _resolve_impl(impl, z1.device)
+    if backend == "reference":
+        return reference.nt_xent(z1, z2, t, reduction=reduction, return_accuracy=return_accuracy)
+    rows, _, _, rank = torch.ops.fastclr.nt_xent_forward(z1, z2, t, bool(return_accuracy))
+    loss = reference.reduce_rows(rows, reduction)
+    if not return_accuracy:
+        return loss
+    return loss, reference.accuracy_from_rank(rank)
+
+
+class NTXentLoss(nn.Module):
+    """Module form of :func:`nt_xent_fused`.
+
+    With ``learnable_temperature=True`` the temperature is a parameter, stored as its log so it
+    stays positive (``self.log_temperature``), initialised at ``temperature``.
+    """
+
+    def __init__(self, temperature: float = 0.5, learnable_temperature: bool = False,
+                 impl: str = "auto", reduction: str = "mean"):
+        super().__init__()
+        if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) \
+                or not math.isfinite(temperature) or temperature <= 0:
+            raise ValueError(f"NTXentLoss: temperature must be a finite float > 0, got {temperature!r}")
+        if impl not in IMPLS:
+            raise ValueError(f"NTXentLoss: impl must be one of {IMPLS}, got {impl!r}")
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"NTXentLoss: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        self.impl = impl
+        self.reduction = reduction
+        self.learnable_temperature = learnable_temperature
+        if learnable_temperature:
+            self.log_temperature = nn.Parameter(torch.tensor(math.log(temperature)))
+        else:
+            self._temperature = float(temperature)
+
+    @property
+    def temperature(self):
+        if self.learnable_temperature:
+            return self.log_temperature.exp()
+        return self._temperature
+
+    def forward(self, z1: torch.Tensor, z2: torch.Tensor, return_accuracy: bool = False):
+        return nt_xent_fused(z1, z2, self.temperature, impl=self.impl, reduction=self.reduction,
+                             return_accuracy=return_accuracy)
+
+    def extra_repr(self) -> str:
+        t = float(self.temperature) if not self.learnable_temperature else "learnable"
+        return f"temperature={t}, impl={self.impl!r}, reduction={self.reduction!r}"

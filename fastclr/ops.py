@@ -1,0 +1,74 @@
+"""Loads the compiled extension and registers the fake kernels and autograd of its ops.
+
+This is the one place that imports ``fastclr._C``. If it is missing (not built, or built
+against another torch) the package still imports; ``extension_error()`` says why, and the
+dispatcher in ``fastclr.loss`` falls back to the reference with one warning.
+"""
+from __future__ import annotations
+
+import torch
+
+try:
+    from fastclr import _C  # noqa: F401  (importing it registers torch.ops.fastclr.*)
+except ImportError as exc:  # pragma: no cover - exercised only without a build
+    _C = None
+    _LOAD_ERROR: Exception | None = exc
+else:
+    _LOAD_ERROR = None
+
+
+def extension_available() -> bool:
+    return _C is not None
+
+
+def extension_error() -> str:
+    """Why the compiled extension could not be loaded ('' when it was)."""
+    if _LOAD_ERROR is None:
+        return ""
+    return (f"fastclr._C could not be imported ({_LOAD_ERROR}); build it with "
+            "`pip install -e . --no-build-isolation` or `make build`")
+
+
+def compiled_with_cuda() -> bool:
+    return _C is not None and _C.compiled_with_cuda()
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+if _C is not None:
+
+    @torch.library.register_fake("fastclr::nt_xent_forward")
+    def _nt_xent_forward_fake(z1, z2, temperature, compute_accuracy):
+        torch._check(z1.dim() == 2 and z1.shape == z2.shape, lambda: "z1, z2: same (N, D)")
+        torch._check(z1.dtype == z2.dtype, lambda: "z1, z2: same dtype")
+        torch._check(temperature.dim() == 0, lambda: "temperature must be 0-dim")
+        m = 2 * z1.shape[0]
+        rows = z1.new_empty((m,), dtype=_acc_dtype(z1.dtype))
+        rank = z1.new_empty((m if compute_accuracy else 0,), dtype=torch.int32)
+        return rows, torch.empty_like(rows), torch.empty_like(rows), rank
+
+    @torch.library.register_fake("fastclr::nt_xent_backward")
+    def _nt_xent_backward_fake(grad_rows, z1, z2, temperature, inv_norm, lse):
+        torch._check(z1.dim() == 2 and z1.shape == z2.shape, lambda: "z1, z2: same (N, D)")
+        torch._check(grad_rows.shape == (2 * z1.shape[0],), lambda: "grad_rows: (2N,)")
+        return (torch.empty_like(z1), torch.empty_like(z2),
+                temperature.new_empty((), dtype=_acc_dtype(z1.dtype)))
+
+    def _nt_xent_setup_context(ctx, inputs, output):
+        z1, z2, temperature, _ = inputs
+        _, lse, inv_norm, _ = output
+        ctx.save_for_backward(z1, z2, temperature, inv_norm, lse)
+
+    def _nt_xent_backward(ctx, grad_rows, _grad_lse, _grad_inv_norm, _grad_rank):
+        z1, z2, temperature, inv_norm, lse = ctx.saved_tensors
+        if grad_rows is None:
+            return None, None, None, None
+        grad_z1, grad_z2, grad_t = torch.ops.fastclr.nt_xent_backward(
+            grad_rows, z1, z2, temperature, inv_norm, lse)
+        grad_t = grad_t.to(temperature.dtype) if ctx.needs_input_grad[2] else None
+        return grad_z1, grad_z2, grad_t, None
+
+    torch.library.register_autograd(
+        "fastclr::nt_xent_forward", _nt_xent_backward, setup_context=_nt_xent_setup_context)

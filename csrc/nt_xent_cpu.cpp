@@ -72,10 +72,12 @@ FASTCLR_INLINE double vexp(double x) { return std::exp(x); }
 
 // One column chunk of the forward's online logsumexp for one row: s (length c) holds raw
 // dot products u_i . u_j; it is scaled by 1/tau in place, the self column (if in the chunk)
-// masked, and the running max / sum / rank of the row updated.
+// masked, and the running max / sum / rank of the row updated. The positive logit is read
+// from the tile itself (pos_col >= 0), so the loss and the rank compare the very same
+// numbers; the caller puts the positive's column in a row's first chunk.
 template <typename acc_t>
 FASTCLR_INLINE void fwd_row_chunk_impl(acc_t* __restrict s, int64_t c, acc_t inv_tau,
-                                       int64_t self_col, int64_t pos_col, acc_t pos_logit,
+                                       int64_t self_col, int64_t pos_col, acc_t* pos_logit,
                                        bool count_rank, acc_t* run_max, acc_t* run_sum,
                                        int32_t* rank) {
   const acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
@@ -91,6 +93,7 @@ FASTCLR_INLINE void fwd_row_chunk_impl(acc_t* __restrict s, int64_t c, acc_t inv
 #pragma omp simd reduction(max : cmax)
     for (int64_t k = 0; k < c; ++k) cmax = s[k] > cmax ? s[k] : cmax;
   }
+  if (pos_col >= 0) *pos_logit = s[pos_col];
   const acc_t m_new = std::fmax(*run_max, cmax);
   if (m_new == kNegInf) return;  // a chunk holding only the self column (M = 2, c = 1)
   acc_t sum = 0;
@@ -99,22 +102,22 @@ FASTCLR_INLINE void fwd_row_chunk_impl(acc_t* __restrict s, int64_t c, acc_t inv
   *run_sum = *run_sum * vexp(*run_max - m_new) + sum;
   *run_max = m_new;
   if (count_rank) {
+    const acc_t pos = *pos_logit;  // the positive itself (== pos) and the self (-inf) never count
     int32_t above = 0;
 #pragma omp simd reduction(+ : above)
-    for (int64_t k = 0; k < c; ++k) above += s[k] > pos_logit ? 1 : 0;
-    if (pos_col >= 0 && s[pos_col] > pos_logit) --above;  // the positive itself never counts
+    for (int64_t k = 0; k < c; ++k) above += s[k] > pos ? 1 : 0;
     *rank += above;
   }
 }
 
 FASTCLR_MULTIVERSION void fwd_row_chunk(float* s, int64_t c, float inv_tau, int64_t self_col,
-                                        int64_t pos_col, float pos_logit, bool count_rank,
+                                        int64_t pos_col, float* pos_logit, bool count_rank,
                                         float* run_max, float* run_sum, int32_t* rank) {
   fwd_row_chunk_impl<float>(s, c, inv_tau, self_col, pos_col, pos_logit, count_rank, run_max,
                             run_sum, rank);
 }
 void fwd_row_chunk(double* s, int64_t c, double inv_tau, int64_t self_col, int64_t pos_col,
-                   double pos_logit, bool count_rank, double* run_max, double* run_sum,
+                   double* pos_logit, bool count_rank, double* run_max, double* run_sum,
                    int32_t* rank) {
   fwd_row_chunk_impl<double>(s, c, inv_tau, self_col, pos_col, pos_logit, count_rank, run_max,
                              run_sum, rank);
@@ -184,31 +187,30 @@ at::ScalarType acc_type_of(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// U = [z1; z2] / max(||z||, eps) in acc_t, and the inverse norms. Norms accumulate in double
-// so that large or tiny rows neither overflow nor underflow before the division.
+// U = [z1; z2] / max(||z||, eps) in acc_t, and the clamped norms. Norms accumulate in double
+// so that large or tiny rows neither overflow nor underflow; U divides by the norm rounded to
+// acc_t, so the backward, which gets that norm back, recomputes bitwise the same U (and a
+// 1-D row normalises to exactly +-1).
 template <typename scalar_t, typename acc_t>
-void normalize_rows(const at::Tensor& z1, const at::Tensor& z2, acc_t* u, acc_t* inv_norm,
-                    bool have_inv_norm) {
+void normalize_rows(const at::Tensor& z1, const at::Tensor& z2, acc_t* u, acc_t* norm,
+                    bool have_norm) {
   const int64_t n = z1.size(0), d = z1.size(1);
   const scalar_t* p1 = z1.const_data_ptr<scalar_t>();
   const scalar_t* p2 = z2.const_data_ptr<scalar_t>();
   at::parallel_for(0, 2 * n, 64, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const scalar_t* src = i < n ? p1 + i * d : p2 + (i - n) * d;
-      acc_t inv;
-      if (have_inv_norm) {
-        inv = inv_norm[i];
-      } else {
+      if (!have_norm) {
         double sq = 0;
         for (int64_t k = 0; k < d; ++k) {
           const double v = static_cast<double>(src[k]);
           sq += v * v;
         }
-        inv = static_cast<acc_t>(1.0 / std::max(std::sqrt(sq), kNormEps));
-        inv_norm[i] = inv;
+        norm[i] = static_cast<acc_t>(std::max(std::sqrt(sq), kNormEps));
       }
+      const double den = static_cast<double>(norm[i]);
       acc_t* dst = u + i * d;
-      for (int64_t k = 0; k < d; ++k) dst[k] = static_cast<acc_t>(src[k]) * inv;
+      for (int64_t k = 0; k < d; ++k) dst[k] = static_cast<acc_t>(static_cast<double>(src[k]) / den);
     }
   });
 }
@@ -243,7 +245,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nt_xent_forward_cpu(
   const auto opts = z1.options().dtype(acc_type);
 
   at::Tensor u = at::empty({m, d}, opts);
-  at::Tensor inv_norm = at::empty({m}, opts);
+  at::Tensor norm = at::empty({m}, opts);
   at::Tensor lse = at::empty({m}, opts);
   at::Tensor row_loss = at::empty({m}, opts);
   at::Tensor rank = compute_accuracy ? at::zeros({m}, z1.options().dtype(at::kInt))
@@ -253,51 +255,54 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nt_xent_forward_cpu(
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const acc_t inv_tau = static_cast<acc_t>(1.0 / temperature.item<double>());
     acc_t* pu = u.data_ptr<acc_t>();
-    normalize_rows<scalar_t, acc_t>(z1, z2, pu, inv_norm.data_ptr<acc_t>(), false);
-    at::Tensor pos = at::empty({m}, opts);
-    acc_t* ppos = pos.data_ptr<acc_t>();
-    positive_logits<acc_t>(pu, m, d, inv_tau, ppos);
+    normalize_rows<scalar_t, acc_t>(z1, z2, pu, norm.data_ptr<acc_t>(), false);
     acc_t* plse = lse.data_ptr<acc_t>();
     acc_t* ploss = row_loss.data_ptr<acc_t>();
     int32_t* prank = compute_accuracy ? rank.data_ptr<int32_t>() : nullptr;
 
-    const int64_t n_blocks = (m + kFwdRowBlock - 1) / kFwdRowBlock;
+    // Row blocks never straddle row N, so a block's positives form one contiguous range
+    // p(i0) .. p(i0) + r - 1; each block walks the columns starting there (wrapping round),
+    // which puts every positive in its row's first chunk.
+    const int64_t blocks_per_half = (n + kFwdRowBlock - 1) / kFwdRowBlock;
     const int64_t cols_per_chunk = std::min(kFwdColBlock, m);
-    at::parallel_for(0, n_blocks, 1, [&](int64_t b_begin, int64_t b_end) {
+    at::parallel_for(0, 2 * blocks_per_half, 1, [&](int64_t b_begin, int64_t b_end) {
       at::Tensor buf = at::empty({kFwdRowBlock * cols_per_chunk}, opts);
-      std::vector<acc_t> run_max(kFwdRowBlock), run_sum(kFwdRowBlock);
+      std::vector<acc_t> run_max(kFwdRowBlock), run_sum(kFwdRowBlock), pos(kFwdRowBlock);
       std::vector<int32_t> run_rank(kFwdRowBlock);
       for (int64_t blk = b_begin; blk < b_end; ++blk) {
-        const int64_t i0 = blk * kFwdRowBlock;
-        const int64_t r = std::min(kFwdRowBlock, m - i0);
+        const int64_t half = blk / blocks_per_half;
+        const int64_t i0 = half * n + (blk % blocks_per_half) * kFwdRowBlock;
+        const int64_t r = std::min(kFwdRowBlock, (half + 1) * n - i0);
+        const int64_t start = (i0 + n) % m;
         std::fill(run_max.begin(), run_max.end(), -std::numeric_limits<acc_t>::infinity());
         std::fill(run_sum.begin(), run_sum.end(), acc_t(0));
         std::fill(run_rank.begin(), run_rank.end(), 0);
         const at::Tensor u_rows = u.narrow(0, i0, r);
-        for (int64_t j0 = 0; j0 < m; j0 += cols_per_chunk) {
-          const int64_t c = std::min(cols_per_chunk, m - j0);
+        for (int64_t done = 0; done < m;) {
+          const int64_t j0 = (start + done) % m;
+          const int64_t c = std::min({cols_per_chunk, m - done, m - j0});
           at::Tensor tile = tile_view(buf, r, c);
           at::mm_out(tile, u_rows, u.narrow(0, j0, c).t());
           acc_t* pt = tile.data_ptr<acc_t>();
           for (int64_t a = 0; a < r; ++a) {
             const int64_t i = i0 + a;
-            const int64_t p = (i + n) % m;
             const int64_t self_col = (i >= j0 && i < j0 + c) ? i - j0 : -1;
-            const int64_t pos_col = (p >= j0 && p < j0 + c) ? p - j0 : -1;
-            fwd_row_chunk(pt + a * c, c, inv_tau, self_col, pos_col, ppos[i], compute_accuracy,
+            const int64_t pos_col = done == 0 ? a : -1;
+            fwd_row_chunk(pt + a * c, c, inv_tau, self_col, pos_col, &pos[a], compute_accuracy,
                           &run_max[a], &run_sum[a], &run_rank[a]);
           }
+          done += c;
         }
         for (int64_t a = 0; a < r; ++a) {
           const int64_t i = i0 + a;
           plse[i] = run_max[a] + std::log(run_sum[a]);
-          ploss[i] = plse[i] - ppos[i];
+          ploss[i] = plse[i] - pos[a];
           if (prank) prank[i] = run_rank[a];
         }
       }
     });
   });
-  return {row_loss, lse, inv_norm, rank};
+  return {row_loss, lse, norm, rank};
 }
 
 // Pairs (I, J), I < J, of nb blocks in nb - 1 (nb even) or nb (nb odd) rounds, each block at
@@ -321,17 +326,17 @@ std::vector<std::vector<std::pair<int64_t, int64_t>>> round_robin(int64_t nb) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> nt_xent_backward_cpu(
     const at::Tensor& grad_rows, const at::Tensor& z1_in, const at::Tensor& z2_in,
-    const at::Tensor& temperature, const at::Tensor& inv_norm_in, const at::Tensor& lse_in) {
+    const at::Tensor& temperature, const at::Tensor& norm_in, const at::Tensor& lse_in) {
   check_pair(z1_in, z2_in);
   const at::Tensor z1 = z1_in.contiguous(), z2 = z2_in.contiguous();
   const int64_t n = z1.size(0), d = z1.size(1), m = 2 * n;
   const auto acc_type = acc_type_of(z1.scalar_type());
   const auto opts = z1.options().dtype(acc_type);
-  TORCH_CHECK(grad_rows.numel() == m && inv_norm_in.numel() == m && lse_in.numel() == m,
-              "fastclr: nt_xent_backward expects grad_rows, inv_norm and lse of ", m,
+  TORCH_CHECK(grad_rows.numel() == m && norm_in.numel() == m && lse_in.numel() == m,
+              "fastclr: nt_xent_backward expects grad_rows, norm and lse of ", m,
               " elements");
   const at::Tensor w = grad_rows.to(acc_type).contiguous();
-  const at::Tensor inv_norm = inv_norm_in.to(acc_type).contiguous();
+  const at::Tensor norm = norm_in.to(acc_type).contiguous();
   const at::Tensor lse = lse_in.to(acc_type).contiguous();
 
   at::Tensor grad_z1 = at::empty_like(z1);
@@ -343,8 +348,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nt_xent_backward_cpu(
     const acc_t inv_tau = static_cast<acc_t>(1.0 / temperature.item<double>());
     at::Tensor u = at::empty({m, d}, opts);
     acc_t* pu = u.data_ptr<acc_t>();
-    const acc_t* pinv = inv_norm.const_data_ptr<acc_t>();
-    normalize_rows<scalar_t, acc_t>(z1, z2, pu, const_cast<acc_t*>(pinv), true);
+    const acc_t* pnorm = norm.const_data_ptr<acc_t>();
+    normalize_rows<scalar_t, acc_t>(z1, z2, pu, const_cast<acc_t*>(pnorm), true);
     const acc_t* pw = w.const_data_ptr<acc_t>();
     const acc_t* plse = lse.const_data_ptr<acc_t>();
 
@@ -385,7 +390,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nt_xent_backward_cpu(
     const acc_t* pg = g.const_data_ptr<acc_t>();
     scalar_t* gz1 = grad_z1.data_ptr<scalar_t>();
     scalar_t* gz2 = grad_z2.data_ptr<scalar_t>();
-    const acc_t clamped_inv = static_cast<acc_t>(1.0 / kNormEps);
+    const acc_t eps = static_cast<acc_t>(kNormEps);
     std::vector<double> pos_part(m);
     at::parallel_for(0, m, 64, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> gu(d);
@@ -402,12 +407,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nt_xent_backward_cpu(
           dot_gu += ui[k] * gu[k];
         }
         pos_part[i] = static_cast<double>(pw[i]) * static_cast<double>(dot_up * inv_tau);
-        const acc_t inv = pinv[i];
-        const bool clamped = inv >= clamped_inv;
+        const acc_t den = pnorm[i];
+        const bool clamped = den <= eps;
         scalar_t* dst = i < n ? gz1 + i * d : gz2 + (i - n) * d;
         for (int64_t k = 0; k < d; ++k) {
           const acc_t v = clamped ? gu[k] : gu[k] - dot_gu * ui[k];
-          dst[k] = static_cast<scalar_t>(v * inv);
+          dst[k] = static_cast<scalar_t>(v / den);
         }
       }
     });

@@ -5,19 +5,19 @@
 
 TORCH_LIBRARY(fastclr, m) {
   // Forward of NT-Xent on z = [z1; z2] (M = 2N rows), normalisation fused.
-  // Returns (row_loss[M], lse[M], inv_norm[M], rank[M] or rank[0]):
+  // Returns (row_loss[M], lse[M], norm[M], rank[M] or rank[0]):
   //   row_loss_i = logsumexp_{j != i} s_ij - s_{i,p(i)}, in float32 (float64 for float64 input);
   //   lse_i      = logsumexp_{j != i} s_ij, saved for the backward;
-  //   inv_norm_i = 1 / max(||z_i||, 1e-12), saved for the backward;
+  //   norm_i     = max(||z_i||, 1e-12), saved for the backward (u_i = z_i / norm_i);
   //   rank_i     = #{j not in {i, p(i)} : s_ij > s_{i,p(i)}} (int32), only if compute_accuracy.
   // temperature is a 0-dim tensor of the accumulation dtype.
   m.def(
       "nt_xent_forward(Tensor z1, Tensor z2, Tensor temperature, bool compute_accuracy) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
   // Backward from the per-row upstream gradient grad_rows[M] (any reduction reduces to it).
-  // Recomputes the similarity tiles from z, inv_norm and lse; never holds anything M x M.
+  // Recomputes the similarity tiles from z, norm and lse; never holds anything M x M.
   // Returns (grad_z1, grad_z2, grad_temperature).
   m.def(
       "nt_xent_backward(Tensor grad_rows, Tensor z1, Tensor z2, Tensor temperature, "
-      "Tensor inv_norm, Tensor lse) -> (Tensor, Tensor, Tensor)");
+      "Tensor norm, Tensor lse) -> (Tensor, Tensor, Tensor)");
 }

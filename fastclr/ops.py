@@ -50,7 +50,7 @@ if _C is not None:
         return rows, torch.empty_like(rows), torch.empty_like(rows), rank
 
     @torch.library.register_fake("fastclr::nt_xent_backward")
-    def _nt_xent_backward_fake(grad_rows, z1, z2, temperature, inv_norm, lse):
+    def _nt_xent_backward_fake(grad_rows, z1, z2, temperature, norm, lse):
         torch._check(z1.dim() == 2 and z1.shape == z2.shape, lambda: "z1, z2: same (N, D)")
         torch._check(grad_rows.shape == (2 * z1.shape[0],), lambda: "grad_rows: (2N,)")
         return (torch.empty_like(z1), torch.empty_like(z2),
@@ -58,15 +58,15 @@ if _C is not None:
 
     def _nt_xent_setup_context(ctx, inputs, output):
         z1, z2, temperature, _ = inputs
-        _, lse, inv_norm, _ = output
-        ctx.save_for_backward(z1, z2, temperature, inv_norm, lse)
+        _, lse, norm, _ = output
+        ctx.save_for_backward(z1, z2, temperature, norm, lse)
 
-    def _nt_xent_backward(ctx, grad_rows, _grad_lse, _grad_inv_norm, _grad_rank):
-        z1, z2, temperature, inv_norm, lse = ctx.saved_tensors
+    def _nt_xent_backward(ctx, grad_rows, _grad_lse, _grad_norm, _grad_rank):
+        z1, z2, temperature, norm, lse = ctx.saved_tensors
         if grad_rows is None:
             return None, None, None, None
         grad_z1, grad_z2, grad_t = torch.ops.fastclr.nt_xent_backward(
-            grad_rows, z1, z2, temperature, inv_norm, lse)
+            grad_rows, z1, z2, temperature, norm, lse)
         grad_t = grad_t.to(temperature.dtype) if ctx.needs_input_grad[2] else None
         return grad_z1, grad_z2, grad_t, None
 

@@ -1,0 +1,127 @@
+"""Checks every NT-Xent backend runs: one body per check, ``impl`` and device as arguments."""
+import torch
+
+import fastclr
+from fastclr import reference
+
+
+def make_inputs(n, d, dtype=torch.float32, device="cpu", scale=1.0, correlated=False):
+    """Fresh random (z1, z2) in float64 first, so low-precision copies round the same values."""
+    z1 = torch.randn(n, d, dtype=torch.float64) * scale
+    z2 = torch.randn(n, d, dtype=torch.float64) * scale
+    if correlated:  # views of the same image: positives rank high, accuracy is informative
+        z2 = z1 + 0.5 * z2
+    return z1.to(device=device, dtype=dtype), z2.to(device=device, dtype=dtype)
+
+
+def run(fn, z1, z2, temperature, grad_weights=None, **kwargs):
+    """Loss and gradients (z1, z2, temperature) of ``fn``; the temperature is a leaf tensor."""
+    z1 = z1.detach().clone().requires_grad_(True)
+    z2 = z2.detach().clone().requires_grad_(True)
+    t = torch.tensor(temperature, dtype=reference.accumulation_dtype(z1.dtype),
+                     device=z1.device, requires_grad=True)
+    loss = fn(z1, z2, t, **kwargs)
+    out = loss[0] if isinstance(loss, tuple) else loss
+    weighted = out if grad_weights is None else (out * grad_weights.to(out)).sum()
+    g1, g2, gt = torch.autograd.grad(weighted, (z1, z2, t))
+    return loss, g1, g2, gt
+
+
+def fused(impl):
+    return lambda z1, z2, t, **kw: fastclr.nt_xent_fused(z1, z2, t, impl=impl, **kw)
+
+
+def ref64(z1, z2, t, **kw):
+    return reference.nt_xent(z1.double(), z2.double(), t.double(), **kw)
+
+
+def max_rel(a, b, floor=1e-300):
+    """max |a - b| / max(max |b|, floor): error relative to the tensor's scale; ``floor`` keeps
+    a value that is ~0 in exact arithmetic from dividing by its rounding."""
+    a, b = a.double(), b.double()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(floor)).item()
+
+
+def check_against_reference(impl, n, d, temperature, dtype=torch.float32, device="cpu",
+                            scale=1.0, reduction="mean", loss_tol=1e-5, grad_tol=1e-4):
+    """Forward within loss_tol and gradients (z1, z2, temperature) within grad_tol, relative,
+    of the float64 reference on the same inputs."""
+    z1, z2 = make_inputs(n, d, dtype, device, scale)
+    w = torch.rand(2 * n, dtype=torch.float64) if reduction == "none" else None
+    loss, g1, g2, gt = run(fused(impl), z1, z2, temperature, w, reduction=reduction)
+    rloss, r1, r2, rt = run(ref64, z1, z2, temperature, w, reduction=reduction)
+    assert loss.dtype == reference.accumulation_dtype(dtype)
+    assert g1.dtype == dtype and g2.dtype == dtype and g1.shape == z1.shape
+    # The loss is a difference of logits of size 1/tau: where it is itself ~0 (N = 1, D = 1,
+    # near-identical views), its error is judged against a tenth of that size.
+    floor = 0.1 / temperature
+    assert max_rel(loss, rloss, floor) <= loss_tol, (max_rel(loss, rloss, floor), loss, rloss)
+    # Gradients: within grad_tol of the reference's scale, or, where the exact gradient is ~0
+    # (N = 1, D = 1: rounding is all there is), no worse than 4x a float32 PyTorch computation
+    # or than a tenth of grad_tol of the gradient's natural scale (a float32 PyTorch
+    # computation can cancel exactly where a tiled one leaves rounding).
+    _, f1, f2, ft = run(lambda a, b, t, **kw: reference.nt_xent(a.float(), b.float(), t.float(), **kw),
+                        z1, z2, temperature, w, reduction=reduction)
+    norm = torch.cat([z1, z2]).double().norm(dim=1).mean().item()
+    natural = {"z": 1 / (temperature * norm), "t": 1 / temperature**2}
+    if reduction == "mean":
+        natural = {k: v / (2 * n) for k, v in natural.items()}
+    for g, r, f, kind in ((g1, r1, f1, "z"), (g2, r2, f2, "z"), (gt, rt, ft, "t")):
+        err, err32 = (g.double() - r).abs().max().item(), (f.double() - r).abs().max().item()
+        bound = max(grad_tol * r.abs().max().item(), 4 * err32, 0.1 * grad_tol * natural[kind])
+        assert err <= bound, (kind, err, bound, r.abs().max().item())
+
+
+def check_half(impl, n, d, temperature, dtype, device="cpu"):
+    """Half inputs: loss in float32, gradients in the input dtype, errors bounded by a small
+    multiple of those of the same computation done in PyTorch in that dtype."""
+    z1, z2 = make_inputs(n, d, dtype, device, correlated=True)
+    loss, g1, g2, _ = run(fused(impl), z1, z2, temperature)
+    rloss, r1, r2, _ = run(ref64, z1, z2, temperature)
+    assert loss.dtype == torch.float32 and g1.dtype == dtype and g2.dtype == dtype
+
+    def naive_same_dtype(a, b, t):
+        z = torch.nn.functional.normalize(torch.cat([a, b]), dim=1)
+        s = (z @ z.T) / t.to(dtype)
+        m = s.shape[0]
+        s = s.masked_fill(torch.eye(m, dtype=torch.bool, device=s.device), float("-inf"))
+        return torch.nn.functional.cross_entropy(s, (torch.arange(m, device=s.device) + m // 2) % m)
+
+    hloss, h1, h2, _ = run(naive_same_dtype, z1, z2, temperature)
+    # The kernel's own arithmetic is float32, so at least float32-like on the loss.
+    assert max_rel(loss, rloss) <= max(2 * max_rel(hloss, rloss), 1e-5)
+    assert max_rel(g1, r1) <= max(2 * max_rel(h1, r1), 1e-2)
+    assert max_rel(g2, r2) <= max(2 * max_rel(h2, r2), 1e-2)
+
+
+def _min_margin(z1, z2, temperature):
+    """Smallest |s_ij - s_{i,p(i)}| over negatives, in float64: how near a tie the data is."""
+    s = reference.similarity_logits(z1.double(), z2.double(), temperature)
+    m = s.shape[0]
+    p = reference.positive_index(m)
+    pos = s[torch.arange(m), p]
+    mask = torch.eye(m, dtype=torch.bool) | torch.nn.functional.one_hot(p, m).bool()
+    return (s - pos[:, None]).abs().masked_fill(mask, float("inf")).min().item()
+
+
+def check_accuracy(impl, n, d, device="cpu"):
+    """top-1/top-5 equal the float64 reference's exactly, on data with no near-ties (where
+    float32 rounding could legitimately flip a comparison), plus two known answers."""
+    for _ in range(20):
+        z1, z2 = make_inputs(n, d, torch.float32, device, correlated=True)
+        if _min_margin(z1.cpu(), z2.cpu(), 0.1) > 1e-4:
+            break
+    loss, acc = fastclr.nt_xent_fused(z1, z2, 0.1, impl=impl, return_accuracy=True)
+    rloss, racc = reference.nt_xent(z1.double(), z2.double(), 0.1, return_accuracy=True)
+    assert set(acc) == {"top1", "top5"}
+    for k in acc:
+        assert acc[k].dtype == torch.float32
+        assert acc[k].item() == racc[k].item(), (k, acc[k], racc[k])
+    assert max_rel(loss, rloss, 0.1 / 0.1) <= 1e-5  # floor as in check_against_reference
+    # Identical views: each positive is the best match. Opposite views: the worst.
+    _, same = fastclr.nt_xent_fused(z1, z1, 0.5, impl=impl, return_accuracy=True)
+    assert same["top1"].item() == 1.0 and same["top5"].item() == 1.0
+    _, opposite = fastclr.nt_xent_fused(z1, -z1, 0.5, impl=impl, return_accuracy=True)
+    expected_top5 = 1.0 if 2 * n - 2 < 5 else 0.0
+    assert opposite["top1"].item() == (1.0 if n == 1 else 0.0)
+    assert opposite["top5"].item() == expected_top5

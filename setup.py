@@ -64,5 +64,16 @@ def extensions():
     return [cpp_extension.CppExtension(**kwargs)], cpp_extension.BuildExtension
 
 
-ext_modules, build_ext = extensions()
-setup(ext_modules=ext_modules, cmdclass={"build_ext": build_ext.with_options(use_ninja=True)})
+ext_modules, BuildExtension = extensions()
+
+
+class BuildInTree(BuildExtension):
+    """Objects always go to build/temp, also for `pip install -e` (which otherwise uses a fresh
+    temporary folder): ninja then rebuilds only what changed, whoever asks for the build."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        self.build_temp = str(ROOT / "build" / "temp")
+
+
+setup(ext_modules=ext_modules, cmdclass={"build_ext": BuildInTree.with_options(use_ninja=True)})

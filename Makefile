@@ -1,0 +1,50 @@
+# Two commands set everything up on a fresh machine and then do the work:
+#   make train   - venv + install (editable) + build, then `python -m fastclr.train`
+#   make test    - the same set-up, then the whole test suite
+# On a machine already set up they start their real work at once: the install is redone only
+# when pyproject.toml or setup.py change, the extension only when its sources change (ninja).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch from this project's machines' local package store (a CUDA build that runs on CPU).
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+EXTRAS ?= test,bench
+PYTEST_ARGS ?=
+export MAX_JOBS ?= 2
+
+INSTALL_STAMP := $(VENV)/.fastclr-installed
+EXT_STAMP := build/.fastclr-ext
+EXT_SOURCES := setup.py csrc/sources.txt $(wildcard csrc/*.cpp csrc/*.h kernels/*.cu kernels/*.cuh)
+
+.PHONY: train test build bench install clean
+
+train: $(EXT_STAMP)
+	$(PY) -m fastclr.train
+
+test: $(EXT_STAMP)
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+build: $(EXT_STAMP)
+
+install: $(INSTALL_STAMP)
+
+bench: $(EXT_STAMP)
+	$(PY) -m benchmarks.bench_loss
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(INSTALL_STAMP): pyproject.toml setup.py | $(PY)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install $(TORCH_SPEC)
+	$(PY) -m pip install "setuptools>=64" wheel "pybind11>=2.12" ninja
+	$(PY) -m pip install --no-build-isolation -e ".[$(EXTRAS)]"
+	@mkdir -p build && touch $@ $(EXT_STAMP)
+
+$(EXT_STAMP): $(EXT_SOURCES) | $(INSTALL_STAMP)
+	$(PY) setup.py --quiet build_ext --inplace
+	@mkdir -p build && touch $@
+
+clean:
+	rm -rf build fastclr/_C*.so *.egg-info

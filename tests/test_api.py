@@ -1,0 +1,214 @@
+"""The public API: input checks, dispatch, the module, registrations (opcheck, compile)."""
+import math
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pytest
+import torch
+
+import fastclr
+from fastclr import loss as loss_module
+from fastclr import reference
+from nt_xent_checks import make_inputs
+
+needs_ext = pytest.mark.skipif(not fastclr.extension_available(),
+                               reason=f"extension not built: {fastclr.extension_error()}")
+
+
+@pytest.mark.parametrize("impl", ["auto", "reference", "cpu"])
+@pytest.mark.parametrize("args,kwargs,exc,words", [
+    ((torch.randn(4, 3), torch.randn(5, 3)), {}, ValueError, ["same shape", "(4, 3)", "(5, 3)"]),
+    ((torch.randn(4, 3, 2), torch.randn(4, 3, 2)), {}, ValueError, ["z1", "2-D", "(4, 3, 2)"]),
+    ((torch.randn(4), torch.randn(4)), {}, ValueError, ["z1", "2-D"]),
+    ((torch.ones(4, 3, dtype=torch.int64), torch.ones(4, 3, dtype=torch.int64)), {}, TypeError,
+     ["z1", "float32", "torch.int64"]),
+    ((torch.randn(4, 3), torch.randn(4, 3, dtype=torch.float64)), {}, TypeError,
+     ["same dtype", "torch.float32", "torch.float64"]),
+    ((torch.randn(4, 3), torch.randn(4, 3).to("meta")), {}, ValueError, ["same device", "meta"]),
+    ((torch.randn(0, 3), torch.randn(0, 3)), {}, ValueError, ["N >= 1", "(0, 3)"]),
+    ((torch.randn(4, 0), torch.randn(4, 0)), {}, ValueError, ["D >= 1"]),
+    (([[1.0]], torch.randn(1, 1)), {}, TypeError, ["z1", "torch.Tensor", "list"]),
+    ((torch.randn(4, 3), torch.randn(4, 3)), {"temperature": 0.0}, ValueError, ["temperature", "> 0", "0.0"]),
+    ((torch.randn(4, 3), torch.randn(4, 3)), {"temperature": -0.1}, ValueError, ["temperature", "-0.1"]),
+    ((torch.randn(4, 3), torch.randn(4, 3)), {"temperature": math.nan}, ValueError, ["temperature", "nan"]),
+    ((torch.randn(4, 3), torch.randn(4, 3)), {"temperature": math.inf}, ValueError, ["temperature", "inf"]),
+    ((torch.randn(4, 3), torch.randn(4, 3)), {"temperature": torch.tensor(-1.0)}, ValueError, ["temperature", "-1.0"]),
+    ((torch.randn(4, 3), torch.randn(4, 3)), {"temperature": torch.tensor([0.5])}, ValueError, ["temperature", "0-dim", "(1,)"]),
+    ((torch.randn(4, 3), torch.randn(4, 3)), {"temperature": torch.tensor(1)}, TypeError, ["temperature", "floating"]),
+    ((torch.randn(4, 3), torch.randn(4, 3)), {"temperature": "0.5"}, TypeError, ["temperature", "str"]),
+    ((torch.randn(4, 3), torch.randn(4, 3)), {"temperature": True}, TypeError, ["temperature", "bool"]),
+    ((torch.randn(4, 3), torch.randn(4, 3)), {"reduction": "avg"}, ValueError, ["reduction", "'avg'", "mean"]),
+])
+def test_bad_input_names_argument(impl, args, kwargs, exc, words):
+    with pytest.raises(exc) as info:
+        fastclr.nt_xent_fused(*args, impl=impl, **kwargs)
+    for word in words:
+        assert word in str(info.value), (word, str(info.value))
+
+
+def test_unknown_impl():
+    with pytest.raises(ValueError, match=r"impl must be one of .* got 'fast'"):
+        fastclr.nt_xent_fused(torch.randn(3, 2), torch.randn(3, 2), impl="fast")
+
+
+@pytest.mark.parametrize("impl,what", [("triton", "Triton"), ("cuda", "CUDA")])
+def test_gpu_impls_not_in_this_build_say_so(impl, what):
+    with pytest.raises(NotImplementedError, match=what):
+        fastclr.nt_xent_fused(torch.randn(3, 2), torch.randn(3, 2), impl=impl)
+
+
+@needs_ext
+def test_cpu_impl_rejects_other_devices():
+    z = torch.randn(3, 2, device="meta")
+    with pytest.raises(ValueError, match="impl='cpu' needs CPU tensors"):
+        fastclr.nt_xent_fused(z, z, impl="cpu")
+
+
+def test_fallback_without_extension_warns_once(monkeypatch):
+    monkeypatch.setattr(loss_module.ops, "extension_available", lambda: False)
+    monkeypatch.setattr(loss_module.ops, "extension_error", lambda: "fastclr._C missing (test)")
+    monkeypatch.setattr(loss_module, "_warned_fallback", False)
+    z1, z2 = make_inputs(5, 4)
+    with pytest.warns(RuntimeWarning, match="falling back to the reference.*_C missing"):
+        a = fastclr.nt_xent_fused(z1, z2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        b = fastclr.nt_xent_fused(z1, z2)
+    torch.testing.assert_close(a, reference.nt_xent(z1, z2))
+    torch.testing.assert_close(a, b)
+    with pytest.raises(RuntimeError, match="needs the compiled extension.*_C missing"):
+        fastclr.nt_xent_fused(z1, z2, impl="cpu")
+
+
+@needs_ext
+def test_auto_picks_cpu_kernel_on_cpu(monkeypatch):
+    assert loss_module._resolve_impl("auto", torch.device("cpu")) == "cpu"
+    calls = []
+    real = torch.ops.fastclr.nt_xent_forward
+    monkeypatch.setattr(loss_module.torch.ops.fastclr, "nt_xent_forward",
+                        lambda *a: calls.append(1) or real(*a), raising=False)
+    fastclr.nt_xent_fused(*make_inputs(3, 4))
+    assert calls
+
+
+def test_output_dtypes_and_shapes():
+    for dtype, out in [(torch.float32, torch.float32), (torch.float64, torch.float64),
+                       (torch.bfloat16, torch.float32), (torch.float16, torch.float32)]:
+        z1, z2 = make_inputs(7, 5, dtype)
+        assert fastclr.nt_xent_fused(z1, z2).dtype == out
+        rows = fastclr.nt_xent_fused(z1, z2, reduction="none")
+        assert rows.shape == (14,) and rows.dtype == out
+        loss, acc = fastclr.nt_xent_fused(z1, z2, return_accuracy=True)
+        assert loss.shape == () and acc["top1"].shape == () and acc["top5"].shape == ()
+
+
+@pytest.mark.parametrize("impl", ["reference", "cpu"])
+def test_module_and_learnable_temperature(impl, seed):
+    if impl == "cpu" and not fastclr.extension_available():
+        pytest.skip("extension not built")
+    z1, z2 = make_inputs(9, 6)
+    fixed = fastclr.NTXentLoss(temperature=0.2, impl=impl)
+    assert list(fixed.parameters()) == []
+    torch.testing.assert_close(fixed(z1, z2), fastclr.nt_xent_fused(z1, z2, 0.2, impl=impl))
+    learn = fastclr.NTXentLoss(temperature=0.2, learnable_temperature=True, impl=impl)
+    (param,) = list(learn.parameters())
+    assert math.isclose(learn.temperature.item(), 0.2, rel_tol=1e-6)
+    loss = learn(z1, z2)
+    loss.backward()
+    # d/d(log tau) = tau * dL/dtau, checked against the float64 reference.
+    t = torch.tensor(0.2, dtype=torch.float64, requires_grad=True)
+    reference.nt_xent(z1.double(), z2.double(), t).backward()
+    assert param.grad is not None
+    assert math.isclose(param.grad.item(), 0.2 * t.grad.item(), rel_tol=1e-4, abs_tol=1e-6)
+    _, acc = learn(z1, z2, return_accuracy=True)
+    assert set(acc) == {"top1", "top5"}
+    assert "learnable" in repr(learn) and "0.2" in repr(fixed)
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, math.nan, "x"])
+def test_module_rejects_bad_temperature(bad):
+    with pytest.raises(ValueError, match="temperature"):
+        fastclr.NTXentLoss(temperature=bad)
+
+
+def test_import_needs_no_extension():
+    """`import fastclr` works (and says why) when _C cannot be loaded."""
+    code = textwrap.dedent("""
+        import sys, warnings
+        sys.modules['fastclr._C'] = None   # makes `from fastclr import _C` raise ImportError
+        import fastclr, torch
+        assert not fastclr.extension_available()
+        assert '_C' in fastclr.extension_error()
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter('always')
+            loss = fastclr.nt_xent_fused(torch.randn(4, 3), torch.randn(4, 3))
+        assert any('falling back' in str(x.message) for x in w)
+        print('ok', float(loss))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("ok")
+
+
+@needs_ext
+def test_opcheck_forward_and_backward(seed):
+    from torch.library import opcheck
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        z1, z2 = make_inputs(37, 19, dtype)
+        z1.requires_grad_(), z2.requires_grad_()
+        t = torch.tensor(0.3, dtype=reference.accumulation_dtype(dtype), requires_grad=True)
+        for acc in (False, True):
+            opcheck(torch.ops.fastclr.nt_xent_forward.default, (z1, z2, t, acc))
+        rows, lse, norm, _ = torch.ops.fastclr.nt_xent_forward(z1, z2, t, False)
+        g = torch.rand(74, dtype=rows.dtype)
+        opcheck(torch.ops.fastclr.nt_xent_backward.default,
+                (g, z1.detach(), z2.detach(), t.detach(), norm.detach(), lse.detach()))
+
+
+@needs_ext
+def test_torch_compile_fullgraph(seed):
+    z1, z2 = make_inputs(33, 16)
+    z1.requires_grad_(), z2.requires_grad_()
+
+    def step(a, b):
+        loss, acc = fastclr.nt_xent_fused(a, b, 0.2, return_accuracy=True)
+        return loss, acc["top1"]
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    loss, top1 = compiled(z1, z2)
+    g1, g2 = torch.autograd.grad(loss, (z1, z2))
+    eloss, etop1 = step(z1, z2)
+    e1, e2 = torch.autograd.grad(eloss, (z1, z2))
+    torch.testing.assert_close(loss, eloss)
+    torch.testing.assert_close(top1, etop1)
+    torch.testing.assert_close(g1, e1)
+    torch.testing.assert_close(g2, e2)
+
+
+@needs_ext
+def test_peak_memory_is_linear_in_batch():
+    """At M = 8192, D = 128 the fused forward+backward adds far less than one M x M matrix
+    (256 MiB in float32) to the process's peak resident memory. Own process: the kernel's
+    high-water mark is measured from a reset (/proc/self/clear_refs)."""
+    code = textwrap.dedent("""
+        import torch, fastclr
+        def rss(field):
+            for line in open('/proc/self/status'):
+                if line.startswith(field):
+                    return int(line.split()[1]) * 1024
+        z1 = torch.randn(4096, 128, requires_grad=True)
+        z2 = torch.randn(4096, 128, requires_grad=True)
+        fastclr.nt_xent_fused(z1[:8], z2[:8]).backward()   # warm-up: lazy inits, thread pool
+        z1.grad = z2.grad = None
+        base = rss('VmRSS:')
+        open('/proc/self/clear_refs', 'w').write('5')
+        fastclr.nt_xent_fused(z1, z2).backward()
+        print(rss('VmHWM:') - base)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    extra = int(out.stdout.split()[-1])
+    assert extra < 48 * 2**20, f"fused fwd+bwd at M=8192 added {extra / 2**20:.1f} MiB"

@@ -1,0 +1,1 @@
+"""fastclr's benchmark suite: fastclr against what users run today, side by side."""

@@ -1,0 +1,79 @@
+"""Shared pieces of the benchmarks: machine description, results files, memory probes."""
+from __future__ import annotations
+
+import datetime as _dt
+import importlib.metadata
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def versions(*packages: str) -> dict:
+    out = {"python": platform.python_version()}
+    for name in packages:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def machine(device: str = "cpu") -> dict:
+    import torch
+    info = {"host": platform.node(), "os": platform.platform(), "cpu": cpu_model(),
+            "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": device}
+    if device == "cuda" and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def write_results(kind: str, rows: list, meta: dict) -> Path:
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    now = _dt.datetime.now(_dt.timezone.utc)
+    path = RESULTS_DIR / f"{kind}-{meta['machine']['device']}-{now:%Y%m%d-%H%M%S}.json"
+    payload = {"kind": kind, "date": now.isoformat(timespec="seconds"),
+               "command": " ".join([Path(sys.executable).name, "-m", *sys.argv]), **meta, "rows": rows}
+    path.write_text(json.dumps(payload, indent=1) + "\n")
+    return path
+
+
+def rss_bytes(field: str = "VmRSS:") -> int:
+    """Resident memory (VmRSS) or its high-water mark (VmHWM) of this process, in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def reset_peak_rss() -> None:
+    """Resets VmHWM to the current RSS (Linux >= 4.0), so a peak can be measured from here."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def median_time(fn, repeats: int, warmup: int = 1) -> tuple[float, list]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), times

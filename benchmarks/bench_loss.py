@@ -154,7 +154,7 @@ def main(argv=None):
           f"{meta['machine']['torch_threads']} threads, torch {meta['versions']['torch']}\n")
     print(table(rows))
     if not args.no_save:
-        print(f"\nresults: {common.write_results('loss', rows, meta)}")
+        print(f"\nresults: {common.write_results('loss', 'benchmarks.bench_loss', rows, meta)}")
 
 
 if __name__ == "__main__":

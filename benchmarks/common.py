@@ -43,12 +43,14 @@ def machine(device: str = "cpu") -> dict:
     return info
 
 
-def write_results(kind: str, rows: list, meta: dict) -> Path:
+def write_results(kind: str, module: str, rows: list, meta: dict) -> Path:
+    """benchmarks/results/<kind>-<device>-<date>.json, with the command that reproduces it."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     now = _dt.datetime.now(_dt.timezone.utc)
     path = RESULTS_DIR / f"{kind}-{meta['machine']['device']}-{now:%Y%m%d-%H%M%S}.json"
-    payload = {"kind": kind, "date": now.isoformat(timespec="seconds"),
-               "command": " ".join([Path(sys.executable).name, "-m", *sys.argv]), **meta, "rows": rows}
+    command = " ".join(["python", "-m", module, *sys.argv[1:]])
+    payload = {"kind": kind, "date": now.isoformat(timespec="seconds"), "command": command,
+               **meta, "rows": rows}
     path.write_text(json.dumps(payload, indent=1) + "\n")
     return path
 

@@ -17,7 +17,6 @@
 
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <limits>
 #include <utility>
 #include <vector>
@@ -213,21 +212,6 @@ void normalize_rows(const at::Tensor& z1, const at::Tensor& z2, acc_t* u, acc_t*
       const double den = static_cast<double>(norm[i]);
       acc_t* dst = u + i * d;
       for (int64_t k = 0; k < d; ++k) dst[k] = static_cast<acc_t>(static_cast<double>(src[k]) / den);
-    }
-  });
-}
-
-// s_{i,p(i)} = u_i . u_{p(i)} / tau for every row.
-template <typename acc_t>
-void positive_logits(const acc_t* u, int64_t m, int64_t d, acc_t inv_tau, acc_t* out) {
-  const int64_t n = m / 2;
-  at::parallel_for(0, m, 256, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const acc_t* a = u + i * d;
-      const acc_t* b = u + ((i + n) % m) * d;
-      acc_t dot = 0;
-      for (int64_t k = 0; k < d; ++k) dot += a[k] * b[k];
-      out[i] = dot * inv_tau;
     }
   });
 }

@@ -74,18 +74,34 @@ def _temperature_tensor(temperature, dtype: torch.dtype, device: torch.device) -
     return torch.tensor(value, dtype=dtype, device=device)
 
 
-def _resolve_impl(impl: str, device: torch.device) -> str:
+def _check_triton(device: torch.device, dtype: torch.dtype | None) -> None:
+    if not ops.triton_available():
+        raise RuntimeError(f"nt_xent_fused: impl='triton' needs triton: {ops.triton_error()}")
+    if device.type == "cpu" and not ops.triton_interpreting():
+        raise ValueError("nt_xent_fused: impl='triton' runs on CUDA tensors, or on CPU tensors "
+                         "when TRITON_INTERPRET=1 was set before fastclr was imported; got CPU "
+                         "tensors without it")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"nt_xent_fused: impl='triton' needs CUDA tensors, got tensors on {device}")
+    if dtype == torch.float64:
+        raise TypeError("nt_xent_fused: impl='triton' supports float32, bfloat16 and float16, "
+                        "got torch.float64 (use impl='cpu' or 'reference')")
+
+
+def _resolve_impl(impl: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
     """The backend that will run: see DESIGN.md, Dispatch."""
     global _warned_fallback
     if impl not in IMPLS:
         raise ValueError(f"nt_xent_fused: impl must be one of {IMPLS}, got {impl!r}")
     if impl == "reference":
         return impl
-    if impl in ("triton", "cuda"):
+    if impl == "cuda":
         raise NotImplementedError(
-            f"nt_xent_fused: impl={impl!r} is not part of this build yet (the "
-            f"{'Triton' if impl == 'triton' else 'CUDA'} kernels land in a later release); "
-            "use impl='auto', 'cpu' or 'reference'")
+            "nt_xent_fused: impl='cuda' is not part of this build yet (the CUDA kernel lands in "
+            "a later release); use impl='auto', 'triton', 'cpu' or 'reference'")
+    if impl == "triton":
+        _check_triton(device, dtype)
+        return impl
     if impl == "cpu":
         if device.type != "cpu":
             raise ValueError(f"nt_xent_fused: impl='cpu' needs CPU tensors, got tensors on {device}")
@@ -96,13 +112,22 @@ def _resolve_impl(impl: str, device: torch.device) -> str:
     # auto
     if device.type == "cpu" and ops.extension_available():
         return "cpu"
+    if device.type == "cuda" and ops.triton_available() and dtype != torch.float64:
+        return "triton"
     if not _warned_fallback:
         _warned_fallback = True
-        why = (ops.extension_error() if device.type == "cpu"
-               else f"no fused kernel for {device.type} tensors in this build")
+        if device.type == "cpu":
+            why = ops.extension_error()
+        elif device.type == "cuda":
+            why = ops.triton_error()
+        else:
+            why = f"no fused kernel for {device.type} tensors"
         warnings.warn(f"fastclr: falling back to the reference NT-Xent (O(M^2) memory): {why}",
                       RuntimeWarning, stacklevel=3)
     return "reference"
+
+
+_FORWARD_OPS = {"cpu": "nt_xent_forward", "triton": "nt_xent_triton_forward"}
 
 
 def nt_xent_fused(z1: torch.Tensor, z2: torch.Tensor, temperature=0.5, *, impl: str = "auto",
@@ -130,10 +155,11 @@ def nt_xent_fused(z1: torch.Tensor, z2: torch.Tensor, temperature=0.5, *, impl: 
         raise ValueError(f"nt_xent_fused: reduction must be one of {REDUCTIONS}, got {reduction!r}")
     acc_dtype = reference.accumulation_dtype(z1.dtype)
     t = _temperature_tensor(temperature, acc_dtype, z1.device)
-    backend = _resolve_impl(impl, z1.device)
+    backend = _resolve_impl(impl, z1.device, z1.dtype)
     if backend == "reference":
         return reference.nt_xent(z1, z2, t, reduction=reduction, return_accuracy=return_accuracy)
-    rows, _, _, rank = torch.ops.fastclr.nt_xent_forward(z1, z2, t, bool(return_accuracy))
+    forward = getattr(torch.ops.fastclr, _FORWARD_OPS[backend])
+    rows, _, _, rank = forward(z1, z2, t, bool(return_accuracy))
     loss = reference.reduce_rows(rows, reduction)
     if not return_accuracy:
         return loss

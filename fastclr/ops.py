@@ -1,6 +1,7 @@
 """Loads the compiled extension and registers the fake kernels and autograd of its ops.
 
-This is the one place that imports ``fastclr._C``. If it is missing (not built, or built
+This is the one place that imports ``fastclr._C`` (and the Triton ops, when triton is
+installed). If it is missing (not built, or built
 against another torch) the package still imports; ``extension_error()`` says why, and the
 dispatcher in ``fastclr.loss`` falls back to the reference with one warning.
 """
@@ -15,6 +16,29 @@ except ImportError as exc:  # pragma: no cover - exercised only without a build
     _LOAD_ERROR: Exception | None = exc
 else:
     _LOAD_ERROR = None
+
+
+try:  # registers torch.ops.fastclr.nt_xent_triton_*; needs triton, not a GPU
+    from fastclr.triton import nt_xent as _triton_nt_xent  # noqa: F401
+except ImportError as exc:  # pragma: no cover - exercised only without triton
+    _triton_nt_xent = None
+    _TRITON_ERROR: Exception | None = exc
+else:
+    _TRITON_ERROR = None
+
+
+def triton_available() -> bool:
+    return _triton_nt_xent is not None
+
+
+def triton_error() -> str:
+    """Why the Triton kernels are unavailable ('' when they are)."""
+    return "" if _TRITON_ERROR is None else f"triton could not be imported ({_TRITON_ERROR})"
+
+
+def triton_interpreting() -> bool:
+    """True when the Triton kernels were defined under TRITON_INTERPRET=1 (CPU tensors)."""
+    return _triton_nt_xent is not None and _triton_nt_xent.INTERPRETED
 
 
 def extension_available() -> bool:

@@ -1,5 +1,13 @@
-import pytest
+import os
+
 import torch
+
+# Without a GPU the Triton kernels run on CPU tensors through triton's interpreter. triton
+# decides that when a kernel is defined, so this must precede the first `import fastclr`.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):

@@ -125,3 +125,36 @@ def check_accuracy(impl, n, d, device="cpu"):
     expected_top5 = 1.0 if 2 * n - 2 < 5 else 0.0
     assert opposite["top1"].item() == (1.0 if n == 1 else 0.0)
     assert opposite["top5"].item() == expected_top5
+
+
+def chunked_reference64(z1, z2, temperature, w, chunk=2048):
+    """Per-row losses and the gradients (z1, z2, temperature) of sum_i w_i loss_i in float64,
+    from DESIGN.md's closed forms, in row chunks (never M x M): the oracle for batches too large
+    for the reference's autograd. Uses the symmetry of s for the column term."""
+    z = torch.cat([z1, z2]).double()
+    m, n = z.shape[0], z.shape[0] // 2
+    w = w.double().to(z.device)
+    norm = z.norm(dim=1).clamp_min(1e-12)
+    u = z / norm[:, None]
+    p = (torch.arange(m, device=z.device) + n) % m
+    pos = (u * u[p]).sum(1) / temperature
+    lse = torch.empty(m, dtype=torch.float64, device=z.device)
+    for i0 in range(0, m, chunk):
+        s = u[i0:i0 + chunk] @ u.T / temperature
+        s[torch.arange(s.shape[0]), torch.arange(i0, i0 + s.shape[0])] = float("-inf")
+        lse[i0:i0 + chunk] = torch.logsumexp(s, dim=1)
+    grad_u = torch.empty_like(u)
+    t_sum = 0.0
+    for i0 in range(0, m, chunk):
+        s = u[i0:i0 + chunk] @ u.T / temperature
+        r = torch.arange(s.shape[0])
+        s[r, torch.arange(i0, i0 + s.shape[0])] = float("-inf")
+        wi, li = w[i0:i0 + chunk, None], lse[i0:i0 + chunk, None]
+        a = wi * torch.exp(s - li) + w[None, :] * torch.exp(s - lse[None, :])
+        grad_u[i0:i0 + chunk] = a @ u
+        t_sum += (wi * torch.exp(s - li) * s.nan_to_num(neginf=0.0)).sum().item()
+    grad_u = (grad_u - (w + w[p])[:, None] * u[p]) / temperature
+    grad_z = (grad_u - (grad_u * u).sum(1, keepdim=True) * u) / norm[:, None]
+    grad_z = torch.where((norm <= 1e-12)[:, None], grad_u / norm[:, None], grad_z)
+    grad_t = -(t_sum - (w * pos).sum().item()) / temperature
+    return (lse - pos), grad_z[:n], grad_z[n:], torch.tensor(grad_t, dtype=torch.float64)

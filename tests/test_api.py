@@ -11,7 +11,7 @@ import torch
 
 import fastclr
 from fastclr import loss as loss_module
-from fastclr import reference
+from fastclr import ops, reference
 from nt_xent_checks import make_inputs
 
 needs_ext = pytest.mark.skipif(not fastclr.extension_available(),
@@ -54,10 +54,35 @@ def test_unknown_impl():
         fastclr.nt_xent_fused(torch.randn(3, 2), torch.randn(3, 2), impl="fast")
 
 
-@pytest.mark.parametrize("impl,what", [("triton", "Triton"), ("cuda", "CUDA")])
-def test_gpu_impls_not_in_this_build_say_so(impl, what):
-    with pytest.raises(NotImplementedError, match=what):
-        fastclr.nt_xent_fused(torch.randn(3, 2), torch.randn(3, 2), impl=impl)
+def test_cuda_impl_not_in_this_build_says_so():
+    with pytest.raises(NotImplementedError, match="CUDA kernel"):
+        fastclr.nt_xent_fused(torch.randn(3, 2), torch.randn(3, 2), impl="cuda")
+
+
+def test_triton_impl_input_checks(monkeypatch):
+    if not ops.triton_available():
+        with pytest.raises(RuntimeError, match="needs triton"):
+            fastclr.nt_xent_fused(torch.randn(3, 2), torch.randn(3, 2), impl="triton")
+        return
+    with pytest.raises(TypeError, match="impl='triton' supports float32.*float64"):
+        fastclr.nt_xent_fused(torch.randn(3, 2, dtype=torch.float64),
+                              torch.randn(3, 2, dtype=torch.float64), impl="triton")
+    with pytest.raises(ValueError, match="impl='triton' needs CUDA tensors.*meta"):
+        fastclr.nt_xent_fused(torch.randn(3, 2, device="meta"), torch.randn(3, 2, device="meta"),
+                              impl="triton")
+    monkeypatch.setattr(ops, "triton_interpreting", lambda: False)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        fastclr.nt_xent_fused(torch.randn(3, 2), torch.randn(3, 2), impl="triton")
+
+
+def test_auto_picks_triton_for_cuda_tensors(monkeypatch):
+    monkeypatch.setattr(ops, "triton_available", lambda: True)
+    assert loss_module._resolve_impl("auto", torch.device("cuda"), torch.float32) == "triton"
+    assert loss_module._resolve_impl("auto", torch.device("cuda", 1), torch.bfloat16) == "triton"
+    monkeypatch.setattr(ops, "triton_available", lambda: False)
+    monkeypatch.setattr(loss_module, "_warned_fallback", False)
+    with pytest.warns(RuntimeWarning, match="falling back"):
+        assert loss_module._resolve_impl("auto", torch.device("cuda"), torch.float32) == "reference"
 
 
 @needs_ext
@@ -212,3 +237,45 @@ def test_peak_memory_is_linear_in_batch():
     assert out.returncode == 0, out.stderr
     extra = int(out.stdout.split()[-1])
     assert extra < 48 * 2**20, f"fused fwd+bwd at M=8192 added {extra / 2**20:.1f} MiB"
+
+
+needs_triton_gpu = pytest.mark.skipif(
+    not (ops.triton_available() and not ops.triton_interpreting()), reason="needs triton on a GPU")
+
+
+@pytest.mark.cuda
+@needs_triton_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_triton_opcheck_on_gpu(seed, dtype):
+    from torch.library import opcheck
+    z1, z2 = make_inputs(300, 64, dtype, "cuda")
+    z1.requires_grad_(), z2.requires_grad_()
+    t = torch.tensor(0.3, device="cuda", requires_grad=True)
+    for acc in (False, True):
+        opcheck(torch.ops.fastclr.nt_xent_triton_forward.default, (z1, z2, t, acc))
+    rows, lse, norm, _ = torch.ops.fastclr.nt_xent_triton_forward(z1, z2, t, False)
+    g = torch.rand(600, device="cuda")
+    opcheck(torch.ops.fastclr.nt_xent_triton_backward.default,
+            (g, z1.detach(), z2.detach(), t.detach(), norm, lse),
+            test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+@pytest.mark.cuda
+@needs_triton_gpu
+def test_triton_torch_compile_fullgraph_on_gpu(seed):
+    z1, z2 = make_inputs(1000, 128, torch.bfloat16, "cuda")
+    z1.requires_grad_(), z2.requires_grad_()
+
+    def step(a, b):
+        loss, acc = fastclr.nt_xent_fused(a, b, 0.2, impl="triton", return_accuracy=True)
+        return loss, acc["top1"]
+
+    compiled = torch.compile(step, fullgraph=True)
+    loss, top1 = compiled(z1, z2)
+    g1, g2 = torch.autograd.grad(loss, (z1, z2))
+    eloss, etop1 = step(z1, z2)
+    e1, e2 = torch.autograd.grad(eloss, (z1, z2))
+    torch.testing.assert_close(loss, eloss)
+    torch.testing.assert_close(top1, etop1)
+    torch.testing.assert_close(g1, e1, rtol=1e-2, atol=1e-5)  # fp32 atomics: order varies
+    torch.testing.assert_close(g2, e2, rtol=1e-2, atol=1e-5)

@@ -1,13 +1,21 @@
-"""NT-Xent on the CPU: fastclr's fused kernel against the reference, naive PyTorch and lightly.
+"""NT-Xent: fastclr's fused kernels against the reference, naive PyTorch, lightly (and inf-cl).
 
-    python -m benchmarks.bench_loss                      # M = 2048, 8192, 16384; D = 128
+    python -m benchmarks.bench_loss                      # CPU: M = 2048, 8192, 16384; D = 128
     python -m benchmarks.bench_loss --sizes 4096 --impls fused naive --repeats 3
+    python -m benchmarks.bench_loss --device cuda        # GPU: M = 4096 .. 65536, bfloat16
 
-Each (implementation, M) runs in its own process: its peak extra memory is the rise of the
+Each (implementation, M) runs in its own process. CPU: peak extra memory is the rise of the
 process's resident high-water mark over one forward+backward (reset just before it, inputs
-already allocated), and its times are medians over --repeats runs after a warm-up. An
-implementation that runs out of memory is recorded as such. Results go to
-benchmarks/results/loss-cpu-<date>.json and a markdown table is printed.
+already allocated). GPU: torch.cuda.max_memory_allocated over one forward+backward minus the
+memory held before it; times from CUDA events. Times are medians over --repeats runs after a
+warm-up; TFLOP/s count the matrix products the algorithm needs (forward 2 M^2 D flops,
+forward+backward 5 M^2 D with the symmetric backward), whatever an implementation really
+does. An implementation that runs out of memory is recorded as such. Results go to
+benchmarks/results/loss-<device>-<date>.json (or --out-dir) and a markdown table is printed.
+
+"fused" is impl="cpu" on the CPU and impl="triton" on a GPU. "infcl" is inf-cl's
+cal_inf_loss, a CLIP-style loss: with q = z1, k = z2 it scores N x N logits, a quarter of
+NT-Xent's M x M, so its TFLOP/s column is computed on its own N^2 products.
 """
 from __future__ import annotations
 
@@ -18,21 +26,25 @@ import sys
 
 from benchmarks import common
 
-IMPLS = ("fused", "reference", "naive", "lightly", "pml")
+IMPLS = ("fused", "reference", "naive", "lightly", "pml", "infcl")
 PEERS = {"naive": "normalize, z @ z.T, mask diagonal, cross_entropy (plain PyTorch)",
          "reference": "fastclr.reference.nt_xent (the spec, O(M^2))",
-         "fused": "fastclr.nt_xent_fused(impl='cpu')",
+         "fused": "fastclr.nt_xent_fused(impl='cpu' on CPU, 'triton' on GPU)",
          "lightly": "lightly.loss.NTXentLoss",
-         "pml": "pytorch_metric_learning.losses.NTXentLoss"}
+         "pml": "pytorch_metric_learning.losses.NTXentLoss",
+         "infcl": "inf_cl.cal_inf_loss(z1, z2) (CLIP-style, N x N logits)"}
+DTYPES = {"float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16",
+          "float16": "float16"}
 
 
-def make_loss(impl: str, temperature: float):
+def make_loss(impl: str, temperature: float, device: str):
     import torch
     import torch.nn.functional as F
 
     if impl == "fused":
         import fastclr
-        return lambda a, b: fastclr.nt_xent_fused(a, b, temperature, impl="cpu")
+        backend = "cpu" if device == "cpu" else "triton"
+        return lambda a, b: fastclr.nt_xent_fused(a, b, temperature, impl=backend)
     if impl == "reference":
         from fastclr import reference
         return lambda a, b: reference.nt_xent(a, b, temperature)
@@ -41,8 +53,8 @@ def make_loss(impl: str, temperature: float):
             z = F.normalize(torch.cat([a, b]), dim=1)
             s = z @ z.T / temperature
             m = s.shape[0]
-            s = s.masked_fill(torch.eye(m, dtype=torch.bool), float("-inf"))
-            return F.cross_entropy(s, (torch.arange(m) + m // 2) % m)
+            s = s.masked_fill(torch.eye(m, dtype=torch.bool, device=s.device), float("-inf"))
+            return F.cross_entropy(s, (torch.arange(m, device=s.device) + m // 2) % m)
         return naive
     if impl == "lightly":
         from lightly.loss import NTXentLoss
@@ -53,49 +65,76 @@ def make_loss(impl: str, temperature: float):
 
         def pml(a, b):
             n = a.shape[0]
-            labels = torch.arange(n).repeat(2)
+            labels = torch.arange(n, device=a.device).repeat(2)
             return loss(torch.cat([a, b]), labels)
         return pml
+    if impl == "infcl":
+        import torch.distributed as dist
+        from inf_cl import cal_inf_loss
+        if not dist.is_initialized():  # inf-cl asks for a process group, even of one
+            dist.init_process_group("nccl" if device == "cuda" else "gloo",
+                                    init_method="tcp://127.0.0.1:29533", rank=0, world_size=1)
+        return lambda a, b: cal_inf_loss(F.normalize(a, dim=1), F.normalize(b, dim=1),
+                                         scale=torch.tensor(1.0 / temperature, device=a.device))
     raise ValueError(impl)
 
 
-def worker(impl: str, m: int, d: int, repeats: int, temperature: float) -> dict:
+def worker(impl: str, m: int, d: int, repeats: int, temperature: float, device: str,
+           dtype_name: str) -> dict:
     import torch
 
     torch.manual_seed(0)
+    dtype = getattr(torch, DTYPES[dtype_name])
     n = m // 2
-    z1 = torch.randn(n, d, requires_grad=True)
-    z2 = torch.randn(n, d, requires_grad=True)
-    loss_fn = make_loss(impl, temperature)
-
-    def fwd():
-        with torch.no_grad():
-            loss_fn(z1, z2)
-
-    def fwd_bwd():
-        z1.grad = z2.grad = None
-        loss_fn(z1, z2).backward()
-
-    row = {"impl": impl, "M": m, "D": d, "dtype": "float32", "temperature": temperature}
+    z1 = torch.randn(n, d, device=device, dtype=dtype, requires_grad=True)
+    z2 = torch.randn(n, d, device=device, dtype=dtype, requires_grad=True)
+    row = {"impl": impl, "M": m, "D": d, "dtype": DTYPES[dtype_name], "temperature": temperature,
+           "device": device}
     try:
-        loss_fn(z1[:4], z2[:4]).backward()  # lazy initialisation, thread pool
+        loss_fn = make_loss(impl, temperature, device)
+
+        def fwd():
+            with torch.no_grad():
+                loss_fn(z1, z2)
+
+        def fwd_bwd():
+            z1.grad = z2.grad = None
+            loss_fn(z1, z2).backward()
+
+        loss_fn(z1[:64], z2[:64]).backward()  # lazy initialisation, compilation, thread pool
         z1.grad = z2.grad = None
-        base = common.rss_bytes()
-        common.reset_peak_rss()
-        fwd_bwd()
-        row["peak_extra_mb"] = (common.rss_bytes("VmHWM:") - base) / 2**20
-        row["fwd_s"], row["fwd_times"] = common.median_time(fwd, repeats)
-        row["fwd_bwd_s"], row["fwd_bwd_times"] = common.median_time(fwd_bwd, repeats)
+        if device == "cuda":
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            fwd_bwd()
+            torch.cuda.synchronize()
+            row["peak_extra_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+            timer = common.cuda_median_time
+        else:
+            base = common.rss_bytes()
+            common.reset_peak_rss()
+            fwd_bwd()
+            row["peak_extra_mb"] = (common.rss_bytes("VmHWM:") - base) / 2**20
+            timer = common.median_time
+        row["fwd_s"], row["fwd_times"] = timer(fwd, repeats)
+        row["fwd_bwd_s"], row["fwd_bwd_times"] = timer(fwd_bwd, repeats)
+        logits = (n * n) if impl == "infcl" else (m * m)
+        row["fwd_tflops"] = 2 * logits * d / row["fwd_s"] / 1e12
+        row["fwd_bwd_tflops"] = 5 * logits * d / row["fwd_bwd_s"] / 1e12
         row["status"] = "ok"
+    except ImportError as exc:
+        row["status"] = "missing"
+        row["error"] = str(exc)[:300]
     except (RuntimeError, MemoryError) as exc:  # an out-of-memory is a result, not a crash
         row["status"] = "oom" if "memory" in str(exc).lower() else "error"
         row["error"] = str(exc).splitlines()[0][:300]
     return row
 
 
-def run_one(impl, m, d, repeats, temperature, timeout) -> dict:
+def run_one(impl, m, d, repeats, temperature, timeout, device, dtype) -> dict:
     cmd = [sys.executable, "-m", "benchmarks.bench_loss", "--worker", impl, str(m), str(d),
-           str(repeats), str(temperature)]
+           str(repeats), str(temperature), device, dtype]
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -110,51 +149,69 @@ def run_one(impl, m, d, repeats, temperature, timeout) -> dict:
 def table(rows: list) -> str:
     """Markdown: one line per (M, impl); times in s, memory in MiB, ratio to naive."""
     naive = {r["M"]: r for r in rows if r["impl"] == "naive" and r.get("status") == "ok"}
-    lines = ["| M | D | implementation | fwd (s) | fwd+bwd (s) | vs naive | peak extra memory (MiB) |",
-             "|---:|---:|---|---:|---:|---:|---:|"]
+    gpu = any(r.get("device") == "cuda" for r in rows)
+    head = "| M | D | implementation | fwd (s) | fwd+bwd (s) | vs naive | peak extra memory (MiB) |"
+    rule = "|---:|---:|---|---:|---:|---:|---:|"
+    if gpu:
+        head, rule = head + " fwd+bwd TFLOP/s |", rule + "---:|"
+    lines = [head, rule]
     for r in sorted(rows, key=lambda r: (r["M"], IMPLS.index(r["impl"]))):
         if r.get("status") != "ok":
-            lines.append(f"| {r['M']} | {r['D']} | {r['impl']} | {r['status']} | | | |")
+            lines.append(f"| {r['M']} | {r['D']} | {r['impl']} | {r['status']} | | | |" + (" |" if gpu else ""))
             continue
         ratio = (f"{r['fwd_bwd_s'] / naive[r['M']]['fwd_bwd_s']:.2f}x" if r["M"] in naive else "")
-        lines.append(f"| {r['M']} | {r['D']} | {r['impl']} | {r['fwd_s']:.3f} | {r['fwd_bwd_s']:.3f} "
-                     f"| {ratio} | {r['peak_extra_mb']:.0f} |")
+        line = (f"| {r['M']} | {r['D']} | {r['impl']} | {r['fwd_s']:.4f} | {r['fwd_bwd_s']:.4f} "
+                f"| {ratio} | {r['peak_extra_mb']:.0f} |")
+        lines.append(line + (f" {r['fwd_bwd_tflops']:.0f} |" if gpu else ""))
     return "\n".join(lines)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.bench_loss", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", type=int, nargs="+", default=[2048, 8192, 16384], help="M = 2N")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--sizes", type=int, nargs="+", help="M = 2N (default: by device)")
     p.add_argument("--dim", type=int, default=128)
-    p.add_argument("--impls", nargs="+", choices=IMPLS, default=["fused", "reference", "naive", "lightly"])
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="default: float32 on CPU, bf16 on GPU")
+    p.add_argument("--impls", nargs="+", choices=IMPLS, help="default: by device")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--temperature", type=float, default=0.5)
     p.add_argument("--timeout", type=float, default=900, help="seconds per configuration")
+    p.add_argument("--out-dir", help="write the results file here instead of benchmarks/results")
     p.add_argument("--no-save", action="store_true", help="print only, write no results file")
-    p.add_argument("--worker", nargs=5, metavar=("IMPL", "M", "D", "REPEATS", "TAU"), help=argparse.SUPPRESS)
+    p.add_argument("--worker", nargs=7, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        impl, m, d, repeats, tau = args.worker
-        print(json.dumps(worker(impl, int(m), int(d), int(repeats), float(tau))))
+        impl, m, d, repeats, tau, device, dtype = args.worker
+        print(json.dumps(worker(impl, int(m), int(d), int(repeats), float(tau), device, dtype)))
         return
-    if any(m < 2 or m % 2 for m in args.sizes):
+    gpu = args.device == "cuda"
+    sizes = args.sizes or ([4096, 16384, 65536] if gpu else [2048, 8192, 16384])
+    dtype = args.dtype or ("bf16" if gpu else "float32")
+    impls = args.impls or (["fused", "naive", "lightly", "infcl"] if gpu
+                           else ["fused", "reference", "naive", "lightly"])
+    if any(m < 2 or m % 2 for m in sizes):
         p.error("--sizes must be even and >= 2 (M = 2N rows)")
 
     from tqdm import tqdm
 
-    configs = [(impl, m) for m in args.sizes for impl in args.impls]
+    configs = [(impl, m) for m in sizes for impl in impls]
     rows = []
     for impl, m in tqdm(configs, desc="bench_loss", unit="config"):
-        rows.append(run_one(impl, m, args.dim, args.repeats, args.temperature, args.timeout))
-    meta = {"machine": common.machine("cpu"),
-            "versions": common.versions("torch", "fastclr", "lightly", "pytorch-metric-learning"),
-            "peers": {k: PEERS[k] for k in args.impls}}
-    print(f"\nNT-Xent forward+backward, float32, {meta['machine']['cpu']}, "
-          f"{meta['machine']['torch_threads']} threads, torch {meta['versions']['torch']}\n")
+        rows.append(run_one(impl, m, args.dim, args.repeats, args.temperature, args.timeout,
+                            args.device, dtype))
+    meta = {"machine": common.machine(args.device),
+            "versions": common.versions("torch", "triton", "fastclr", "lightly",
+                                        "pytorch-metric-learning", "inf-cl"),
+            "peers": {k: PEERS[k] for k in impls}}
+    where = meta["machine"].get("gpu") or (f"{meta['machine']['cpu']}, "
+                                           f"{meta['machine']['torch_threads']} threads")
+    print(f"\nNT-Xent forward+backward, {DTYPES[dtype]}, D = {args.dim}, {where}, "
+          f"torch {meta['versions']['torch']}\n")
     print(table(rows))
     if not args.no_save:
-        print(f"\nresults: {common.write_results('loss', 'benchmarks.bench_loss', rows, meta)}")
+        path = common.write_results("loss", "benchmarks.bench_loss", rows, meta, args.out_dir)
+        print(f"\nresults: {path}")
 
 
 if __name__ == "__main__":

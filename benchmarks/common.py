@@ -43,11 +43,13 @@ def machine(device: str = "cpu") -> dict:
     return info
 
 
-def write_results(kind: str, module: str, rows: list, meta: dict) -> Path:
-    """benchmarks/results/<kind>-<device>-<date>.json, with the command that reproduces it."""
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+def write_results(kind: str, module: str, rows: list, meta: dict, out_dir=None) -> Path:
+    """<out_dir or benchmarks/results>/<kind>-<device>-<date>.json, with the command that
+    reproduces it."""
+    folder = Path(out_dir) if out_dir else RESULTS_DIR
+    folder.mkdir(parents=True, exist_ok=True)
     now = _dt.datetime.now(_dt.timezone.utc)
-    path = RESULTS_DIR / f"{kind}-{meta['machine']['device']}-{now:%Y%m%d-%H%M%S}.json"
+    path = folder / f"{kind}-{meta['machine']['device']}-{now:%Y%m%d-%H%M%S}.json"
     command = " ".join(["python", "-m", module, *sys.argv[1:]])
     payload = {"kind": kind, "date": now.isoformat(timespec="seconds"), "command": command,
                **meta, "rows": rows}
@@ -68,6 +70,22 @@ def reset_peak_rss() -> None:
     """Resets VmHWM to the current RSS (Linux >= 4.0), so a peak can be measured from here."""
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
+
+
+def cuda_median_time(fn, repeats: int, warmup: int = 2) -> tuple[float, list]:
+    """Median seconds of fn on the current CUDA stream, timed with CUDA events."""
+    import torch
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times), times
 
 
 def median_time(fn, repeats: int, warmup: int = 1) -> tuple[float, list]:

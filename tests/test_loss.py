@@ -28,7 +28,8 @@ TAUS = [0.05, 0.1, 0.5, 1.0]
 # Shapes per backend: the interpreter is slow, a GPU is fast.
 SHAPES = {
     "cpu": [(1, 8), (2, 5), (3, 1), (37, 19), (200, 64), (1000, 130)],
-    "triton_interp": [(1, 19), (3, 64), (37, 19), (37, 130), (200, 19), (200, 64), (200, 130)],
+    # (37, 300): wider than ROWS_MAX_D, so the pairs backward kernel runs too.
+    "triton_interp": [(1, 19), (3, 64), (37, 19), (37, 130), (37, 300), (200, 19), (200, 64), (200, 130)],
     "triton_cuda": [(1, 19), (37, 19), (1000, 130), (4097, 64), (8192, 128), (3000, 2048)],
 }
 

@@ -6,10 +6,11 @@ Kernels (formulas of DESIGN.md; z = [z1; z2], M = 2N rows, u = z / max(||z||, 1e
 - ``_nt_xent_fwd_kernel``: per row block, stream column tiles of s = u u^T / tau with an
   online logsumexp (base 2); the positive logit and the rank (#negatives above the positive)
   come from the same tiles. Saves lse (M floats); never anything M x M.
-- ``_nt_xent_bwd_kernel``: per tile pair (I <= J) recompute S_IJ from raw z and the norms,
-  A_ij = w_i P_ij + w_j P_ji with P = exp(s - lse) -- one tile serves both P_IJ and P_JI --
-  and accumulate G_I += A_IJ u_J, G_J += A_IJ^T u_I (fp32 atomics) and the tile's
-  sum A_ij s_ij for the temperature gradient.                                memory O(M D)
+- ``_nt_xent_bwd_rows_kernel`` (D <= 256) / ``_nt_xent_bwd_pairs_kernel`` (any D): for the
+  tiles I <= J only, recompute S_IJ from raw z and the norms, A_ij = w_i P_ij + w_j P_ji with
+  P = exp(s - lse) -- one tile serves both P_IJ and P_JI -- and accumulate G_I += A_IJ u_J,
+  G_J += A_IJ^T u_I (fp32; the rows kernel keeps G_I in registers, atomics for the rest) and
+  the tile's sum A_ij s_ij for the temperature gradient.                     memory O(M D)
 - ``_nt_xent_finish_kernel``: grad_u_i = (G_i - (w_i + w_p(i)) u_p(i)) / tau, then the
   normalisation's Jacobian (F.normalize semantics), written in the input dtype.
 
@@ -71,14 +72,6 @@ def _dot_tile(z1_ptr, z2_ptr, rows_a, mask_a, rows_b, mask_b, N, D, stride1, str
         b = _load_rows(z1_ptr, z2_ptr, rows_b, mask_b, offs_d, N, D, stride1, stride2)
         acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
     return acc
-
-
-@triton.jit
-def _pow2_scale(x):
-    """2^-ceil(log2(max|x|)) (1 for an all-zero tile): brings a tile's largest entry to
-    (0.5, 1] without rounding anything."""
-    amax = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
-    return tl.where(amax > 0, tl.exp2(-tl.ceil(tl.log2(tl.maximum(amax, 1e-38)))), 1.0)
 
 
 @triton.jit
@@ -168,11 +161,87 @@ def _nt_xent_fwd_kernel(z1_ptr, z2_ptr, norm_ptr, temp_ptr, loss_ptr, lse_ptr, r
 
 
 @triton.jit
-def _nt_xent_bwd_kernel(z1_ptr, z2_ptr, norm_ptr, temp_ptr, lse_ptr, w_ptr, g_ptr, tpart_ptr,
-                        N, D, stride1, stride2, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
-                        PRECISION: tl.constexpr):
-    """Tile pair (I, J), I <= J: A = w_i P_ij + w_j P_ji from one recomputed tile; G_I += A u_J
-    and (I < J) G_J += A^T u_I, as fp32 atomics; sum_ij A_ij s_ij to tpart[I, J]."""
+def _bwd_a_tile(acc, rows_i, mask_i, rows_j, mask_j, rn_i, rn_j, inv_tau, lse_ptr, w_ptr,
+                DIAG: tl.constexpr):
+    """From a tile of raw dot products: A_ij = w_i P_ij + w_j P_ji (0 on the diagonal and
+    padding) and the tile's sum of A_ij s_ij (halved on a diagonal tile, where A holds both
+    (i, j) and (j, i))."""
+    s = acc * (rn_i * inv_tau)[:, None] * rn_j[None, :]
+    lse_i = tl.load(lse_ptr + rows_i, mask=mask_i, other=0.0)
+    lse_j = tl.load(lse_ptr + rows_j, mask=mask_j, other=0.0)
+    w_i = tl.load(w_ptr + rows_i, mask=mask_i, other=0.0)
+    w_j = tl.load(w_ptr + rows_j, mask=mask_j, other=0.0)
+    valid = mask_i[:, None] & mask_j[None, :] & (rows_i[:, None] != rows_j[None, :])
+    # Masked entries go through exp2 at -inf (=> 0), never at s_ii = 1/tau (which overflows).
+    s2 = tl.where(valid, s * LOG2E_C, float("-inf"))
+    a = (w_i[:, None] * tl.exp2(s2 - (lse_i * LOG2E_C)[:, None])
+         + w_j[None, :] * tl.exp2(s2 - (lse_j * LOG2E_C)[None, :]))
+    a = tl.where(valid, a, 0.0)
+    tsum = tl.sum(tl.sum(a * tl.where(valid, s, 0.0), axis=1), axis=0)
+    if DIAG:
+        tsum = tsum * 0.5
+    return a, tsum
+
+
+@triton.jit
+def _scaled_cast(x, dtype: tl.constexpr):
+    """x rescaled by a power of two c to a largest entry of ~1, cast to dtype; and c. The A
+    tiles (~w * P, often ~1e-6) would otherwise be flushed to subnormals by fp16; the fp32
+    product is divided by c again."""
+    amax = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
+    c = tl.where(amax > 0, tl.exp2(-tl.ceil(tl.log2(tl.maximum(amax, 1e-38)))), 1.0)
+    return (x * c).to(dtype), c
+
+
+@triton.jit
+def _nt_xent_bwd_rows_kernel(z1_ptr, z2_ptr, norm_ptr, temp_ptr, lse_ptr, w_ptr, g_ptr,
+                             tpart_ptr, N, D, stride1, stride2, BLOCK: tl.constexpr,
+                             BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    """Backward for D <= BLOCK_D (the whole feature dimension in registers). Program I walks the
+    tiles J >= I of its block row: its own rows' gradient G_I += A_IJ u_J stays in registers
+    (one atomic add at the end), the other side's G_J += A_IJ^T u_I is an fp32 atomic add. Each
+    row of z is loaded once per tile. Programs are numbered longest-first."""
+    M = 2 * N
+    nb = tl.cdiv(M, BLOCK)
+    bi = nb - 1 - tl.program_id(0)
+    rows_i = bi * BLOCK + tl.arange(0, BLOCK)
+    mask_i = rows_i < M
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d[None, :] < D
+    inv_tau = 1.0 / tl.load(temp_ptr).to(tl.float32)
+    rn_i = 1.0 / tl.load(norm_ptr + rows_i, mask=mask_i, other=1.0)
+    z_i = _load_rows(z1_ptr, z2_ptr, rows_i, mask_i, offs_d, N, D, stride1, stride2)
+    g_i = tl.zeros((BLOCK, BLOCK_D), dtype=tl.float32)
+    total = tl.zeros((), dtype=tl.float32)
+    for bj in range(bi, nb):
+        rows_j = bj * BLOCK + tl.arange(0, BLOCK)
+        mask_j = rows_j < M
+        rn_j = 1.0 / tl.load(norm_ptr + rows_j, mask=mask_j, other=1.0)
+        z_j = _load_rows(z1_ptr, z2_ptr, rows_j, mask_j, offs_d, N, D, stride1, stride2)
+        acc = tl.dot(z_i, tl.trans(z_j), input_precision=PRECISION)
+        if bj == bi:
+            a, tsum = _bwd_a_tile(acc, rows_i, mask_i, rows_j, mask_j, rn_i, rn_j, inv_tau,
+                                  lse_ptr, w_ptr, True)
+        else:
+            a, tsum = _bwd_a_tile(acc, rows_i, mask_i, rows_j, mask_j, rn_i, rn_j, inv_tau,
+                                  lse_ptr, w_ptr, False)
+            a_i, c_i = _scaled_cast(tl.trans(a * rn_i[:, None]), z1_ptr.dtype.element_ty)
+            g_j = tl.dot(a_i, z_i, input_precision=PRECISION) / c_i
+            tl.atomic_add(g_ptr + rows_j[:, None] * D + offs_d[None, :], g_j,
+                          mask=mask_j[:, None] & d_mask)
+        total += tsum
+        a_j, c_j = _scaled_cast(a * rn_j[None, :], z1_ptr.dtype.element_ty)
+        g_i += tl.dot(a_j, z_j, input_precision=PRECISION) / c_j
+    tl.atomic_add(g_ptr + rows_i[:, None] * D + offs_d[None, :], g_i, mask=mask_i[:, None] & d_mask)
+    tl.store(tpart_ptr + bi, total)
+
+
+@triton.jit
+def _nt_xent_bwd_pairs_kernel(z1_ptr, z2_ptr, norm_ptr, temp_ptr, lse_ptr, w_ptr, g_ptr,
+                              tpart_ptr, N, D, stride1, stride2, BLOCK: tl.constexpr,
+                              BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    """Backward for any D: one program per tile pair (I, J), I <= J, looping over D chunks;
+    G_I += A u_J and (I < J) G_J += A^T u_I as fp32 atomic adds; sum A s to tpart[I, J]."""
     bi = tl.program_id(0)
     bj = tl.program_id(1)
     if bi > bj:
@@ -187,42 +256,26 @@ def _nt_xent_bwd_kernel(z1_ptr, z2_ptr, norm_ptr, temp_ptr, lse_ptr, w_ptr, g_pt
     rn_j = 1.0 / tl.load(norm_ptr + rows_j, mask=mask_j, other=1.0)
     acc = _dot_tile(z1_ptr, z2_ptr, rows_i, mask_i, rows_j, mask_j, N, D, stride1, stride2,
                     BLOCK, BLOCK, BLOCK_D, PRECISION)
-    s = acc * (rn_i * inv_tau)[:, None] * rn_j[None, :]
-    lse_i = tl.load(lse_ptr + rows_i, mask=mask_i, other=0.0)
-    lse_j = tl.load(lse_ptr + rows_j, mask=mask_j, other=0.0)
-    w_i = tl.load(w_ptr + rows_i, mask=mask_i, other=0.0)
-    w_j = tl.load(w_ptr + rows_j, mask=mask_j, other=0.0)
-    valid = mask_i[:, None] & mask_j[None, :] & (rows_i[:, None] != rows_j[None, :])
-    # Masked entries go through exp2 at -inf (=> 0), never at s_ii = 1/tau (which overflows).
-    s2 = tl.where(valid, s * LOG2E_C, float("-inf"))
-    a = (w_i[:, None] * tl.exp2(s2 - (lse_i * LOG2E_C)[:, None])
-         + w_j[None, :] * tl.exp2(s2 - (lse_j * LOG2E_C)[None, :]))
-    a = tl.where(valid, a, 0.0)
-    tsum = tl.sum(tl.sum(a * tl.where(valid, s, 0.0), axis=1), axis=0)
     if bi == bj:
-        tsum = tsum * 0.5
+        a, tsum = _bwd_a_tile(acc, rows_i, mask_i, rows_j, mask_j, rn_i, rn_j, inv_tau,
+                              lse_ptr, w_ptr, True)
+    else:
+        a, tsum = _bwd_a_tile(acc, rows_i, mask_i, rows_j, mask_j, rn_i, rn_j, inv_tau,
+                              lse_ptr, w_ptr, False)
     tl.store(tpart_ptr + bi * tl.num_programs(1) + bj, tsum)
-    # G_I += (A * rn_j) z_J and G_J += (A * rn_i)^T z_I, on tensor cores from the raw
-    # input-dtype rows. The A tiles (~w * P, often ~1e-6) are cast to the input dtype after a
-    # power-of-two rescale to ~1, undone on the fp32 product: fp16 would otherwise
-    # flush them to subnormals.
-    a_j = a * rn_j[None, :]
-    c_j = _pow2_scale(a_j)
-    a_j = (a_j * c_j).to(z1_ptr.dtype.element_ty)
-    a_i = tl.trans(a * rn_i[:, None])
-    c_i = _pow2_scale(a_i)
-    a_i = (a_i * c_i).to(z1_ptr.dtype.element_ty)
+    a_j, c_j = _scaled_cast(a * rn_j[None, :], z1_ptr.dtype.element_ty)
+    a_i, c_i = _scaled_cast(tl.trans(a * rn_i[:, None]), z1_ptr.dtype.element_ty)
     for k0 in range(0, D, BLOCK_D):
         offs_d = k0 + tl.arange(0, BLOCK_D)
         d_mask = offs_d[None, :] < D
         z_j = _load_rows(z1_ptr, z2_ptr, rows_j, mask_j, offs_d, N, D, stride1, stride2)
-        gi = tl.dot(a_j, z_j, input_precision=PRECISION) / c_j
-        tl.atomic_add(g_ptr + rows_i[:, None] * D + offs_d[None, :], gi,
+        g_i = tl.dot(a_j, z_j, input_precision=PRECISION) / c_j
+        tl.atomic_add(g_ptr + rows_i[:, None] * D + offs_d[None, :], g_i,
                       mask=mask_i[:, None] & d_mask)
         if bi != bj:
             z_i = _load_rows(z1_ptr, z2_ptr, rows_i, mask_i, offs_d, N, D, stride1, stride2)
-            gj = tl.dot(a_i, z_i, input_precision=PRECISION) / c_i
-            tl.atomic_add(g_ptr + rows_j[:, None] * D + offs_d[None, :], gj,
+            g_j = tl.dot(a_i, z_i, input_precision=PRECISION) / c_i
+            tl.atomic_add(g_ptr + rows_j[:, None] * D + offs_d[None, :], g_j,
                           mask=mask_j[:, None] & d_mask)
 
 
@@ -274,22 +327,64 @@ def _pow2_at_least(x: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(x))
 
 
+# Up to this padded feature width the backward keeps a row block's gradient in registers.
+ROWS_MAX_D = 256
+
+
 def _config(m: int, d: int, dtype: torch.dtype, interpret: bool) -> dict:
     """Launch configuration by shape (no autotuning: it would cost the first step dearly).
 
-    Tile sizes are powers of two >= 16 (tl.dot's minimum). Under the interpreter, small tiles
-    keep the numpy emulation fast. On a GPU: 128-row tiles, the whole feature dimension in one
-    or two chunks for D <= 128 and 64-wide chunks beyond.
+    Tile sizes are powers of two >= 16 (tl.dot's minimum). Under the interpreter, big tiles
+    keep the numpy emulation fast. On a GPU: 128-row tiles (64 for small batches or wide
+    rows), the feature dimension in chunks of up to 128; the register-resident backward takes
+    the whole padded width at once.
     """
+    d_pad = _pow2_at_least(d)
+    rows_bwd = d_pad <= ROWS_MAX_D
     if interpret:
         block = 16 if m <= 64 else 64
-        return dict(BLOCK_M=block, BLOCK_N=block, BLOCK_BWD=block,
-                    BLOCK_D=min(64, _pow2_at_least(d)), num_warps=4, num_stages=1)
-    block_d = min(128 if d <= 128 else 64, _pow2_at_least(d))
+        return dict(BLOCK_M=block, BLOCK_N=block, BLOCK_BWD=block, BLOCK_D=min(64, d_pad),
+                    BLOCK_D_BWD=d_pad if rows_bwd else min(64, d_pad), ROWS_BWD=rows_bwd,
+                    num_warps=4, num_stages=1)
     small = m <= 512
-    return dict(BLOCK_M=64 if small else 128, BLOCK_N=64 if small else 128,
-                BLOCK_BWD=64 if small else 128, BLOCK_D=block_d,
+    block = 64 if small else 128
+    return dict(BLOCK_M=block, BLOCK_N=block,
+                BLOCK_BWD=64 if (small or d_pad > 128) else 128,
+                BLOCK_D=min(128 if d <= 128 else 64, d_pad),
+                BLOCK_D_BWD=d_pad if rows_bwd else 64, ROWS_BWD=rows_bwd,
                 num_warps=4 if small else 8, num_stages=2 if dtype == torch.float32 else 3)
+
+
+def _tuning_configs(kind: str) -> list:
+    """Candidate launch configurations for FASTCLR_AUTOTUNE=1. Forward: BLOCK_N >= BLOCK_M
+    always (every positive of a row block must sit in its first column tile). The
+    register-resident backward ("rows") keeps its BLOCK_D = the padded feature width."""
+    out = []
+    for bm in (64, 128):
+        for warps in (4, 8):
+            for stages in (2, 3, 4):
+                if kind == "rows":
+                    out.append(triton.Config({"BLOCK": bm}, num_warps=warps, num_stages=stages))
+                    continue
+                for bd in (64, 128):
+                    if kind == "pairs":
+                        out.append(triton.Config({"BLOCK": bm, "BLOCK_D": bd}, num_warps=warps,
+                                                 num_stages=stages))
+                        continue
+                    for bn in (64, 128):
+                        if bn >= bm:
+                            out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": bd},
+                                                     num_warps=warps, num_stages=stages))
+    return out
+
+
+if AUTOTUNE and not INTERPRETED:
+    # The backward accumulates with atomics: every trial starts again from zeros.
+    _fwd_tuned = triton.autotune(configs=_tuning_configs("fwd"), key=["N", "D"])(_nt_xent_fwd_kernel)
+    _bwd_rows_tuned = triton.autotune(configs=_tuning_configs("rows"), key=["N", "D"],
+                                      reset_to_zero=["g_ptr", "tpart_ptr"])(_nt_xent_bwd_rows_kernel)
+    _bwd_pairs_tuned = triton.autotune(configs=_tuning_configs("pairs"), key=["N", "D"],
+                                       reset_to_zero=["g_ptr", "tpart_ptr"])(_nt_xent_bwd_pairs_kernel)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -312,13 +407,15 @@ def nt_xent_forward(z1: torch.Tensor, z2: torch.Tensor, temperature: torch.Tenso
     wrap_triton(_nt_xent_norm_kernel)[(triton.cdiv(m, 64),)](
         z1, z2, norm, n, d, z1.stride(0), z2.stride(0), BLOCK_R=64,
         BLOCK_D=min(128, _pow2_at_least(d)))
-    bm = cfg["BLOCK_M"]
-    grid = (2 * triton.cdiv(n, bm),)
-    wrap_triton(_nt_xent_fwd_kernel)[grid](
-        z1, z2, norm, temperature, loss, lse, rank, n, d, z1.stride(0), z2.stride(0),
-        COMPUTE_RANK=compute_accuracy, BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N"],
-        BLOCK_D=cfg["BLOCK_D"], PRECISION=_precision(z1.dtype), num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"])
+    args = (z1, z2, norm, temperature, loss, lse, rank, n, d, z1.stride(0), z2.stride(0))
+    if AUTOTUNE and not INTERPRETED:
+        wrap_triton(_fwd_tuned)[lambda meta: (2 * triton.cdiv(n, meta["BLOCK_M"]),)](
+            *args, COMPUTE_RANK=compute_accuracy, PRECISION=_precision(z1.dtype))
+    else:
+        wrap_triton(_nt_xent_fwd_kernel)[(2 * triton.cdiv(n, cfg["BLOCK_M"]),)](
+            *args, COMPUTE_RANK=compute_accuracy, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+            BLOCK_D=cfg["BLOCK_D"], PRECISION=_precision(z1.dtype), num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"])
     return loss, lse, norm, rank
 
 
@@ -332,14 +429,29 @@ def nt_xent_backward(grad_rows: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor
     z1, z2 = z1.contiguous(), z2.contiguous()
     w = grad_rows.to(torch.float32).contiguous()
     cfg = _config(m, d, z1.dtype, INTERPRETED)
-    block = cfg["BLOCK_BWD"]
-    nb = triton.cdiv(m, block)
     g = torch.zeros(m, d, device=z1.device, dtype=torch.float32)
-    tpart = torch.zeros(nb, nb, device=z1.device, dtype=torch.float32)
-    wrap_triton(_nt_xent_bwd_kernel)[(nb, nb)](
-        z1, z2, norm, temperature, lse, w, g, tpart, n, d, z1.stride(0), z2.stride(0),
-        BLOCK=block, BLOCK_D=cfg["BLOCK_D"], PRECISION=_precision(z1.dtype),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    tuned = AUTOTUNE and not INTERPRETED
+    # Sized for the smallest tile any configuration uses; unused entries stay 0.
+    nb_max = triton.cdiv(m, 64 if tuned else cfg["BLOCK_BWD"])
+    tpart = torch.zeros(nb_max * nb_max, device=z1.device, dtype=torch.float32)
+    args = (z1, z2, norm, temperature, lse, w, g, tpart, n, d, z1.stride(0), z2.stride(0))
+    precision = _precision(z1.dtype)
+    if cfg["ROWS_BWD"]:
+        if tuned:
+            wrap_triton(_bwd_rows_tuned)[lambda meta: (triton.cdiv(m, meta["BLOCK"]),)](
+                *args, BLOCK_D=cfg["BLOCK_D_BWD"], PRECISION=precision)
+        else:
+            wrap_triton(_nt_xent_bwd_rows_kernel)[(triton.cdiv(m, cfg["BLOCK_BWD"]),)](
+                *args, BLOCK=cfg["BLOCK_BWD"], BLOCK_D=cfg["BLOCK_D_BWD"], PRECISION=precision,
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    elif tuned:
+        grid = lambda meta: (triton.cdiv(m, meta["BLOCK"]), triton.cdiv(m, meta["BLOCK"]))  # noqa: E731
+        wrap_triton(_bwd_pairs_tuned)[grid](*args, PRECISION=precision)
+    else:
+        nb = triton.cdiv(m, cfg["BLOCK_BWD"])
+        wrap_triton(_nt_xent_bwd_pairs_kernel)[(nb, nb)](
+            *args, BLOCK=cfg["BLOCK_BWD"], BLOCK_D=cfg["BLOCK_D_BWD"], PRECISION=precision,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     grad_z1 = torch.empty_like(z1)
     grad_z2 = torch.empty_like(z2)
     block_r = 32

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Every GPU check and benchmark of fastclr, in one command, on a GPU machine with torch
+# preinstalled and no internet:
+#
+#   bash benchmarks/gpu_suite.sh [OUT_DIR]        # default: $OUT, else benchmarks/results/gpu-<date>
+#
+# 1. records the machine (nvidia-smi, versions), 2. builds the extension in place (CUDA sources
+# too), 3. runs every test marked `cuda` (plus one autotuned run, FASTCLR_AUTOTUNE=1), 4. runs
+# the GPU loss benchmark. Logs and result files go to OUT_DIR; the benchmark's markdown table is
+# printed last. Commit the result files to benchmarks/results/.
+#
+# Peers missing on the machine (lightly, inf-cl, ...) can be carried as wheels in .whl/ at the
+# repository root (see the device tool's README); they are installed into /tmp/site first.
+# Without them those columns read "missing". Exit status: non-zero if the build or a test failed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT_DIR="${1:-${OUT:-benchmarks/results/gpu-$(date -u +%Y%m%d-%H%M%S)}}"
+mkdir -p "$OUT_DIR"
+PY="${PYTHON:-python3}"
+export PYTHONUNBUFFERED=1 MAX_JOBS="${MAX_JOBS:-16}"
+status=0
+
+if compgen -G ".whl/*.whl" >/dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+
+{
+  date -u
+  nvidia-smi || true
+  "$PY" - <<'PYEOF'
+import importlib.metadata as md, platform, torch
+print("python", platform.python_version(), "| torch", torch.__version__, "| cuda", torch.version.cuda)
+for name in ("triton", "lightly", "inf-cl", "pytest"):
+    try:
+        print(name, md.version(name))
+    except md.PackageNotFoundError:
+        print(name, "missing")
+if torch.cuda.is_available():
+    print("gpu", torch.cuda.get_device_name(), torch.cuda.get_device_capability())
+PYEOF
+} > "$OUT_DIR/env.txt" 2>&1
+cat "$OUT_DIR/env.txt"
+if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  echo "no CUDA GPU visible to torch: this suite needs one"; exit 2
+fi
+
+echo "== build"
+if ! "$PY" setup.py build_ext --inplace > "$OUT_DIR/build.log" 2>&1; then
+  echo "build failed: see $OUT_DIR/build.log"; tail -30 "$OUT_DIR/build.log"; status=1
+fi
+
+echo "== tests marked cuda"
+"$PY" -m pytest tests -m cuda -q -rs -p no:cacheprovider 2>&1 | tee "$OUT_DIR/tests.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+echo "== one autotuned run (FASTCLR_AUTOTUNE=1)" | tee -a "$OUT_DIR/tests.log"
+FASTCLR_AUTOTUNE=1 "$PY" -m pytest tests/test_loss.py -m cuda -q -p no:cacheprovider \
+  -k "test_float32_matches_reference and triton_cuda-1000x130 and 0.1" 2>&1 | tee -a "$OUT_DIR/tests.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+echo "== loss benchmark"
+"$PY" -m benchmarks.bench_loss --device cuda --out-dir "$OUT_DIR" 2>&1 | tr '\r' '\n' \
+  | grep -v '^bench_loss:' | tee "$OUT_DIR/bench-loss.log"
+
+echo "== results in $OUT_DIR (exit $status)"
+exit $status

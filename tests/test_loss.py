@@ -200,7 +200,10 @@ def test_large_batches_on_gpu(seed, impl, device, n, d, dtype):
     w = torch.rand(2 * n, dtype=torch.float64, device=device)
     loss, g1, g2, gt = run(fused(impl), z1, z2, 0.1, w, reduction="none")
     rows, r1, r2, rt = chunked_reference64(z1.double(), z2.double(), 0.1, w)
-    tol = 1e-5 if dtype == torch.float32 else 1e-2
-    assert max_rel(loss, rows) <= tol
-    assert max_rel(g1, r1) <= 10 * tol and max_rel(g2, r2) <= 10 * tol
-    assert abs(gt.item() - rt.item()) <= 10 * tol * abs(rt.item()) + 1e-6
+    # The reference runs on the very bf16-rounded inputs: what is left is the kernel's own
+    # arithmetic (fp32 products of exact inputs in the forward; bf16 A tiles and bf16 output
+    # rounding, 2^-8 relative, in the backward).
+    loss_tol, grad_tol = (1e-5, 1e-4) if dtype == torch.float32 else (1e-4, 2e-2)
+    assert max_rel(loss, rows) <= loss_tol
+    assert max_rel(g1, r1) <= grad_tol and max_rel(g2, r2) <= grad_tol
+    assert abs(gt.item() - rt.item()) <= grad_tol * abs(rt.item())

@@ -71,7 +71,8 @@ def _temperature_tensor(temperature, dtype: torch.dtype, device: torch.device) -
     value = float(temperature)
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"nt_xent_fused: temperature must be finite and > 0, got {value}")
-    return torch.tensor(value, dtype=dtype, device=device)
+    # torch.full launches a fill on the device; torch.tensor would copy from the host and sync.
+    return torch.full((), value, dtype=dtype, device=device)
 
 
 def _check_triton(device: torch.device, dtype: torch.dtype | None) -> None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from fastclr._autograd import autograd_formula
+
 try:
     from fastclr import _C  # noqa: F401  (importing it registers torch.ops.fastclr.*)
 except ImportError as exc:  # pragma: no cover - exercised only without a build
@@ -80,19 +82,6 @@ if _C is not None:
         return (torch.empty_like(z1), torch.empty_like(z2),
                 temperature.new_empty((), dtype=_acc_dtype(z1.dtype)))
 
-    def _nt_xent_setup_context(ctx, inputs, output):
-        z1, z2, temperature, _ = inputs
-        _, lse, norm, _ = output
-        ctx.save_for_backward(z1, z2, temperature, norm, lse)
-
-    def _nt_xent_backward(ctx, grad_rows, _grad_lse, _grad_norm, _grad_rank):
-        z1, z2, temperature, norm, lse = ctx.saved_tensors
-        if grad_rows is None:
-            return None, None, None, None
-        grad_z1, grad_z2, grad_t = torch.ops.fastclr.nt_xent_backward(
-            grad_rows, z1, z2, temperature, norm, lse)
-        grad_t = grad_t.to(temperature.dtype) if ctx.needs_input_grad[2] else None
-        return grad_z1, grad_z2, grad_t, None
-
-    torch.library.register_autograd(
-        "fastclr::nt_xent_forward", _nt_xent_backward, setup_context=_nt_xent_setup_context)
+    _backward, _setup_context = autograd_formula(torch.ops.fastclr.nt_xent_backward)
+    torch.library.register_autograd("fastclr::nt_xent_forward", _backward,
+                                    setup_context=_setup_context)

@@ -193,13 +193,13 @@ def test_opcheck_forward_and_backward(seed):
                 (g, z1.detach(), z2.detach(), t.detach(), norm.detach(), lse.detach()))
 
 
-@needs_ext
-def test_torch_compile_fullgraph(seed):
-    z1, z2 = make_inputs(33, 16)
+def check_compile_fullgraph(impl, device, dtype, grad_tol):
+    """torch.compile(fullgraph=True) traces nt_xent_fused and agrees with eager."""
+    z1, z2 = make_inputs(300, 64, dtype, device)
     z1.requires_grad_(), z2.requires_grad_()
 
     def step(a, b):
-        loss, acc = fastclr.nt_xent_fused(a, b, 0.2, return_accuracy=True)
+        loss, acc = fastclr.nt_xent_fused(a, b, 0.2, impl=impl, return_accuracy=True)
         return loss, acc["top1"]
 
     compiled = torch.compile(step, fullgraph=True)
@@ -209,8 +209,13 @@ def test_torch_compile_fullgraph(seed):
     e1, e2 = torch.autograd.grad(eloss, (z1, z2))
     torch.testing.assert_close(loss, eloss)
     torch.testing.assert_close(top1, etop1)
-    torch.testing.assert_close(g1, e1)
-    torch.testing.assert_close(g2, e2)
+    torch.testing.assert_close(g1, e1, **grad_tol)
+    torch.testing.assert_close(g2, e2, **grad_tol)
+
+
+@needs_ext
+def test_torch_compile_fullgraph_cpu(seed):
+    check_compile_fullgraph("cpu", "cpu", torch.float32, {})
 
 
 @needs_ext
@@ -262,20 +267,6 @@ def test_triton_opcheck_on_gpu(seed, dtype):
 
 @pytest.mark.cuda
 @needs_triton_gpu
-def test_triton_torch_compile_fullgraph_on_gpu(seed):
-    z1, z2 = make_inputs(1000, 128, torch.bfloat16, "cuda")
-    z1.requires_grad_(), z2.requires_grad_()
-
-    def step(a, b):
-        loss, acc = fastclr.nt_xent_fused(a, b, 0.2, impl="triton", return_accuracy=True)
-        return loss, acc["top1"]
-
-    compiled = torch.compile(step, fullgraph=True)
-    loss, top1 = compiled(z1, z2)
-    g1, g2 = torch.autograd.grad(loss, (z1, z2))
-    eloss, etop1 = step(z1, z2)
-    e1, e2 = torch.autograd.grad(eloss, (z1, z2))
-    torch.testing.assert_close(loss, eloss)
-    torch.testing.assert_close(top1, etop1)
-    torch.testing.assert_close(g1, e1, rtol=1e-2, atol=1e-5)  # fp32 atomics: order varies
-    torch.testing.assert_close(g2, e2, rtol=1e-2, atol=1e-5)
+def test_torch_compile_fullgraph_triton_cuda(seed):
+    # fp32 atomics in the backward: the summation order, and so the last bits, vary.
+    check_compile_fullgraph("triton", "cuda", torch.bfloat16, dict(rtol=1e-2, atol=1e-5))

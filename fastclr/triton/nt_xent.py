@@ -32,6 +32,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from fastclr._autograd import autograd_formula
+
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 NORM_EPS = 1e-12
@@ -161,11 +163,10 @@ def _nt_xent_fwd_kernel(z1_ptr, z2_ptr, norm_ptr, temp_ptr, loss_ptr, lse_ptr, r
 
 
 @triton.jit
-def _bwd_a_tile(acc, rows_i, mask_i, rows_j, mask_j, rn_i, rn_j, inv_tau, lse_ptr, w_ptr,
-                DIAG: tl.constexpr):
-    """From a tile of raw dot products: A_ij = w_i P_ij + w_j P_ji (0 on the diagonal and
-    padding) and the tile's sum of A_ij s_ij (halved on a diagonal tile, where A holds both
-    (i, j) and (j, i))."""
+def _bwd_a_tile(acc, bi, bj, rows_i, mask_i, rows_j, mask_j, rn_i, rn_j, inv_tau, lse_ptr, w_ptr):
+    """From the tile (bi, bj) of raw dot products: A_ij = w_i P_ij + w_j P_ji (0 on the
+    diagonal and padding) and the tile's sum of A_ij s_ij (halved on a diagonal tile, where A
+    holds both (i, j) and (j, i))."""
     s = acc * (rn_i * inv_tau)[:, None] * rn_j[None, :]
     lse_i = tl.load(lse_ptr + rows_i, mask=mask_i, other=0.0)
     lse_j = tl.load(lse_ptr + rows_j, mask=mask_j, other=0.0)
@@ -178,9 +179,7 @@ def _bwd_a_tile(acc, rows_i, mask_i, rows_j, mask_j, rn_i, rn_j, inv_tau, lse_pt
          + w_j[None, :] * tl.exp2(s2 - (lse_j * LOG2E_C)[None, :]))
     a = tl.where(valid, a, 0.0)
     tsum = tl.sum(tl.sum(a * tl.where(valid, s, 0.0), axis=1), axis=0)
-    if DIAG:
-        tsum = tsum * 0.5
-    return a, tsum
+    return a, tl.where(bi == bj, 0.5 * tsum, tsum)
 
 
 @triton.jit
@@ -219,12 +218,9 @@ def _nt_xent_bwd_rows_kernel(z1_ptr, z2_ptr, norm_ptr, temp_ptr, lse_ptr, w_ptr,
         rn_j = 1.0 / tl.load(norm_ptr + rows_j, mask=mask_j, other=1.0)
         z_j = _load_rows(z1_ptr, z2_ptr, rows_j, mask_j, offs_d, N, D, stride1, stride2)
         acc = tl.dot(z_i, tl.trans(z_j), input_precision=PRECISION)
-        if bj == bi:
-            a, tsum = _bwd_a_tile(acc, rows_i, mask_i, rows_j, mask_j, rn_i, rn_j, inv_tau,
-                                  lse_ptr, w_ptr, True)
-        else:
-            a, tsum = _bwd_a_tile(acc, rows_i, mask_i, rows_j, mask_j, rn_i, rn_j, inv_tau,
-                                  lse_ptr, w_ptr, False)
+        a, tsum = _bwd_a_tile(acc, bi, bj, rows_i, mask_i, rows_j, mask_j, rn_i, rn_j, inv_tau,
+                              lse_ptr, w_ptr)
+        if bj != bi:
             a_i, c_i = _scaled_cast(tl.trans(a * rn_i[:, None]), z1_ptr.dtype.element_ty)
             g_j = tl.dot(a_i, z_i, input_precision=PRECISION) / c_i
             tl.atomic_add(g_ptr + rows_j[:, None] * D + offs_d[None, :], g_j,
@@ -256,12 +252,8 @@ def _nt_xent_bwd_pairs_kernel(z1_ptr, z2_ptr, norm_ptr, temp_ptr, lse_ptr, w_ptr
     rn_j = 1.0 / tl.load(norm_ptr + rows_j, mask=mask_j, other=1.0)
     acc = _dot_tile(z1_ptr, z2_ptr, rows_i, mask_i, rows_j, mask_j, N, D, stride1, stride2,
                     BLOCK, BLOCK, BLOCK_D, PRECISION)
-    if bi == bj:
-        a, tsum = _bwd_a_tile(acc, rows_i, mask_i, rows_j, mask_j, rn_i, rn_j, inv_tau,
-                              lse_ptr, w_ptr, True)
-    else:
-        a, tsum = _bwd_a_tile(acc, rows_i, mask_i, rows_j, mask_j, rn_i, rn_j, inv_tau,
-                              lse_ptr, w_ptr, False)
+    a, tsum = _bwd_a_tile(acc, bi, bj, rows_i, mask_i, rows_j, mask_j, rn_i, rn_j, inv_tau,
+                          lse_ptr, w_ptr)
     tl.store(tpart_ptr + bi * tl.num_programs(1) + bj, tsum)
     a_j, c_j = _scaled_cast(a * rn_j[None, :], z1_ptr.dtype.element_ty)
     a_i, c_i = _scaled_cast(tl.trans(a * rn_i[:, None]), z1_ptr.dtype.element_ty)
@@ -277,6 +269,17 @@ def _nt_xent_bwd_pairs_kernel(z1_ptr, z2_ptr, norm_ptr, temp_ptr, lse_ptr, w_ptr
             g_j = tl.dot(a_i, z_i, input_precision=PRECISION) / c_i
             tl.atomic_add(g_ptr + rows_j[:, None] * D + offs_d[None, :], g_j,
                           mask=mask_j[:, None] & d_mask)
+
+
+@triton.jit
+def _finish_chunk(z1_ptr, z2_ptr, g_ptr, rows, prow, row_mask, offs_d, rn_i, rn_p, wpos, inv_tau,
+                  N, D, stride1, stride2):
+    """One feature chunk of u_i, u_p(i) and grad_u_i = (G_i - (w_i + w_p(i)) u_p(i)) / tau."""
+    mask = row_mask[:, None] & (offs_d[None, :] < D)
+    u_i = _load_rows(z1_ptr, z2_ptr, rows, row_mask, offs_d, N, D, stride1, stride2).to(tl.float32) * rn_i[:, None]
+    u_p = _load_rows(z1_ptr, z2_ptr, prow, row_mask, offs_d, N, D, stride1, stride2).to(tl.float32) * rn_p[:, None]
+    g = tl.load(g_ptr + rows[:, None] * D + offs_d[None, :], mask=mask, other=0.0)
+    return u_i, u_p, inv_tau * (g - wpos[:, None] * u_p), mask
 
 
 @triton.jit
@@ -299,22 +302,16 @@ def _nt_xent_finish_kernel(z1_ptr, z2_ptr, norm_ptr, temp_ptr, w_ptr, g_ptr, gz1
     dot_gu = tl.zeros((BLOCK_R,), dtype=tl.float32)
     dot_up = tl.zeros((BLOCK_R,), dtype=tl.float32)
     for k0 in range(0, D, BLOCK_D):
-        offs_d = k0 + tl.arange(0, BLOCK_D)
-        mask = row_mask[:, None] & (offs_d[None, :] < D)
-        u_i = _load_rows(z1_ptr, z2_ptr, rows, row_mask, offs_d, N, D, stride1, stride2).to(tl.float32) * rn_i[:, None]
-        u_p = _load_rows(z1_ptr, z2_ptr, prow, row_mask, offs_d, N, D, stride1, stride2).to(tl.float32) * rn_p[:, None]
-        g = tl.load(g_ptr + rows[:, None] * D + offs_d[None, :], mask=mask, other=0.0)
-        gu = inv_tau * (g - wpos[:, None] * u_p)
+        u_i, u_p, gu, _ = _finish_chunk(z1_ptr, z2_ptr, g_ptr, rows, prow, row_mask,
+                                        k0 + tl.arange(0, BLOCK_D), rn_i, rn_p, wpos, inv_tau,
+                                        N, D, stride1, stride2)
         dot_gu += tl.sum(u_i * gu, axis=1)
         dot_up += tl.sum(u_i * u_p, axis=1)
     keep_radial = tl.where(norm_i <= NORM_EPS_C, 0.0, 1.0)
     for k0 in range(0, D, BLOCK_D):
         offs_d = k0 + tl.arange(0, BLOCK_D)
-        mask = row_mask[:, None] & (offs_d[None, :] < D)
-        u_i = _load_rows(z1_ptr, z2_ptr, rows, row_mask, offs_d, N, D, stride1, stride2).to(tl.float32) * rn_i[:, None]
-        u_p = _load_rows(z1_ptr, z2_ptr, prow, row_mask, offs_d, N, D, stride1, stride2).to(tl.float32) * rn_p[:, None]
-        g = tl.load(g_ptr + rows[:, None] * D + offs_d[None, :], mask=mask, other=0.0)
-        gu = inv_tau * (g - wpos[:, None] * u_p)
+        u_i, _, gu, mask = _finish_chunk(z1_ptr, z2_ptr, g_ptr, rows, prow, row_mask, offs_d, rn_i,
+                                         rn_p, wpos, inv_tau, N, D, stride1, stride2)
         gz = ((gu - (keep_radial * dot_gu)[:, None] * u_i) * rn_i[:, None]).to(gz1_ptr.dtype.element_ty)
         tl.store(gz1_ptr + rows[:, None] * gstride1 + offs_d[None, :], gz,
                  mask=mask & (rows < N)[:, None])
@@ -465,19 +462,5 @@ def nt_xent_backward(grad_rows: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor
     return grad_z1, grad_z2, grad_t
 
 
-def _setup_context(ctx, inputs, output):
-    z1, z2, temperature, _ = inputs
-    _, lse, norm, _ = output
-    ctx.save_for_backward(z1, z2, temperature, norm, lse)
-
-
-def _backward(ctx, grad_rows, _grad_lse, _grad_norm, _grad_rank):
-    z1, z2, temperature, norm, lse = ctx.saved_tensors
-    if grad_rows is None:
-        return None, None, None, None
-    grad_z1, grad_z2, grad_t = nt_xent_backward(grad_rows, z1, z2, temperature, norm, lse)
-    grad_t = grad_t.to(temperature.dtype) if ctx.needs_input_grad[2] else None
-    return grad_z1, grad_z2, grad_t, None
-
-
+_backward, _setup_context = autograd_formula(nt_xent_backward)
 nt_xent_forward.register_autograd(_backward, setup_context=_setup_context)

@@ -26,10 +26,11 @@ import sys
 
 from benchmarks import common
 
-IMPLS = ("fused", "reference", "naive", "lightly", "pml", "infcl")
+IMPLS = ("fused", "cuda", "reference", "naive", "lightly", "pml", "infcl")
 PEERS = {"naive": "normalize, z @ z.T, mask diagonal, cross_entropy (plain PyTorch)",
          "reference": "fastclr.reference.nt_xent (the spec, O(M^2))",
          "fused": "fastclr.nt_xent_fused(impl='cpu' on CPU, 'triton' on GPU)",
+         "cuda": "fastclr.nt_xent_fused(impl='cuda'): the hand-written CUDA kernel",
          "lightly": "lightly.loss.NTXentLoss",
          "pml": "pytorch_metric_learning.losses.NTXentLoss",
          "infcl": "inf_cl.cal_inf_loss(z1, z2) (CLIP-style, N x N logits)"}
@@ -45,6 +46,9 @@ def make_loss(impl: str, temperature: float, device: str):
         import fastclr
         backend = "cpu" if device == "cpu" else "triton"
         return lambda a, b: fastclr.nt_xent_fused(a, b, temperature, impl=backend)
+    if impl == "cuda":
+        import fastclr
+        return lambda a, b: fastclr.nt_xent_fused(a, b, temperature, impl="cuda")
     if impl == "reference":
         from fastclr import reference
         return lambda a, b: reference.nt_xent(a, b, temperature)
@@ -188,7 +192,7 @@ def main(argv=None):
     gpu = args.device == "cuda"
     sizes = args.sizes or ([4096, 16384, 65536] if gpu else [2048, 8192, 16384])
     dtype = args.dtype or ("bf16" if gpu else "float32")
-    impls = args.impls or (["fused", "naive", "lightly", "infcl"] if gpu
+    impls = args.impls or (["fused", "cuda", "naive", "lightly", "infcl"] if gpu
                            else ["fused", "reference", "naive", "lightly"])
     if any(m < 2 or m % 2 for m in sizes):
         p.error("--sizes must be even and >= 2 (M = 2N rows)")

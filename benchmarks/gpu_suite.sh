@@ -5,8 +5,9 @@
 #   bash benchmarks/gpu_suite.sh [OUT_DIR]        # default: $OUT, else benchmarks/results/gpu-<date>
 #
 # 1. records the machine (nvidia-smi, versions), 2. builds the extension in place (CUDA sources
-# too), 3. runs every test marked `cuda` (plus one autotuned run, FASTCLR_AUTOTUNE=1), 4. runs
-# the GPU loss benchmark. Logs and result files go to OUT_DIR; the benchmark's markdown table is
+# too), 3. runs every test marked `cuda` (plus one autotuned run, FASTCLR_AUTOTUNE=1),
+# 4. runs compute-sanitizer memcheck and racecheck on a small case of the CUDA kernels,
+# 5. runs the GPU loss benchmark (Triton "fused" and the CUDA kernel side by side). Logs and result files go to OUT_DIR; the benchmark's markdown table is
 # printed last. Commit the result files to benchmarks/results/.
 #
 # Peers missing on the machine (lightly, inf-cl, ...) can be carried as wheels in .whl/ at the
@@ -58,8 +59,20 @@ FASTCLR_AUTOTUNE=1 "$PY" -m pytest tests/test_loss.py -m cuda -q -p no:cacheprov
   -k "test_float32_matches_reference and triton_cuda-1000x130 and 0.1" 2>&1 | tee -a "$OUT_DIR/tests.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
+echo "== compute-sanitizer on the CUDA kernels (small case)"
+for tool in memcheck racecheck; do
+  if command -v compute-sanitizer >/dev/null; then
+    compute-sanitizer --tool "$tool" --error-exitcode 9 "$PY" benchmarks/sanitize_case.py \
+      > "$OUT_DIR/sanitizer-$tool.log" 2>&1 || { echo "compute-sanitizer $tool: FAILED"; status=1; }
+    tail -3 "$OUT_DIR/sanitizer-$tool.log"
+  else
+    echo "compute-sanitizer not found" | tee "$OUT_DIR/sanitizer-$tool.log"
+  fi
+done
+
 echo "== loss benchmark"
-"$PY" -m benchmarks.bench_loss --device cuda --out-dir "$OUT_DIR" 2>&1 | tr '\r' '\n' \
+"$PY" -m benchmarks.bench_loss --device cuda --out-dir "$OUT_DIR" \
+  --impls fused cuda naive lightly infcl 2>&1 | tr '\r' '\n' \
   | grep -v '^bench_loss:' | tee "$OUT_DIR/bench-loss.log"
 
 echo "== results in $OUT_DIR (exit $status)"

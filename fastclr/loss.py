@@ -89,6 +89,28 @@ def _check_triton(device: torch.device, dtype: torch.dtype | None) -> None:
                         "got torch.float64 (use impl='cpu' or 'reference')")
 
 
+def _check_cuda_kernel(device: torch.device, dtype: torch.dtype | None) -> None:
+    if device.type != "cuda":
+        raise ValueError(f"nt_xent_fused: impl='cuda' needs CUDA tensors, got tensors on {device}")
+    if not ops.compiled_with_cuda():
+        why = ops.extension_error() or ("fastclr._C was built without its CUDA kernels (no CUDA "
+                                        "toolkit at build time, or FASTCLR_CUDA=0)")
+        raise RuntimeError(f"nt_xent_fused: impl='cuda' needs the compiled CUDA kernels: {why}")
+    if dtype == torch.float64:
+        raise TypeError("nt_xent_fused: impl='cuda' supports float32, bfloat16 and float16, got "
+                        "torch.float64")
+
+
+# Where the hand-written CUDA kernel beat the Triton one, measured fwd+bwd side by side by
+# `python -m benchmarks.bench_loss --device cuda --impls fused cuda` (gpu_suite.sh): dtype ->
+# True. Empty until that benchmark has run on a GPU: until then "auto" picks Triton.
+CUDA_FASTER_THAN_TRITON: dict = {}
+
+
+def _cuda_kernel_is_faster(dtype: torch.dtype | None) -> bool:
+    return bool(CUDA_FASTER_THAN_TRITON.get(dtype, False))
+
+
 def _resolve_impl(impl: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
     """The backend that will run: see DESIGN.md, Dispatch."""
     global _warned_fallback
@@ -97,9 +119,8 @@ def _resolve_impl(impl: str, device: torch.device, dtype: torch.dtype | None = N
     if impl == "reference":
         return impl
     if impl == "cuda":
-        raise NotImplementedError(
-            "nt_xent_fused: impl='cuda' is not part of this build yet (the CUDA kernel lands in "
-            "a later release); use impl='auto', 'triton', 'cpu' or 'reference'")
+        _check_cuda_kernel(device, dtype)
+        return impl
     if impl == "triton":
         _check_triton(device, dtype)
         return impl
@@ -113,14 +134,19 @@ def _resolve_impl(impl: str, device: torch.device, dtype: torch.dtype | None = N
     # auto
     if device.type == "cpu" and ops.extension_available():
         return "cpu"
-    if device.type == "cuda" and ops.triton_available() and dtype != torch.float64:
-        return "triton"
+    if device.type == "cuda" and dtype != torch.float64:
+        if ops.compiled_with_cuda() and _cuda_kernel_is_faster(dtype):
+            return "cuda"
+        if ops.triton_available():
+            return "triton"
+        if ops.compiled_with_cuda():
+            return "cuda"
     if not _warned_fallback:
         _warned_fallback = True
         if device.type == "cpu":
             why = ops.extension_error()
         elif device.type == "cuda":
-            why = ops.triton_error()
+            why = f"{ops.triton_error()}; {ops.extension_error() or 'the extension has no CUDA kernels'}"
         else:
             why = f"no fused kernel for {device.type} tensors"
         warnings.warn(f"fastclr: falling back to the reference NT-Xent (O(M^2) memory): {why}",
@@ -128,7 +154,9 @@ def _resolve_impl(impl: str, device: torch.device, dtype: torch.dtype | None = N
     return "reference"
 
 
-_FORWARD_OPS = {"cpu": "nt_xent_forward", "triton": "nt_xent_triton_forward"}
+# The compiled ops serve CPU and CUDA tensors alike (the dispatcher picks the kernel).
+_FORWARD_OPS = {"cpu": "nt_xent_forward", "cuda": "nt_xent_forward",
+                "triton": "nt_xent_triton_forward"}
 
 
 def nt_xent_fused(z1: torch.Tensor, z2: torch.Tensor, temperature=0.5, *, impl: str = "auto",

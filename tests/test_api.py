@@ -54,9 +54,27 @@ def test_unknown_impl():
         fastclr.nt_xent_fused(torch.randn(3, 2), torch.randn(3, 2), impl="fast")
 
 
-def test_cuda_impl_not_in_this_build_says_so():
-    with pytest.raises(NotImplementedError, match="CUDA kernel"):
+def test_cuda_impl_input_checks(monkeypatch):
+    with pytest.raises(ValueError, match="impl='cuda' needs CUDA tensors"):
         fastclr.nt_xent_fused(torch.randn(3, 2), torch.randn(3, 2), impl="cuda")
+    monkeypatch.setattr(ops, "compiled_with_cuda", lambda: False)
+    with pytest.raises(RuntimeError, match="impl='cuda' needs the compiled CUDA kernels"):
+        loss_module._resolve_impl("cuda", torch.device("cuda"), torch.float32)
+    monkeypatch.setattr(ops, "compiled_with_cuda", lambda: True)
+    with pytest.raises(TypeError, match="impl='cuda' supports float32.*float64"):
+        loss_module._resolve_impl("cuda", torch.device("cuda"), torch.float64)
+
+
+def test_auto_between_cuda_and_triton_follows_the_measured_table(monkeypatch):
+    monkeypatch.setattr(ops, "compiled_with_cuda", lambda: True)
+    monkeypatch.setattr(ops, "triton_available", lambda: True)
+    monkeypatch.setattr(loss_module, "CUDA_FASTER_THAN_TRITON", {})
+    assert loss_module._resolve_impl("auto", torch.device("cuda"), torch.bfloat16) == "triton"
+    monkeypatch.setattr(loss_module, "CUDA_FASTER_THAN_TRITON", {torch.bfloat16: True})
+    assert loss_module._resolve_impl("auto", torch.device("cuda"), torch.bfloat16) == "cuda"
+    assert loss_module._resolve_impl("auto", torch.device("cuda"), torch.float16) == "triton"
+    monkeypatch.setattr(ops, "triton_available", lambda: False)
+    assert loss_module._resolve_impl("auto", torch.device("cuda"), torch.float16) == "cuda"
 
 
 def test_triton_impl_input_checks(monkeypatch):
@@ -76,6 +94,7 @@ def test_triton_impl_input_checks(monkeypatch):
 
 
 def test_auto_picks_triton_for_cuda_tensors(monkeypatch):
+    monkeypatch.setattr(ops, "compiled_with_cuda", lambda: False)
     monkeypatch.setattr(ops, "triton_available", lambda: True)
     assert loss_module._resolve_impl("auto", torch.device("cuda"), torch.float32) == "triton"
     assert loss_module._resolve_impl("auto", torch.device("cuda", 1), torch.bfloat16) == "triton"
@@ -244,29 +263,40 @@ def test_peak_memory_is_linear_in_batch():
     assert extra < 48 * 2**20, f"fused fwd+bwd at M=8192 added {extra / 2**20:.1f} MiB"
 
 
-needs_triton_gpu = pytest.mark.skipif(
-    not (ops.triton_available() and not ops.triton_interpreting()), reason="needs triton on a GPU")
+GPU_OPS = [
+    pytest.param("nt_xent_triton_forward", "nt_xent_triton_backward", id="triton",
+                 marks=[pytest.mark.cuda, pytest.mark.skipif(
+                     not (ops.triton_available() and not ops.triton_interpreting()),
+                     reason="needs triton on a GPU")]),
+    pytest.param("nt_xent_forward", "nt_xent_backward", id="cuda",
+                 marks=[pytest.mark.cuda, pytest.mark.skipif(
+                     not ops.compiled_with_cuda(), reason="built without the CUDA kernels")]),
+]
 
 
-@pytest.mark.cuda
-@needs_triton_gpu
+@pytest.mark.parametrize("fwd_name,bwd_name", GPU_OPS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_triton_opcheck_on_gpu(seed, dtype):
+def test_opcheck_on_gpu(seed, fwd_name, bwd_name, dtype):
     from torch.library import opcheck
+    fwd, bwd = getattr(torch.ops.fastclr, fwd_name), getattr(torch.ops.fastclr, bwd_name)
     z1, z2 = make_inputs(300, 64, dtype, "cuda")
     z1.requires_grad_(), z2.requires_grad_()
     t = torch.tensor(0.3, device="cuda", requires_grad=True)
     for acc in (False, True):
-        opcheck(torch.ops.fastclr.nt_xent_triton_forward.default, (z1, z2, t, acc))
-    rows, lse, norm, _ = torch.ops.fastclr.nt_xent_triton_forward(z1, z2, t, False)
+        opcheck(fwd.default, (z1, z2, t, acc))
+    rows, lse, norm, _ = fwd(z1, z2, t, False)
     g = torch.rand(600, device="cuda")
-    opcheck(torch.ops.fastclr.nt_xent_triton_backward.default,
-            (g, z1.detach(), z2.detach(), t.detach(), norm, lse),
+    # The backward's fp32 atomics sum in a varying order: no bitwise-repeatability check.
+    opcheck(bwd.default, (g, z1.detach(), z2.detach(), t.detach(), norm, lse),
             test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
 
+@pytest.mark.parametrize("impl", [p.id for p in GPU_OPS])
 @pytest.mark.cuda
-@needs_triton_gpu
-def test_torch_compile_fullgraph_triton_cuda(seed):
+def test_torch_compile_fullgraph_gpu(seed, impl):
+    if impl == "triton" and (ops.triton_interpreting() or not ops.triton_available()):
+        pytest.skip("needs triton on a GPU")
+    if impl == "cuda" and not ops.compiled_with_cuda():
+        pytest.skip("built without the CUDA kernels")
     # fp32 atomics in the backward: the summation order, and so the last bits, vary.
-    check_compile_fullgraph("triton", "cuda", torch.bfloat16, dict(rtol=1e-2, atol=1e-5))
+    check_compile_fullgraph(impl, "cuda", torch.bfloat16, dict(rtol=1e-2, atol=1e-5))

@@ -19,10 +19,14 @@ needs_interp = pytest.mark.skipif(not ops.triton_interpreting(),
 needs_triton_cuda = [pytest.mark.cuda, pytest.mark.skipif(
     not (ops.triton_available() and not ops.triton_interpreting()), reason="needs triton on a GPU")]
 
+needs_cuda_kernel = [pytest.mark.cuda, pytest.mark.skipif(
+    not ops.compiled_with_cuda(), reason="fastclr._C was built without its CUDA kernels")]
+
 BACKENDS = {
     "cpu": ("cpu", "cpu", [needs_ext]),
     "triton_interp": ("triton", "cpu", [needs_interp]),
     "triton_cuda": ("triton", "cuda", needs_triton_cuda),
+    "cuda": ("cuda", "cuda", needs_cuda_kernel),
 }
 TAUS = [0.05, 0.1, 0.5, 1.0]
 # Shapes per backend: the interpreter is slow, a GPU is fast.
@@ -31,6 +35,7 @@ SHAPES = {
     # (37, 300): wider than ROWS_MAX_D, so the pairs backward kernel runs too.
     "triton_interp": [(1, 19), (3, 64), (37, 19), (37, 130), (37, 300), (200, 19), (200, 64), (200, 130)],
     "triton_cuda": [(1, 19), (37, 19), (1000, 130), (4097, 64), (8192, 128), (3000, 2048)],
+    "cuda": [(1, 19), (37, 19), (1000, 130), (4097, 64), (8192, 128), (3000, 2048)],
 }
 
 
@@ -191,7 +196,7 @@ def test_chunked_reference_matches_reference(seed):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("impl,device", backends("triton_cuda"))
+@pytest.mark.parametrize("impl,device", backends("triton_cuda", "cuda"))
 @pytest.mark.parametrize("n,d,dtype", [(8192, 128, torch.float32), (32768, 128, torch.bfloat16),
                                        (32768, 128, torch.float32)])
 def test_large_batches_on_gpu(seed, impl, device, n, d, dtype):

@@ -20,4 +20,10 @@ TORCH_LIBRARY(fastclr, m) {
   m.def(
       "nt_xent_backward(Tensor grad_rows, Tensor z1, Tensor z2, Tensor temperature, "
       "Tensor norm, Tensor lse) -> (Tensor, Tensor, Tensor)");
+  // One LARS step (fastclr/optim.py has the equations) for a list of parameters, in place on
+  // params and momentum_buffers (float32); grads are read only.
+  m.def(
+      "lars_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, float lr, "
+      "float momentum, float weight_decay, float trust_coefficient, bool nesterov, bool exclude) "
+      "-> ()");
 }

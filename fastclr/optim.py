@@ -1,0 +1,177 @@
+"""LARS, exactly as google-research/simclr's (the SimCLR paper's own), and its param groups.
+
+For each parameter w with gradient g (``p.grad`` is never modified):
+
+    if not group["exclude"]:
+        g = g + weight_decay * w
+        t = trust_coefficient * ||w|| / ||g||   if ||w|| > 0 and ||g|| > 0   else 1
+    else:                                        # biases and norm layers
+        t = 1
+    v = momentum * v + lr * t * g                # v starts at 0
+    w = w - v                                    # nesterov: w = w - (momentum * v + lr * t * g)
+
+Norms and math in float32 (bfloat16/float16 parameters are updated through float32); the
+momentum buffer is float32. Three implementations of the same step, none synchronising with
+the host: "cpp" (one C++ call per group, csrc/lars_cpu.cpp), "cuda" (multi-tensor CUDA kernels,
+kernels/lars.cu) and "foreach" (torch._foreach_* ops, the fallback without the extension).
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+from torch import nn
+
+from fastclr import ops
+
+IMPLS = ("auto", "cpp", "cuda", "foreach")
+_NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
+
+
+def lars_param_groups(model: nn.Module, weight_decay: float = 1e-6) -> list:
+    """Two param groups: the weights (LARS-adapted, weight decay ``weight_decay``) and the biases
+    and normalisation-layer parameters (``"exclude": True``: no weight decay, no adaptation)."""
+    regular, excluded, seen = [], [], set()
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if id(p) in seen or not p.requires_grad:
+                continue
+            seen.add(id(p))
+            (excluded if isinstance(module, _NORM_LAYERS) or name.endswith("bias") else regular).append(p)
+    groups = []
+    if regular:
+        groups.append({"params": regular, "weight_decay": weight_decay, "exclude": False})
+    if excluded:
+        groups.append({"params": excluded, "weight_decay": 0.0, "exclude": True})
+    return groups
+
+
+def _check_hyper(name: str, value, *, positive: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"LARS: {name} must be a finite number, got {value!r}")
+    if value < 0 or (positive and value == 0):
+        raise ValueError(f"LARS: {name} must be {'> 0' if positive else '>= 0'}, got {value!r}")
+    return float(value)
+
+
+class LARS(torch.optim.Optimizer):
+    """Layer-wise Adaptive Rate Scaling with SimCLR's update (see the module docstring).
+
+    Args:
+        params: parameters or param groups (e.g. ``lars_param_groups(model)``); a group may set
+            ``exclude=True`` and any of the hyper-parameters below.
+        lr: learning rate (may change between steps: set ``group["lr"]``, e.g. by a scheduler).
+        momentum, weight_decay, trust_coefficient: >= 0.
+        nesterov: Nesterov momentum.
+        impl: "auto" (cuda for CUDA parameters, cpp for CPU ones when the extension is built,
+            else foreach), "cpp", "cuda" or "foreach".
+    """
+
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 1e-6,
+                 trust_coefficient: float = 0.001, nesterov: bool = False, impl: str = "auto"):
+        defaults = dict(lr=_check_hyper("lr", lr), momentum=_check_hyper("momentum", momentum),
+                        weight_decay=_check_hyper("weight_decay", weight_decay),
+                        trust_coefficient=_check_hyper("trust_coefficient", trust_coefficient),
+                        nesterov=bool(nesterov), exclude=False)
+        if impl not in IMPLS:
+            raise ValueError(f"LARS: impl must be one of {IMPLS}, got {impl!r}")
+        self.impl = impl
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            for key in ("lr", "momentum", "weight_decay", "trust_coefficient"):
+                _check_hyper(key, group[key])
+
+    def _backend(self, device: torch.device) -> str:
+        if self.impl == "cpp":
+            if device.type != "cpu":
+                raise ValueError(f"LARS: impl='cpp' needs CPU parameters, got parameters on {device}")
+            if not ops.extension_available():
+                raise RuntimeError(f"LARS: impl='cpp' needs the compiled extension: {ops.extension_error()}")
+            return "cpp"
+        if self.impl == "cuda":
+            if device.type != "cuda":
+                raise ValueError(f"LARS: impl='cuda' needs CUDA parameters, got parameters on {device}")
+            if not ops.compiled_with_cuda():
+                raise RuntimeError("LARS: impl='cuda' needs the extension built with its CUDA kernels: "
+                                   f"{ops.extension_error() or 'built without a CUDA toolkit'}")
+            return "cuda"
+        if self.impl == "foreach":
+            return "foreach"
+        if device.type == "cpu" and ops.extension_available():
+            return "cpp"
+        if device.type == "cuda" and ops.compiled_with_cuda():
+            return "cuda"
+        return "foreach"
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params, grads, bufs = [], [], []
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("LARS does not support sparse gradients (the trust ratio "
+                                       "needs the full gradient norm); use dense gradients")
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32,
+                                                                memory_format=torch.preserve_format)
+                params.append(p)
+                grads.append(p.grad)
+                bufs.append(state["momentum_buffer"])
+            if not params:
+                continue
+            hyper = (float(group["lr"]), float(group["momentum"]), float(group["weight_decay"]),
+                     float(group["trust_coefficient"]), bool(group["nesterov"]), bool(group["exclude"]))
+            by_device: dict = {}
+            for p, g, b in zip(params, grads, bufs):
+                by_device.setdefault(p.device, ([], [], []))
+                for lst, x in zip(by_device[p.device], (p, g, b)):
+                    lst.append(x)
+            for device, (ps, gs, bs) in by_device.items():
+                backend = self._backend(device)
+                if backend == "foreach":
+                    _foreach_step(ps, gs, bs, *hyper)
+                else:  # one compiled call: the CPU or CUDA kernel, by the dispatcher
+                    torch.ops.fastclr.lars_step_(ps, gs, bs, *hyper)
+        return loss
+
+
+def _foreach_step(params, grads, bufs, lr, momentum, weight_decay, trust_coefficient, nesterov,
+                  exclude):
+    """The step with torch._foreach_* ops: a handful of multi-tensor launches, no host sync."""
+    w32 = [p.float() for p in params]  # float32 math (the parameter itself if float32)
+    # d = g + wd w, always a fresh float32 copy: p.grad is never modified.
+    if exclude or weight_decay == 0:
+        d = torch._foreach_mul([g.float() for g in grads], 1.0)
+    else:
+        d = torch._foreach_add([g.float() for g in grads], w32, alpha=weight_decay)
+    if not exclude:
+        w_norm = torch.stack(torch._foreach_norm(w32))
+        g_norm = torch.stack(torch._foreach_norm(d))
+        ok = (w_norm > 0) & (g_norm > 0)
+        trust = torch.where(ok, trust_coefficient * w_norm / torch.where(ok, g_norm, 1.0), 1.0)
+        torch._foreach_mul_(d, list((lr * trust).unbind()))
+    else:
+        torch._foreach_mul_(d, lr)
+    # d is now the step lr t g
+    torch._foreach_mul_(bufs, momentum)
+    torch._foreach_add_(bufs, d)
+    if nesterov:
+        torch._foreach_add_(d, bufs, alpha=momentum)
+        update = d
+    else:
+        update = bufs
+    if all(p.dtype == torch.float32 for p in params):
+        torch._foreach_sub_(params, update)
+    else:
+        torch._foreach_sub_(w32, update)
+        for p, w in zip(params, w32):
+            if p.dtype != torch.float32:
+                p.copy_(w)

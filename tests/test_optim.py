@@ -1,0 +1,204 @@
+"""LARS: every implementation against a per-parameter float64 transcription of the equations."""
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import fastclr
+from fastclr import ops
+from fastclr.optim import LARS, lars_param_groups
+
+IMPLS = [
+    pytest.param("foreach", "cpu", id="foreach-cpu"),
+    pytest.param("cpp", "cpu", id="cpp", marks=pytest.mark.skipif(
+        not fastclr.extension_available(), reason="extension not built")),
+    pytest.param("cuda", "cuda", id="cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+        not ops.compiled_with_cuda(), reason="built without the CUDA kernels")]),
+    pytest.param("foreach", "cuda", id="foreach-cuda", marks=pytest.mark.cuda),
+]
+LRS = [0.05, 0.2, 0.8, 1.2, 0.9, 0.3]  # warm-up, then a cosine-like decay
+
+
+def reference_step(w, g, v, lr, momentum, wd, tc, nesterov, exclude):
+    """The issue's equations, one parameter, float64; returns (w, v)."""
+    w, g = w.double(), g.double()
+    if not exclude:
+        g = g + wd * w
+        wn, gn = w.norm().item(), g.norm().item()
+        t = tc * wn / gn if wn > 0 and gn > 0 else 1.0
+    else:
+        t = 1.0
+    v = momentum * v + lr * t * g
+    w = w - (momentum * v + lr * t * g if nesterov else v)
+    return w, v
+
+
+def make_params(device, dtype=torch.float32):
+    shapes = [(64, 32), (32,), (10, 3, 3, 3), (5, 5), (7,), (300, 41)]
+    params = [torch.randn(s, device=device).to(dtype) for s in shapes]
+    params[3].zero_()  # zero-norm weight: trust ratio 1
+    return [nn.Parameter(p) for p in params]
+
+
+def grads_for(params, step):
+    out = [torch.randn_like(p) for p in params]
+    out[4].zero_()  # zero gradient (excluded group), and below a zero grad with a nonzero weight
+    if step % 2 == 0:
+        out[5].zero_()
+    return out
+
+
+def run_lars(impl, device, nesterov, dtype=torch.float32, steps=6, seed=0):
+    torch.manual_seed(seed)
+    params = make_params(device, dtype)
+    groups = [{"params": [params[0], params[2], params[3], params[5]]},
+              {"params": [params[1], params[4]], "exclude": True, "weight_decay": 0.0}]
+    opt = LARS(groups, lr=LRS[0], momentum=0.9, weight_decay=1e-4, trust_coefficient=0.001,
+               nesterov=nesterov, impl=impl)
+    history = []
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = LRS[step]
+        grads = grads_for(params, step)
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+        for p, g in zip(params, grads):
+            assert torch.equal(p.grad, g), "LARS must leave p.grad untouched"
+        history.append(grads)
+    return params, history
+
+
+@pytest.mark.parametrize("impl,device", IMPLS)
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_matches_the_equations(impl, device, nesterov):
+    params, history = run_lars(impl, device, nesterov)
+    torch.manual_seed(0)
+    ref = [p.detach().double() for p in make_params(device)]
+    bufs = [torch.zeros_like(r) for r in ref]
+    excluded = {1, 4}
+    for step, grads in enumerate(history):
+        for i in range(len(ref)):
+            wd = 0.0 if i in excluded else 1e-4
+            ref[i], bufs[i] = reference_step(ref[i], grads[i], bufs[i], LRS[step], 0.9, wd, 0.001,
+                                             nesterov, i in excluded)
+    for i, (p, r) in enumerate(zip(params, ref)):
+        err = ((p.detach().double() - r).abs().max() / r.abs().max().clamp_min(1e-30)).item()
+        assert err <= 1e-6, (i, err)
+
+
+@pytest.mark.parametrize("impl,device", IMPLS)
+def test_bfloat16_params_use_float32_math(impl, device):
+    """bf16 parameters: each step in float32 from the bf16 values, rounded back once."""
+    params, history = run_lars(impl, device, False, dtype=torch.bfloat16, steps=3)
+    torch.manual_seed(0)
+    ref = [p.detach() for p in make_params(device, torch.bfloat16)]
+    bufs = [torch.zeros_like(r, dtype=torch.float64) for r in ref]
+    for step, grads in enumerate(history):
+        for i in range(len(ref)):
+            excl = i in (1, 4)
+            w, bufs[i] = reference_step(ref[i], grads[i], bufs[i], LRS[step], 0.9,
+                                        0.0 if excl else 1e-4, 0.001, False, excl)
+            ref[i] = w.to(torch.bfloat16)
+    for p, r in zip(params, ref):
+        assert p.dtype == torch.bfloat16
+        diff = (p.detach().float() - r.float()).abs().max().item()
+        assert diff <= 2 ** -7 * r.float().abs().max().item()  # at most ~1 bf16 ulp apart
+
+
+@pytest.mark.parametrize("impl,device", IMPLS)
+def test_state_dict_round_trip_continues_identically(impl, device):
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(20, 30), nn.BatchNorm1d(30), nn.ReLU(), nn.Linear(30, 5)).to(device)
+    data = [torch.randn(16, 20, device=device) for _ in range(6)]
+
+    def train(m, opt, batches):
+        for x in batches:
+            opt.zero_grad()
+            m(x).pow(2).mean().backward()
+            opt.step()
+
+    straight = copy.deepcopy(model)
+    opt = LARS(lars_param_groups(straight, 1e-4), lr=0.5, impl=impl)
+    train(straight, opt, data)
+
+    first = copy.deepcopy(model)
+    opt1 = LARS(lars_param_groups(first, 1e-4), lr=0.5, impl=impl)
+    train(first, opt1, data[:3])
+    saved_model, saved_opt = copy.deepcopy(first.state_dict()), copy.deepcopy(opt1.state_dict())
+    resumed = copy.deepcopy(model)
+    resumed.load_state_dict(saved_model)
+    opt2 = LARS(lars_param_groups(resumed, 1e-4), lr=0.5, impl=impl)
+    opt2.load_state_dict(saved_opt)
+    train(resumed, opt2, data[3:])
+    for a, b in zip(straight.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_grad_scaler_skips_non_finite_steps():
+    torch.manual_seed(0)
+    model = nn.Linear(8, 4)
+    opt = LARS(lars_param_groups(model), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    x = torch.randn(5, 8)
+    scaler.scale(model(x).sum()).backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    scaler.step(opt)
+    scaler.update()
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    opt.zero_grad()
+    scaler.scale(model(x).sum() * float("inf")).backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    scaler.step(opt)  # inf gradients: the step is skipped
+    scaler.update()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert scaler.get_scale() < 2.0 ** 8
+
+
+def test_param_groups_exclude_biases_and_norm_layers():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Flatten(), nn.LayerNorm(8 * 4),
+                          nn.Linear(8 * 4, 2, bias=True))
+    groups = lars_param_groups(model, weight_decay=1e-5)
+    regular, excluded = groups
+    assert {id(p) for p in regular["params"]} == {id(model[0].weight), id(model[4].weight)}
+    assert regular["weight_decay"] == 1e-5 and not regular["exclude"]
+    assert excluded["exclude"] and excluded["weight_decay"] == 0.0
+    assert len(excluded["params"]) == 6  # conv bias, BN weight+bias, LN weight+bias, linear bias
+
+
+@pytest.mark.parametrize("name", ["lr", "momentum", "weight_decay", "trust_coefficient"])
+def test_negative_hyperparameters_raise(name):
+    kwargs = dict(lr=0.1)
+    kwargs[name] = -0.5
+    with pytest.raises(ValueError, match=name):
+        LARS([nn.Parameter(torch.ones(2))], **kwargs)
+    with pytest.raises(ValueError, match=name):
+        LARS([nn.Parameter(torch.ones(2))], **{**kwargs, name: math.nan})
+
+
+def test_bad_impl_and_sparse_gradients():
+    with pytest.raises(ValueError, match="impl"):
+        LARS([nn.Parameter(torch.ones(2))], lr=0.1, impl="fast")
+    emb = nn.Embedding(10, 3, sparse=True)
+    opt = LARS(emb.parameters(), lr=0.1)
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step()
+
+
+def test_cpp_step_handles_channels_last_weights():
+    if not fastclr.extension_available():
+        pytest.skip("extension not built")
+    conv = nn.Conv2d(4, 6, 3).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 4, 8, 8).to(memory_format=torch.channels_last)
+    ref = copy.deepcopy(conv)
+    for m, impl in ((conv, "cpp"), (ref, "foreach")):
+        opt = LARS(lars_param_groups(m), lr=0.3, impl=impl)
+        for _ in range(3):
+            opt.zero_grad()
+            m(x).square().mean().backward()
+            opt.step()
+    for a, b in zip(conv.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

@@ -7,7 +7,8 @@
 # 1. records the machine (nvidia-smi, versions), 2. builds the extension in place (CUDA sources
 # too), 3. runs every test marked `cuda` (plus one autotuned run, FASTCLR_AUTOTUNE=1),
 # 4. runs compute-sanitizer memcheck and racecheck on a small case of the CUDA kernels,
-# 5. runs the GPU loss benchmark (Triton "fused" and the CUDA kernel side by side). Logs and result files go to OUT_DIR; the benchmark's markdown table is
+# 5. runs the GPU loss benchmark (Triton "fused" and the CUDA kernel side by side) and the LARS
+# step benchmark (fastclr cuda/foreach vs lightly, timm, torch SGD foreach/fused). Logs and result files go to OUT_DIR; the benchmark's markdown table is
 # printed last. Commit the result files to benchmarks/results/.
 #
 # Peers missing on the machine (lightly, inf-cl, ...) can be carried as wheels in .whl/ at the
@@ -74,6 +75,9 @@ echo "== loss benchmark"
 "$PY" -m benchmarks.bench_loss --device cuda --out-dir "$OUT_DIR" \
   --impls fused cuda naive lightly infcl 2>&1 | tr '\r' '\n' \
   | grep -v '^bench_loss:' | tee "$OUT_DIR/bench-loss.log"
+
+echo "== LARS benchmark"
+"$PY" -m benchmarks.bench_lars --device cuda --out-dir "$OUT_DIR" 2>&1 | tee "$OUT_DIR/bench-lars.log"
 
 echo "== results in $OUT_DIR (exit $status)"
 exit $status

@@ -27,6 +27,8 @@
 #include <limits>
 #include <type_traits>
 
+#include "cuda_utils.cuh"
+
 namespace fastclr {
 namespace {
 
@@ -470,13 +472,6 @@ __global__ void __launch_bounds__(256) nt_xent_finish_kernel(
   if (lane == 0) ppart[row] = w[row] * dot_up * inv_tau;
 }
 
-// float32, float16 and bfloat16 only (the types MmaTraits knows).
-#define FASTCLR_DISPATCH_MMA_TYPES(TYPE, NAME, ...)            \
-  AT_DISPATCH_SWITCH(TYPE, NAME,                               \
-                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
-                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)  \
-                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
-
 template <typename Kernel>
 void allow_dynamic_smem(Kernel kernel, size_t bytes) {
   if (bytes > 48 * 1024) {
@@ -512,7 +507,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nt_xent_forward_cuda(
   at::Tensor norm = at::empty({m}, fopts), lse = at::empty({m}, fopts), loss = at::empty({m}, fopts);
   at::Tensor rank = at::empty({compute_accuracy ? m : 0}, z1.options().dtype(at::kInt));
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  FASTCLR_DISPATCH_MMA_TYPES(z1.scalar_type(), "nt_xent_forward_cuda", [&] {
+  FASTCLR_DISPATCH_FLOAT_HALF_TYPES(z1.scalar_type(), "nt_xent_forward_cuda", [&] {
     nt_xent_norm_kernel<scalar_t><<<(m + 7) / 8, 256, 0, stream>>>(
         z1.const_data_ptr<scalar_t>(), z2.const_data_ptr<scalar_t>(), norm.data_ptr<float>(), n, d);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -549,7 +544,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nt_xent_backward_cuda(
   at::Tensor grad_z1 = at::empty_like(z1), grad_z2 = at::empty_like(z2);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   TORCH_CHECK(nb <= 65535, "fastclr: the CUDA backward handles M <= ", 65535 * kTile, " rows");
-  FASTCLR_DISPATCH_MMA_TYPES(z1.scalar_type(), "nt_xent_backward_cuda", [&] {
+  FASTCLR_DISPATCH_FLOAT_HALF_TYPES(z1.scalar_type(), "nt_xent_backward_cuda", [&] {
     constexpr size_t smem = SmemLayout<scalar_t>::kBackward;
     allow_dynamic_smem(nt_xent_bwd_kernel<scalar_t>, smem);
     nt_xent_bwd_kernel<scalar_t><<<dim3(nb, nb), kThreads, smem, stream>>>(

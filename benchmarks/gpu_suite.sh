@@ -8,7 +8,8 @@
 # too), 3. runs every test marked `cuda` (plus one autotuned run, FASTCLR_AUTOTUNE=1),
 # 4. runs compute-sanitizer memcheck and racecheck on a small case of the CUDA kernels,
 # 5. runs the GPU loss benchmark (Triton "fused" and the CUDA kernel side by side) and the LARS
-# step benchmark (fastclr cuda/foreach vs lightly, timm, torch SGD foreach/fused). Logs and result files go to OUT_DIR; the benchmark's markdown table is
+# step benchmark (fastclr cuda/foreach vs lightly, timm, torch SGD foreach/fused) and the
+# augmentation benchmark (the torch pipeline on the GPU vs torchvision in a DataLoader). Logs and result files go to OUT_DIR; the benchmark's markdown table is
 # printed last. Commit the result files to benchmarks/results/.
 #
 # Peers missing on the machine (lightly, inf-cl, ...) can be carried as wheels in .whl/ at the
@@ -78,6 +79,9 @@ echo "== loss benchmark"
 
 echo "== LARS benchmark"
 "$PY" -m benchmarks.bench_lars --device cuda --out-dir "$OUT_DIR" 2>&1 | tee "$OUT_DIR/bench-lars.log"
+
+echo "== augmentation benchmark"
+"$PY" -m benchmarks.bench_augment --device cuda --out-dir "$OUT_DIR" 2>&1 | tee "$OUT_DIR/bench-augment.log"
 
 echo "== results in $OUT_DIR (exit $status)"
 exit $status

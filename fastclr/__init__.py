@@ -3,10 +3,11 @@
 Importing fastclr needs neither a GPU nor the compiled extension (see ``fastclr.ops``).
 """
 from fastclr import reference
+from fastclr.augment import TorchSimCLRAugment
 from fastclr.loss import NTXentLoss, nt_xent_fused
 from fastclr.ops import extension_available, extension_error
 from fastclr.optim import LARS, lars_param_groups
 
 __version__ = "0.1.0"
-__all__ = ["nt_xent_fused", "NTXentLoss", "LARS", "lars_param_groups", "reference",
+__all__ = ["nt_xent_fused", "NTXentLoss", "LARS", "lars_param_groups", "TorchSimCLRAugment", "reference",
            "extension_available", "extension_error", "__version__"]

@@ -1,12 +1,13 @@
-"""Two-view SimCLR augmentation throughput: fastclr's torch pipeline vs torchvision transforms
-in a DataLoader (what users run today).
+"""Two-view SimCLR augmentation throughput: fastclr's torch pipeline and DALI pipeline vs
+torchvision transforms in a DataLoader (what users run today).
 
     python -m benchmarks.bench_augment                    # CPU, 32x32 and 224x224
     python -m benchmarks.bench_augment --device cuda
 
 Images are random uint8 arrays (32x32 sources for the 32x32 output, 256x256 for 224x224).
-fastclr: batches of uint8 tensors already in memory (on the device) through
-TorchSimCLRAugment. torchvision: the usual SimCLR transform (RandomResizedCrop, flip,
+fastclr torch: batches of uint8 tensors already in memory (on the device) through
+TorchSimCLRAugment. fastclr DALI: dali_loader over the in-memory array (external_source; CPU
+mode on the CPU, 2 threads). torchvision: the usual SimCLR transform (RandomResizedCrop, flip,
 ColorJitter with p 0.8, grayscale, blur at 224) applied per image twice, in a DataLoader with
 --workers worker processes. Each figure is the median of --repeats timed passes over --images
 images after a warm-up pass. Results go to benchmarks/results/augment-<device>-<date>.json.
@@ -82,6 +83,21 @@ def bench_fastclr(data, size, batch, device, repeats):
     return statistics.median(times)
 
 
+def bench_dali(data, size, batch, device, repeats):
+    from fastclr.augment import dali_loader
+    loader = dali_loader(data, batch, size, device="gpu" if device == "cuda" else "cpu",
+                         strength=0.5 if size < 96 else 1.0, num_threads=2)
+    times = []
+    for r in range(repeats + 1):
+        t0 = time.perf_counter()
+        count = sum(v1.shape[0] for v1, _, _ in loader)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if r:
+            times.append(count / (time.perf_counter() - t0))
+    return statistics.median(times)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.bench_augment", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -102,6 +118,12 @@ def main(argv=None):
         batch = min(args.batch, n)
         rows.append({"size": size, "pipeline": "fastclr torch", "device": args.device,
                      "images_per_s": bench_fastclr(data, size, batch, args.device, args.repeats)})
+        from fastclr.augment import dali_available
+        if dali_available():
+            rows.append({"size": size, "pipeline": "fastclr DALI", "device": args.device,
+                         "images_per_s": bench_dali(data, size, batch, args.device, args.repeats)})
+        else:
+            print("nvidia-dali not installed: no DALI row")
         rows.append({"size": size, "pipeline": f"torchvision DataLoader ({args.workers} workers)",
                      "device": "cpu", "images_per_s": bench_torchvision(data, size, batch, args.workers,
                                                                          args.repeats)})

@@ -17,6 +17,7 @@ normalise with mean/std.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -234,3 +235,211 @@ class TorchSimCLRAugment:
         y = F.conv2d(F.pad(y, (0, 0, pad, pad), mode="reflect"), weight[:, None, :, None], groups=n * c)
         params.update(blur=apply, blur_sigma=sigma)
         return y.reshape(n, c, h, w)
+
+
+# --- NVIDIA DALI ---------------------------------------------------------------------------
+
+def dali_available() -> bool:
+    try:
+        import nvidia.dali  # noqa: F401
+        import nvidia.dali.plugin.pytorch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class _ArraySource:
+    """Batches of an in-memory uint8 array for DALI's external_source: a fresh permutation per
+    epoch (seeded by seed + epoch), this shard's contiguous slice of it, StopIteration at the
+    end of the epoch. Shards together cover every index exactly once per epoch."""
+
+    def __init__(self, images, labels, batch_size, seed, shard_id, num_shards, drop_last):
+        import numpy as np
+        self.images, self.labels = images, labels
+        self.batch_size, self.seed, self.drop_last = batch_size, seed, drop_last
+        n = len(images)
+        self.lo, self.hi = n * shard_id // num_shards, n * (shard_id + 1) // num_shards
+        self.np = np
+
+    def __len__(self):
+        k = self.hi - self.lo
+        return k // self.batch_size if self.drop_last else -(-k // self.batch_size)
+
+    def indices(self, epoch):
+        n = len(self.images)
+        return self.np.random.default_rng((self.seed, epoch)).permutation(n)[self.lo:self.hi]
+
+    def __call__(self, info):
+        idx = self.indices(info.epoch_idx)[info.iteration * self.batch_size:(info.iteration + 1) * self.batch_size]
+        if len(idx) == 0 or (self.drop_last and len(idx) < self.batch_size):
+            raise StopIteration
+        return ([self.np.ascontiguousarray(self.images[i]) for i in idx],
+                [self.np.array([self.labels[i]], dtype=self.np.int64) for i in idx])
+
+
+def _dali_view(images, size, strength, blur, solarize):
+    """One SimCLR view of a batch of HWC uint8 images, every parameter per sample."""
+    from nvidia.dali import fn, types
+    x = fn.random_resized_crop(images, size=[size, size], random_area=[0.08, 1.0],
+                               random_aspect_ratio=[3 / 4, 4 / 3])
+    if fn.random.coin_flip(probability=0.8, dtype=types.BOOL):
+        s = 0.8 * strength
+        x = fn.color_twist(x, brightness=fn.random.uniform(range=[1 - s, 1 + s]),
+                           contrast=fn.random.uniform(range=[1 - s, 1 + s]),
+                           saturation=fn.random.uniform(range=[1 - s, 1 + s]),
+                           hue=fn.random.uniform(range=[-72 * strength, 72 * strength]))  # 0.2 s turn, degrees
+    if fn.random.coin_flip(probability=0.2, dtype=types.BOOL):
+        x = fn.color_twist(x, saturation=0.0)
+    if blur and fn.random.coin_flip(probability=0.5, dtype=types.BOOL):
+        x = fn.gaussian_blur(x, window_size=max(3, int(round(0.1 * size)) // 2 * 2 + 1),
+                             sigma=fn.random.uniform(range=[0.1, 2.0]))
+    if solarize > 0 and fn.random.coin_flip(probability=solarize, dtype=types.BOOL):
+        hi = fn.cast(x >= 128, dtype=types.UINT8)
+        x = fn.cast(hi * (255 - x) + (1 - hi) * x, dtype=types.UINT8)
+    return x
+
+
+def dali_loader(source, batch_size: int, size: int, *, device: str = "gpu", labels=None,
+                strength: float = 0.5, blur: bool | None = None, solarize: float = 0.0,
+                mean=IMAGENET_MEAN, std=IMAGENET_STD, dtype: torch.dtype = torch.float32,
+                seed: int = 0, shard_id: int = 0, num_shards: int = 1, drop_last: bool = True,
+                num_threads: int = 2):
+    """A DALI pipeline and iterator yielding ``(view1, view2, labels)`` torch tensors (NCHW,
+    normalised, ``dtype``) on the training device, one pass per epoch (iterate again for the next
+    epoch: it reshuffles).
+
+    ``source``: an in-memory uint8 array (N, H, W, 3) (with ``labels`` (N,) or none), fed by
+    external_source; or the path of a folder of class folders of JPEG/PNG images, read by
+    ``fn.readers.file`` and decoded on the GPU ("mixed") when ``device="gpu"``. ``device="cpu"``
+    runs DALI without a GPU (device_id=None). Sharding: ``shard_id`` of ``num_shards`` (one per
+    process); same seed, same batches and augmentations.
+    """
+    import os
+
+    import numpy as np
+    from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+    if device not in ("gpu", "cpu"):
+        raise ValueError(f"dali_loader: device must be 'gpu' or 'cpu', got {device!r}")
+    if not 0 <= shard_id < num_shards:
+        raise ValueError(f"dali_loader: need 0 <= shard_id < num_shards, got {shard_id} of {num_shards}")
+    if batch_size < 1 or size < 1:
+        raise ValueError(f"dali_loader: batch_size and size must be >= 1, got {batch_size}, {size}")
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"dali_loader: dtype must be float32, bfloat16 or float16, got {dtype}")
+    blur = size >= 96 if blur is None else bool(blur)
+    out_type = {torch.float32: types.FLOAT, torch.float16: types.FLOAT16,
+                torch.bfloat16: types.FLOAT}[dtype]  # bfloat16: cast after DALI
+    gpu = device == "gpu"
+    device_id = torch.cuda.current_device() if gpu else None
+
+    if isinstance(source, (str, os.PathLike)):
+        root = os.fspath(source)
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"dali_loader: no such image folder: {root}")
+        array_source = None
+    else:
+        images = np.asarray(source)
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError("dali_loader: an array source must be uint8 (N, H, W, 3), got "
+                             f"{images.dtype} {images.shape}")
+        lab = np.zeros(len(images), np.int64) if labels is None else np.asarray(labels, np.int64)
+        if len(lab) != len(images):
+            raise ValueError(f"dali_loader: {len(lab)} labels for {len(images)} images")
+        array_source = _ArraySource(images, lab, batch_size, seed, shard_id, num_shards, drop_last)
+
+    @pipeline_def(enable_conditionals=True)
+    def pipe():
+        if array_source is not None:
+            imgs, labs = fn.external_source(source=array_source, num_outputs=2, batch=True,
+                                            batch_info=True, dtype=[types.UINT8, types.INT64],
+                                            layout=["HWC", ""])
+            if gpu:
+                imgs = imgs.gpu()
+        else:
+            files, labs = fn.readers.file(file_root=root, shard_id=shard_id, num_shards=num_shards,
+                                          random_shuffle=True, seed=seed, name="Reader")
+            imgs = fn.decoders.image(files, device="mixed" if gpu else "cpu", output_type=types.RGB)
+        views = []
+        for _ in range(2):
+            v = _dali_view(imgs, size, strength, blur, solarize)
+            views.append(fn.crop_mirror_normalize(v, dtype=out_type, output_layout="CHW",
+                                                  mean=[255 * m for m in mean],
+                                                  std=[255 * s for s in std]))
+        return views[0], views[1], labs
+
+    pipeline = pipe(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
+                    seed=seed + 7919 * shard_id, exec_dynamic=True)
+    pipeline.build()
+    policy = LastBatchPolicy.DROP if drop_last else LastBatchPolicy.PARTIAL
+    if array_source is not None:
+        it = DALIGenericIterator(pipeline, ["view1", "view2", "labels"], auto_reset=True,
+                                 last_batch_policy=policy)
+        return _DaliTorchLoader(it, dtype, None, len(array_source))
+    with _naming_undecodable_files(root):  # the iterator decodes its first batch right away
+        it = DALIGenericIterator(pipeline, ["view1", "view2", "labels"], reader_name="Reader",
+                                 auto_reset=True, last_batch_policy=policy)
+    return _DaliTorchLoader(it, dtype, root, None)
+
+
+def _undecodable_files(root: str, limit: int = 10) -> list:
+    """Image files under root that PIL cannot decode (the first `limit`)."""
+    import os
+
+    from PIL import Image
+    bad = []
+    for folder, _, names in sorted(os.walk(root)):
+        for name in sorted(names):
+            path = os.path.join(folder, name)
+            try:
+                with Image.open(path) as img:
+                    img.load()
+            except Exception:  # noqa: BLE001 - any failure to decode is what we are looking for
+                bad.append(path)
+                if len(bad) >= limit:
+                    return bad
+    return bad
+
+
+@contextlib.contextmanager
+def _naming_undecodable_files(root: str):
+    """Re-raises DALI's decoding failure (which names no file) naming the files at fault."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if "decoders" not in str(exc):
+            raise
+        bad = _undecodable_files(root)
+        if not bad:
+            raise
+        more = f" (and {len(bad) - 1} more: {', '.join(bad[1:])})" if len(bad) > 1 else ""
+        raise RuntimeError(f"dali_loader: cannot decode {bad[0]}{more}; remove or replace the "
+                           "file(s)") from exc
+
+
+class _DaliTorchLoader:
+    """(view1, view2, labels) batches from a DALIGenericIterator; labels as a (B,) int64. A
+    decoding failure is re-raised naming the files that cannot be decoded (DALI's own message
+    does not)."""
+
+    def __init__(self, iterator, dtype, root, batches):
+        self.iterator, self.dtype, self.root, self.batches = iterator, dtype, root, batches
+
+    def __len__(self):
+        return self.batches if self.batches is not None else len(self.iterator)
+
+    def __iter__(self):
+        if self.root is None:
+            yield from self._batches()
+            return
+        with _naming_undecodable_files(self.root):
+            yield from self._batches()
+
+    def _batches(self):
+        for batch in self.iterator:
+            out = batch[0]
+            v1, v2 = out["view1"], out["view2"]
+            if self.dtype == torch.bfloat16:
+                v1, v2 = v1.to(torch.bfloat16), v2.to(torch.bfloat16)
+            yield v1, v2, out["labels"].reshape(-1).long()

@@ -146,3 +146,119 @@ def test_bad_images():
         aug(torch.zeros(2, 8, 8, 4, dtype=torch.uint8))
     with pytest.raises(ValueError, match="empty"):
         aug(torch.zeros(0, 8, 8, 3, dtype=torch.uint8))
+
+
+# --- DALI, CPU-only mode (device_id=None): what CI can run -----------------------------------
+
+dali = pytest.mark.skipif(not __import__("fastclr.augment", fromlist=["x"]).dali_available(),
+                          reason="nvidia-dali not installed")
+
+
+def _np_images(n, h=32, w=32, seed=0):
+    import numpy as np
+    return np.random.default_rng(seed).integers(0, 256, (n, h, w, 3), dtype=np.uint8)
+
+
+@dali
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dali_cpu_shapes_views_and_labels(dtype):
+    from fastclr.augment import dali_loader
+    import numpy as np
+    loader = dali_loader(_np_images(100), 16, 24, device="cpu", labels=np.arange(100), dtype=dtype,
+                         mean=CIFAR_MEAN, std=CIFAR_STD)
+    batches = list(loader)
+    assert len(batches) == len(loader) == 6  # drop_last: 100 // 16
+    v1, v2, lab = batches[0]
+    assert v1.shape == v2.shape == (16, 3, 24, 24) and v1.dtype == dtype and lab.shape == (16,)
+    assert not torch.equal(v1, v2)
+    raw = v1.float() * torch.tensor(CIFAR_STD)[:, None, None] + torch.tensor(CIFAR_MEAN)[:, None, None]
+    assert raw.min() >= -0.02 and raw.max() <= 1.02
+
+
+@dali
+def test_dali_identical_images_give_different_outputs():
+    from fastclr.augment import dali_loader
+    same = _np_images(1).repeat(16, axis=0)
+    v1, v2, _ = next(iter(dali_loader(same, 16, 32, device="cpu")))
+    outs = torch.cat([v1, v2]).flatten(1)
+    d = torch.cdist(outs, outs)
+    assert d[~torch.eye(32, dtype=torch.bool)].min() > 1e-3
+
+
+@dali
+def test_dali_same_seed_same_batches_and_reshuffles_each_epoch():
+    from fastclr.augment import dali_loader
+    import numpy as np
+    data, labels = _np_images(64), np.arange(64)
+    a = dali_loader(data, 16, 32, device="cpu", labels=labels, seed=5)
+    b = dali_loader(data, 16, 32, device="cpu", labels=labels, seed=5)
+    epoch_a, epoch_b = list(a), list(b)
+    for (x1, x2, l1), (y1, y2, m1) in zip(epoch_a, epoch_b):
+        assert torch.equal(l1, m1) and torch.equal(x1, y1) and torch.equal(x2, y2)
+    second = [l for _, _, l in a]
+    assert not all(torch.equal(p[2], q) for p, q in zip(epoch_a, second)), "reshuffle per epoch"
+
+
+@dali
+@pytest.mark.parametrize("num_shards", [1, 3])
+def test_dali_shards_cover_the_data_once_per_epoch(num_shards):
+    from fastclr.augment import dali_loader
+    import numpy as np
+    n = 50
+    for epoch in range(2):
+        seen = []
+        for shard in range(num_shards):
+            loader = dali_loader(_np_images(n), 8, 16, device="cpu", labels=np.arange(n), seed=3,
+                                 shard_id=shard, num_shards=num_shards, drop_last=False)
+            for _ in range(epoch):  # advance to this epoch
+                list(loader)
+            seen += [int(v) for _, _, lab in loader for v in lab]
+        assert sorted(seen) == list(range(n))
+
+
+@dali
+def test_dali_image_folder_and_corrupt_file(tmp_path):
+    from PIL import Image
+    from fastclr.augment import dali_loader
+    import numpy as np
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        for i in range(6):
+            Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(tmp_path / c / f"{i}.png")
+    labels = [int(v) for _, _, lab in dali_loader(tmp_path, 4, 32, device="cpu", drop_last=False) for v in lab]
+    assert sorted(labels) == [0] * 6 + [1] * 6
+    (tmp_path / "b" / "broken.png").write_bytes(b"definitely not a png")
+    with pytest.raises(RuntimeError, match="broken.png"):
+        for _ in dali_loader(tmp_path, 4, 32, device="cpu", drop_last=False):
+            pass
+    with pytest.raises(FileNotFoundError, match="no such image folder"):
+        dali_loader(tmp_path / "missing", 4, 32, device="cpu")
+
+
+@dali
+def test_dali_bad_arguments():
+    from fastclr.augment import dali_loader
+    with pytest.raises(ValueError, match="device"):
+        dali_loader(_np_images(4), 2, 8, device="tpu")
+    with pytest.raises(ValueError, match="shard_id"):
+        dali_loader(_np_images(4), 2, 8, device="cpu", shard_id=2, num_shards=2)
+    with pytest.raises(ValueError, match="uint8"):
+        dali_loader(_np_images(4).astype("float32"), 2, 8, device="cpu")
+
+
+@dali
+def test_dali_grayscale_rate_per_sample():
+    """About 20% of views come out grey (all three channels equal), sample by sample."""
+    from fastclr.augment import dali_loader
+    n = 1000
+    loader = dali_loader(_np_images(n, 16, 16), 250, 16, device="cpu", mean=(0, 0, 0),
+                         std=(1 / 255, 1 / 255, 1 / 255))
+    grey = total = 0
+    for v1, v2, _ in loader:
+        for v in (v1, v2):
+            # grey up to uint8 rounding in DALI's colour conversions
+            same = ((v[:, 0] - v[:, 1]).abs().amax((1, 2)) <= 1.5) & ((v[:, 1] - v[:, 2]).abs().amax((1, 2)) <= 1.5)
+            grey += int(same.sum())
+            total += v.shape[0]
+    assert within(grey / total, 0.2, total)

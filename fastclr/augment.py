@@ -302,8 +302,8 @@ def _dali_view(images, size, strength, blur, solarize):
 def dali_loader(source, batch_size: int, size: int, *, device: str = "gpu", labels=None,
                 strength: float = 0.5, blur: bool | None = None, solarize: float = 0.0,
                 mean=IMAGENET_MEAN, std=IMAGENET_STD, dtype: torch.dtype = torch.float32,
-                seed: int = 0, shard_id: int = 0, num_shards: int = 1, drop_last: bool = True,
-                num_threads: int = 2):
+                channels_last: bool = False, seed: int = 0, shard_id: int = 0,
+                num_shards: int = 1, drop_last: bool = True, num_threads: int = 2):
     """A DALI pipeline and iterator yielding ``(view1, view2, labels)`` torch tensors (NCHW,
     normalised, ``dtype``) on the training device, one pass per epoch (iterate again for the next
     epoch: it reshuffles).
@@ -376,11 +376,11 @@ def dali_loader(source, batch_size: int, size: int, *, device: str = "gpu", labe
     if array_source is not None:
         it = DALIGenericIterator(pipeline, ["view1", "view2", "labels"], auto_reset=True,
                                  last_batch_policy=policy)
-        return _DaliTorchLoader(it, dtype, None, len(array_source))
+        return _DaliTorchLoader(it, dtype, channels_last, None, len(array_source))
     with _naming_undecodable_files(root):  # the iterator decodes its first batch right away
         it = DALIGenericIterator(pipeline, ["view1", "view2", "labels"], reader_name="Reader",
                                  auto_reset=True, last_batch_policy=policy)
-    return _DaliTorchLoader(it, dtype, root, None)
+    return _DaliTorchLoader(it, dtype, channels_last, root, None)
 
 
 def _undecodable_files(root: str, limit: int = 10) -> list:
@@ -423,8 +423,9 @@ class _DaliTorchLoader:
     decoding failure is re-raised naming the files that cannot be decoded (DALI's own message
     does not)."""
 
-    def __init__(self, iterator, dtype, root, batches):
+    def __init__(self, iterator, dtype, channels_last, root, batches):
         self.iterator, self.dtype, self.root, self.batches = iterator, dtype, root, batches
+        self.channels_last = channels_last
 
     def __len__(self):
         return self.batches if self.batches is not None else len(self.iterator)
@@ -442,4 +443,7 @@ class _DaliTorchLoader:
             v1, v2 = out["view1"], out["view2"]
             if self.dtype == torch.bfloat16:
                 v1, v2 = v1.to(torch.bfloat16), v2.to(torch.bfloat16)
+            if self.channels_last:
+                v1 = v1.contiguous(memory_format=torch.channels_last)
+                v2 = v2.contiguous(memory_format=torch.channels_last)
             yield v1, v2, out["labels"].reshape(-1).long()

@@ -165,11 +165,12 @@ def test_dali_cpu_shapes_views_and_labels(dtype):
     from fastclr.augment import dali_loader
     import numpy as np
     loader = dali_loader(_np_images(100), 16, 24, device="cpu", labels=np.arange(100), dtype=dtype,
-                         mean=CIFAR_MEAN, std=CIFAR_STD)
+                         mean=CIFAR_MEAN, std=CIFAR_STD, channels_last=True)
     batches = list(loader)
     assert len(batches) == len(loader) == 6  # drop_last: 100 // 16
     v1, v2, lab = batches[0]
     assert v1.shape == v2.shape == (16, 3, 24, 24) and v1.dtype == dtype and lab.shape == (16,)
+    assert v1.is_contiguous(memory_format=torch.channels_last)
     assert not torch.equal(v1, v2)
     raw = v1.float() * torch.tensor(CIFAR_STD)[:, None, None] + torch.tensor(CIFAR_MEAN)[:, None, None]
     assert raw.min() >= -0.02 and raw.max() <= 1.02
@@ -262,3 +263,19 @@ def test_dali_grayscale_rate_per_sample():
             grey += int(same.sum())
             total += v.shape[0]
     assert within(grey / total, 0.2, total)
+
+
+@dali
+@pytest.mark.cuda
+def test_dali_gpu_pipeline_from_array_and_folder(tmp_path):
+    from PIL import Image
+    from fastclr.augment import dali_loader
+    import numpy as np
+    v1, v2, lab = next(iter(dali_loader(_np_images(64), 32, 32, device="gpu")))
+    assert v1.is_cuda and v1.shape == (32, 3, 32, 32) and not torch.equal(v1, v2)
+    rng = np.random.default_rng(0)
+    (tmp_path / "a").mkdir()
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 256, (64, 80, 3), dtype=np.uint8)).save(tmp_path / "a" / f"{i}.jpg")
+    v1, _, _ = next(iter(dali_loader(tmp_path, 4, 48, device="gpu")))
+    assert v1.is_cuda and v1.shape == (4, 3, 48, 48)

@@ -282,6 +282,7 @@ def _dali_view(images, size, strength, blur, solarize):
     from nvidia.dali import fn, types
     x = fn.random_resized_crop(images, size=[size, size], random_area=[0.08, 1.0],
                                random_aspect_ratio=[3 / 4, 4 / 3])
+    x = fn.flip(x, horizontal=fn.random.coin_flip(probability=0.5))
     if fn.random.coin_flip(probability=0.8, dtype=types.BOOL):
         s = 0.8 * strength
         x = fn.color_twist(x, brightness=fn.random.uniform(range=[1 - s, 1 + s]),

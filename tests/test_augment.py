@@ -266,6 +266,24 @@ def test_dali_grayscale_rate_per_sample():
 
 
 @dali
+def test_dali_flip_rate_per_sample():
+    """A grey left-to-right ramp stays monotone under crop, jitter, grayscale and blur: the
+    sign of right minus left tells a flipped view; about half are."""
+    from fastclr.augment import dali_loader
+    import numpy as np
+    n = 1000
+    ramp = np.linspace(0, 255, 32).round().astype(np.uint8)
+    data = np.broadcast_to(ramp[None, None, :, None], (n, 32, 32, 3)).copy()
+    flipped = total = 0
+    for v1, v2, _ in dali_loader(data, 250, 16, device="cpu", mean=(0, 0, 0), std=(1, 1, 1)):
+        for v in (v1, v2):
+            row = v[:, 0].mean(1)  # (B, W)
+            flipped += int((row[:, -1] < row[:, 0]).sum())
+            total += v.shape[0]
+    assert within(flipped / total, 0.5, total)
+
+
+@dali
 @pytest.mark.cuda
 def test_dali_gpu_pipeline_from_array_and_folder(tmp_path):
     from PIL import Image

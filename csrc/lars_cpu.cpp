@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "cpu_utils.h"
+#include "lars_common.h"
 
 namespace fastclr {
 namespace {
@@ -77,32 +78,10 @@ void chunk_update(scalar_t* w, const scalar_t* g, float* v, int64_t n, float wd,
 void lars_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList bufs, double lr,
                    double momentum, double weight_decay, double trust_coefficient, bool nesterov,
                    bool exclude) {
+  const std::vector<at::Tensor> g = lars_checked_grads(params, grads, bufs);
   const int64_t count = static_cast<int64_t>(params.size());
-  TORCH_CHECK(static_cast<int64_t>(grads.size()) == count &&
-                  static_cast<int64_t>(bufs.size()) == count,
-              "fastclr: lars_step_ needs as many grads and momentum buffers as params");
   if (count == 0) return;
   const auto dtype = params[0].scalar_type();
-  for (int64_t i = 0; i < count; ++i) {
-    TORCH_CHECK(params[i].scalar_type() == dtype && grads[i].scalar_type() == dtype,
-                "fastclr: lars_step_ needs params and grads of one dtype per call");
-    TORCH_CHECK(bufs[i].scalar_type() == at::kFloat, "fastclr: momentum buffers must be float32");
-    TORCH_CHECK(params[i].sizes() == grads[i].sizes() && params[i].sizes() == bufs[i].sizes(),
-                "fastclr: lars_step_: param ", i, " has shape ", params[i].sizes(), " but its grad ",
-                grads[i].sizes(), " and buffer ", bufs[i].sizes());
-    TORCH_CHECK(!grads[i].is_sparse(), "fastclr: LARS does not support sparse gradients");
-    // Elementwise in memory order: any dense layout (channels_last too) works as long as the
-    // buffer shares the parameter's strides (torch.zeros_like(p) does).
-    TORCH_CHECK(params[i].is_non_overlapping_and_dense() && bufs[i].strides() == params[i].strides(),
-                "fastclr: lars_step_ needs dense params with momentum buffers of the same strides "
-                "(param ", i, ")");
-  }
-  // Gradients are read only; one laid out unlike its parameter is read through a copy that is.
-  std::vector<at::Tensor> g(count);
-  for (int64_t i = 0; i < count; ++i) {
-    g[i] = grads[i].strides() == params[i].strides() ? grads[i]
-                                                      : at::empty_like(params[i]).copy_(grads[i]);
-  }
 
   std::vector<Chunk> chunks;
   for (int64_t i = 0; i < count; ++i) {

@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "../csrc/lars_common.h"
 #include "cuda_utils.cuh"
 
 namespace fastclr {
@@ -100,33 +101,18 @@ __global__ void __launch_bounds__(kLarsThreads) lars_update_kernel(
 void lars_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList bufs, double lr,
                     double momentum, double weight_decay, double trust_coefficient, bool nesterov,
                     bool exclude) {
+  const std::vector<at::Tensor> g = lars_checked_grads(params, grads, bufs);
   const int64_t count = static_cast<int64_t>(params.size());
-  TORCH_CHECK(static_cast<int64_t>(grads.size()) == count &&
-                  static_cast<int64_t>(bufs.size()) == count,
-              "fastclr: lars_step_ needs as many grads and momentum buffers as params");
   if (count == 0) return;
   const auto dtype = params[0].scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
               "fastclr: the CUDA LARS step takes float32, bfloat16 or float16 parameters, got ",
               dtype);
-  const c10::cuda::CUDAGuard guard(params[0].device());
-  std::vector<at::Tensor> g(count);
   for (int64_t i = 0; i < count; ++i) {
     TORCH_CHECK(params[i].is_cuda() && params[i].device() == params[0].device(),
                 "fastclr: lars_step_ (CUDA) needs all params on one CUDA device");
-    TORCH_CHECK(params[i].scalar_type() == dtype && grads[i].scalar_type() == dtype,
-                "fastclr: lars_step_ needs params and grads of one dtype per call");
-    TORCH_CHECK(bufs[i].scalar_type() == at::kFloat, "fastclr: momentum buffers must be float32");
-    TORCH_CHECK(params[i].sizes() == grads[i].sizes() && params[i].sizes() == bufs[i].sizes(),
-                "fastclr: lars_step_: param ", i, " has shape ", params[i].sizes(), " but its grad ",
-                grads[i].sizes(), " and buffer ", bufs[i].sizes());
-    TORCH_CHECK(!grads[i].is_sparse(), "fastclr: LARS does not support sparse gradients");
-    TORCH_CHECK(params[i].is_non_overlapping_and_dense() && bufs[i].strides() == params[i].strides(),
-                "fastclr: lars_step_ needs dense params with momentum buffers of the same strides "
-                "(param ", i, ")");
-    g[i] = grads[i].strides() == params[i].strides() ? grads[i]
-                                                      : at::empty_like(params[i]).copy_(grads[i]);
   }
+  const c10::cuda::CUDAGuard guard(params[0].device());
 
   std::vector<int64_t> host;
   for (int64_t i = 0; i < count; ++i) {

@@ -188,7 +188,7 @@ def _scaled_cast(x, dtype: tl.constexpr):
     tiles (~w * P, often ~1e-6) would otherwise be flushed to subnormals by fp16; the fp32
     product is divided by c again."""
     amax = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
-    c = tl.where(amax > 0, tl.exp2(-tl.ceil(tl.log2(tl.maximum(amax, 1e-38)))), 1.0)
+    c = tl.where(amax > 0, tl.exp2(-tl.ceil(tl.log2(tl.maximum(amax, 1e-30)))), 1.0)
     return (x * c).to(dtype), c
 
 

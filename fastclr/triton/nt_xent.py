@@ -343,13 +343,20 @@ def _config(m: int, d: int, dtype: torch.dtype, interpret: bool) -> dict:
         return dict(BLOCK_M=block, BLOCK_N=block, BLOCK_BWD=block, BLOCK_D=min(64, d_pad),
                     BLOCK_D_BWD=d_pad if rows_bwd else min(64, d_pad), ROWS_BWD=rows_bwd,
                     num_warps=4, num_stages=1)
+    if dtype == torch.float32:
+        # 3xTF32 keeps hi/lo copies of every operand tile: shared memory, not registers, bounds
+        # the tiles (ahead-of-time compiles for sm_90: the bf16 shapes below need ~700 KB).
+        rows_bwd = d_pad <= 128
+        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_BWD=64, BLOCK_D=min(64, d_pad),
+                    BLOCK_D_BWD=d_pad if rows_bwd else 64, ROWS_BWD=rows_bwd,
+                    num_warps=8, num_stages=1)
     small = m <= 512
     block = 64 if small else 128
     return dict(BLOCK_M=block, BLOCK_N=block,
                 BLOCK_BWD=64 if (small or d_pad > 128) else 128,
                 BLOCK_D=min(128 if d <= 128 else 64, d_pad),
                 BLOCK_D_BWD=d_pad if rows_bwd else 64, ROWS_BWD=rows_bwd,
-                num_warps=4 if small else 8, num_stages=2 if dtype == torch.float32 else 3)
+                num_warps=4 if small else 8, num_stages=3)
 
 
 def _tuning_configs(kind: str) -> list:

@@ -129,8 +129,7 @@ def main(argv=None):
                                                                          args.repeats)})
     meta = {"machine": common.machine(args.device),
             "versions": common.versions("torch", "torchvision", "fastclr")}
-    where = meta["machine"].get("gpu") or (f"{meta['machine']['cpu']}, "
-                                           f"{meta['machine']['torch_threads']} threads")
+    where = common.where(meta)
     print(f"\nTwo-view SimCLR augmentation, {where}\n")
     print("| output | pipeline | two-view images/s | vs torchvision |\n|---:|---|---:|---:|")
     for size in args.sizes:

@@ -122,8 +122,7 @@ def main(argv=None):
         rows += bench_model(arch, names, args.device, args.repeats, args.warmup)
     meta = {"machine": common.machine(args.device),
             "versions": common.versions("torch", "torchvision", "fastclr", "lightly", "timm")}
-    where = meta["machine"].get("gpu") or (f"{meta['machine']['cpu']}, "
-                                           f"{meta['machine']['torch_threads']} threads")
+    where = common.where(meta)
     print(f"\nLARS step, float32, {where}, torch {meta['versions']['torch']}\n")
     print(table(rows))
     if not args.no_save:

@@ -208,8 +208,7 @@ def main(argv=None):
             "versions": common.versions("torch", "triton", "fastclr", "lightly",
                                         "pytorch-metric-learning", "inf-cl"),
             "peers": {k: PEERS[k] for k in impls}}
-    where = meta["machine"].get("gpu") or (f"{meta['machine']['cpu']}, "
-                                           f"{meta['machine']['torch_threads']} threads")
+    where = common.where(meta)
     print(f"\nNT-Xent forward+backward, {DTYPES[dtype]}, D = {args.dim}, {where}, "
           f"torch {meta['versions']['torch']}\n")
     print(table(rows))

@@ -43,6 +43,12 @@ def machine(device: str = "cpu") -> dict:
     return info
 
 
+def where(meta: dict) -> str:
+    """The hardware a results file's rows came from, in words: the GPU, or the CPU and threads."""
+    m = meta["machine"]
+    return m.get("gpu") or f"{m['cpu']}, {m['torch_threads']} threads"
+
+
 def write_results(kind: str, module: str, rows: list, meta: dict, out_dir=None) -> Path:
     """<out_dir or benchmarks/results>/<kind>-<device>-<date>.json, with the command that
     reproduces it."""

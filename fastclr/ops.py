@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from fastclr._autograd import autograd_formula
+from fastclr.reference import accumulation_dtype
 
 try:
     from fastclr import _C  # noqa: F401  (importing it registers torch.ops.fastclr.*)
@@ -59,10 +60,6 @@ def compiled_with_cuda() -> bool:
     return _C is not None and _C.compiled_with_cuda()
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 if _C is not None:
 
     @torch.library.register_fake("fastclr::nt_xent_forward")
@@ -71,7 +68,7 @@ if _C is not None:
         torch._check(z1.dtype == z2.dtype, lambda: "z1, z2: same dtype")
         torch._check(temperature.dim() == 0, lambda: "temperature must be 0-dim")
         m = 2 * z1.shape[0]
-        rows = z1.new_empty((m,), dtype=_acc_dtype(z1.dtype))
+        rows = z1.new_empty((m,), dtype=accumulation_dtype(z1.dtype))
         rank = z1.new_empty((m if compute_accuracy else 0,), dtype=torch.int32)
         return rows, torch.empty_like(rows), torch.empty_like(rows), rank
 
@@ -80,7 +77,7 @@ if _C is not None:
         torch._check(z1.dim() == 2 and z1.shape == z2.shape, lambda: "z1, z2: same (N, D)")
         torch._check(grad_rows.shape == (2 * z1.shape[0],), lambda: "grad_rows: (2N,)")
         return (torch.empty_like(z1), torch.empty_like(z2),
-                temperature.new_empty((), dtype=_acc_dtype(z1.dtype)))
+                temperature.new_empty((), dtype=accumulation_dtype(z1.dtype)))
 
     _backward, _setup_context = autograd_formula(torch.ops.fastclr.nt_xent_backward)
     torch.library.register_autograd("fastclr::nt_xent_forward", _backward,

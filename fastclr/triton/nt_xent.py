@@ -38,8 +38,6 @@ LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 NORM_EPS = 1e-12
 
-AUTOTUNE = os.environ.get("FASTCLR_AUTOTUNE", "0") == "1"
-
 # The same constants as compile-time globals for the kernels.
 LOG2E_C = tl.constexpr(LOG2E)
 LN2_C = tl.constexpr(LN2)
@@ -49,6 +47,8 @@ NORM_EPS_C = tl.constexpr(NORM_EPS)
 # triton decides at @triton.jit time whether a kernel is interpreted (CPU tensors) or
 # compiled for a GPU, so this is fixed when this module is imported.
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Autotuning applies to compiled kernels only.
+AUTOTUNE = os.environ.get("FASTCLR_AUTOTUNE", "0") == "1" and not INTERPRETED
 
 
 @triton.jit
@@ -380,7 +380,7 @@ def _tuning_configs(kind: str) -> list:
     return out
 
 
-if AUTOTUNE and not INTERPRETED:
+if AUTOTUNE:
     # The backward accumulates with atomics: every trial starts again from zeros.
     _fwd_tuned = triton.autotune(configs=_tuning_configs("fwd"), key=["N", "D"])(_nt_xent_fwd_kernel)
     _bwd_rows_tuned = triton.autotune(configs=_tuning_configs("rows"), key=["N", "D"],
@@ -410,7 +410,7 @@ def nt_xent_forward(z1: torch.Tensor, z2: torch.Tensor, temperature: torch.Tenso
         z1, z2, norm, n, d, z1.stride(0), z2.stride(0), BLOCK_R=64,
         BLOCK_D=min(128, _pow2_at_least(d)))
     args = (z1, z2, norm, temperature, loss, lse, rank, n, d, z1.stride(0), z2.stride(0))
-    if AUTOTUNE and not INTERPRETED:
+    if AUTOTUNE:
         wrap_triton(_fwd_tuned)[lambda meta: (2 * triton.cdiv(n, meta["BLOCK_M"]),)](
             *args, COMPUTE_RANK=compute_accuracy, PRECISION=_precision(z1.dtype))
     else:
@@ -432,21 +432,20 @@ def nt_xent_backward(grad_rows: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor
     w = grad_rows.to(torch.float32).contiguous()
     cfg = _config(m, d, z1.dtype, INTERPRETED)
     g = torch.zeros(m, d, device=z1.device, dtype=torch.float32)
-    tuned = AUTOTUNE and not INTERPRETED
     # Sized for the smallest tile any configuration uses; unused entries stay 0.
-    nb_max = triton.cdiv(m, 64 if tuned else cfg["BLOCK_BWD"])
+    nb_max = triton.cdiv(m, 64 if AUTOTUNE else cfg["BLOCK_BWD"])
     tpart = torch.zeros(nb_max * nb_max, device=z1.device, dtype=torch.float32)
     args = (z1, z2, norm, temperature, lse, w, g, tpart, n, d, z1.stride(0), z2.stride(0))
     precision = _precision(z1.dtype)
     if cfg["ROWS_BWD"]:
-        if tuned:
+        if AUTOTUNE:
             wrap_triton(_bwd_rows_tuned)[lambda meta: (triton.cdiv(m, meta["BLOCK"]),)](
                 *args, BLOCK_D=cfg["BLOCK_D_BWD"], PRECISION=precision)
         else:
             wrap_triton(_nt_xent_bwd_rows_kernel)[(triton.cdiv(m, cfg["BLOCK_BWD"]),)](
                 *args, BLOCK=cfg["BLOCK_BWD"], BLOCK_D=cfg["BLOCK_D_BWD"], PRECISION=precision,
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    elif tuned:
+    elif AUTOTUNE:
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK"]), triton.cdiv(m, meta["BLOCK"]))  # noqa: E731
         wrap_triton(_bwd_pairs_tuned)[grid](*args, PRECISION=precision)
     else:

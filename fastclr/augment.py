@@ -59,6 +59,8 @@ class TorchSimCLRAugment:
         mean, std: normalisation (default ImageNet's).
         dtype: output dtype (float32 or bfloat16).
         channels_last: return channels_last tensors.
+        scale, ratio: the random resized crop's area fraction and aspect-ratio ranges.
+        flip: probability of a horizontal flip (0.5; 0 for data where mirror images differ).
 
     ``aug(images_uint8, generator=None) -> (view1, view2)``; ``return_params=True`` also returns
     the parameters drawn (per sample and view), for tests.
@@ -67,13 +69,17 @@ class TorchSimCLRAugment:
     def __init__(self, size: int, *, strength: float = 0.5, blur: bool | None = None,
                  solarize: float = 0.0, mean=IMAGENET_MEAN, std=IMAGENET_STD,
                  dtype: torch.dtype = torch.float32, channels_last: bool = False,
-                 scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+                 scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip: float = 0.5):
         if not isinstance(size, int) or size < 1:
             raise ValueError(f"TorchSimCLRAugment: size must be a positive int, got {size!r}")
         if not 0 <= strength <= 4:
             raise ValueError(f"TorchSimCLRAugment: strength must be in [0, 4], got {strength!r}")
         if not 0 <= solarize <= 1:
             raise ValueError(f"TorchSimCLRAugment: solarize must be a probability, got {solarize!r}")
+        if not 0 <= flip <= 1:
+            raise ValueError(f"TorchSimCLRAugment: flip must be a probability, got {flip!r}")
+        if not 0 < scale[0] <= scale[1] <= 1:
+            raise ValueError(f"TorchSimCLRAugment: scale must be 0 < lo <= hi <= 1, got {scale!r}")
         if dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise TypeError(f"TorchSimCLRAugment: dtype must be float32, bfloat16 or float16, got {dtype}")
         if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
@@ -86,6 +92,7 @@ class TorchSimCLRAugment:
         self.dtype = dtype
         self.channels_last = channels_last
         self.scale, self.ratio = tuple(scale), tuple(ratio)
+        self.flip = float(flip)
         # kernel ~10% of the side, odd (the paper: 23 px at 224)
         self.blur_kernel = max(3, int(round(0.1 * size)) // 2 * 2 + 1)
 
@@ -152,7 +159,7 @@ class TorchSimCLRAugment:
         pos = self._rand(x, generator, 2)
         x0 = torch.where(found, (pos[:, 0] * (w - cw + 1)).floor(), torch.full_like(cw, (w - fw) // 2))
         y0 = torch.where(found, (pos[:, 1] * (h - ch + 1)).floor(), torch.full_like(ch, (h - fh) // 2))
-        flip = self._rand(x, generator) < 0.5
+        flip = self._rand(x, generator) < self.flip
         # output pixel centre (normalised, align_corners=False) -> input position
         sx = cw / w * torch.where(flip, -1.0, 1.0)
         sy = ch / h
@@ -277,12 +284,13 @@ class _ArraySource:
                 [self.np.array([self.labels[i]], dtype=self.np.int64) for i in idx])
 
 
-def _dali_view(images, size, strength, blur, solarize):
+def _dali_view(images, size, strength, blur, solarize, scale=(0.08, 1.0), flip=0.5):
     """One SimCLR view of a batch of HWC uint8 images, every parameter per sample."""
     from nvidia.dali import fn, types
-    x = fn.random_resized_crop(images, size=[size, size], random_area=[0.08, 1.0],
+    x = fn.random_resized_crop(images, size=[size, size], random_area=list(scale),
                                random_aspect_ratio=[3 / 4, 4 / 3])
-    x = fn.flip(x, horizontal=fn.random.coin_flip(probability=0.5))
+    if flip > 0:
+        x = fn.flip(x, horizontal=fn.random.coin_flip(probability=flip))
     if fn.random.coin_flip(probability=0.8, dtype=types.BOOL):
         s = 0.8 * strength
         x = fn.color_twist(x, brightness=fn.random.uniform(range=[1 - s, 1 + s]),
@@ -304,7 +312,8 @@ def dali_loader(source, batch_size: int, size: int, *, device: str = "gpu", labe
                 strength: float = 0.5, blur: bool | None = None, solarize: float = 0.0,
                 mean=IMAGENET_MEAN, std=IMAGENET_STD, dtype: torch.dtype = torch.float32,
                 channels_last: bool = False, seed: int = 0, shard_id: int = 0,
-                num_shards: int = 1, drop_last: bool = True, num_threads: int = 2):
+                num_shards: int = 1, drop_last: bool = True, num_threads: int = 2,
+                scale=(0.08, 1.0), flip: float = 0.5):
     """A DALI pipeline and iterator yielding ``(view1, view2, labels)`` torch tensors (NCHW,
     normalised, ``dtype``) on the training device, one pass per epoch (iterate again for the next
     epoch: it reshuffles).
@@ -364,7 +373,7 @@ def dali_loader(source, batch_size: int, size: int, *, device: str = "gpu", labe
             imgs = fn.decoders.image(files, device="mixed" if gpu else "cpu", output_type=types.RGB)
         views = []
         for _ in range(2):
-            v = _dali_view(imgs, size, strength, blur, solarize)
+            v = _dali_view(imgs, size, strength, blur, solarize, scale, flip)
             views.append(fn.crop_mirror_normalize(v, dtype=out_type, output_layout="CHW",
                                                   mean=[255 * m for m in mean],
                                                   std=[255 * s for s in std]))

@@ -8,7 +8,7 @@ import warnings
 import torch
 from torch import nn
 
-from fastclr import ops, reference
+from fastclr import distributed, ops, reference
 
 IMPLS = ("auto", "reference", "cpu", "triton", "cuda")
 REDUCTIONS = ("mean", "sum", "none")
@@ -160,7 +160,7 @@ _FORWARD_OPS = {"cpu": "nt_xent_forward", "cuda": "nt_xent_forward",
 
 
 def nt_xent_fused(z1: torch.Tensor, z2: torch.Tensor, temperature=0.5, *, impl: str = "auto",
-                  reduction: str = "mean", return_accuracy: bool = False):
+                  reduction: str = "mean", return_accuracy: bool = False, process_group=None):
     """NT-Xent (SimCLR's contrastive loss) with the normalisation fused in.
 
     Rows ``z1[i]`` and ``z2[i]`` are the two views of image ``i``; every other row of
@@ -175,6 +175,14 @@ def nt_xent_fused(z1: torch.Tensor, z2: torch.Tensor, temperature=0.5, *, impl: 
         reduction: "mean" | "sum" | "none" (the 2N per-row losses).
         return_accuracy: also return ``{"top1", "top5"}``: the fraction of rows whose positive
             outranks all but fewer than k negatives, computed in the same pass.
+        process_group: in multi-process training (``torch.distributed`` initialised), the group
+            whose ranks' rows form the global batch (``torch.distributed.group.WORLD`` for all).
+            Every rank's pairs are gathered, so all of them are negatives for every row; the
+            result is this rank's share: "mean" is the mean of this rank's 2N rows against the
+            global batch (its mean over ranks is the single-process loss), "sum" their sum,
+            "none" those 2N rows. Gradients, averaged over ranks by DDP, equal the
+            single-process gradients (see fastclr.distributed). Accuracy is the global batch's.
+            Ignored when not distributed.
 
     Returns:
         The loss (float32 for half inputs, the input dtype otherwise), or ``(loss, accuracy)``.
@@ -182,6 +190,15 @@ def nt_xent_fused(z1: torch.Tensor, z2: torch.Tensor, temperature=0.5, *, impl: 
     _check_embeddings(z1, z2)
     if reduction not in REDUCTIONS:
         raise ValueError(f"nt_xent_fused: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if process_group is not None and distributed.is_distributed(process_group):
+        n = z1.shape[0]
+        g1 = distributed.all_gather_with_grad(z1, process_group)
+        g2 = distributed.all_gather_with_grad(z2, process_group)
+        out = nt_xent_fused(g1, g2, temperature, impl=impl, reduction="none",
+                            return_accuracy=return_accuracy)
+        rows, acc = out if return_accuracy else (out, None)
+        loss = reference.reduce_rows(distributed.local_rows(rows, n, process_group), reduction)
+        return (loss, acc) if return_accuracy else loss
     acc_dtype = reference.accumulation_dtype(z1.dtype)
     t = _temperature_tensor(temperature, acc_dtype, z1.device)
     backend = _resolve_impl(impl, z1.device, z1.dtype)

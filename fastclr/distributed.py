@@ -1,0 +1,61 @@
+"""Gathering embeddings across processes with gradients that match single-process training.
+
+With ``W`` processes of ``N`` rows each, the loss must see the global batch of ``W N`` pairs. Each
+rank gathers every rank's rows (``all_gather_with_grad``), computes the loss rows of the global
+batch and keeps the mean of its own rows, ``L_r``; the mean of ``L_r`` over ranks is the
+single-process loss ``L``. The gather's backward sums the incoming gradients over ranks
+(all-reduce) and keeps this rank's slice, so rank ``r``'s rows get ``sum_r' dL_r'/dz_r = W dL/dz_r``
+and DDP's averaging of parameter gradients over the ``W`` ranks yields exactly ``dL/dtheta``.
+
+Two known mistakes this avoids: a gather whose backward drops the other ranks' gradient terms
+(no all-reduce: each rank's rows then miss their role as negatives elsewhere), and one that both
+all-reduces and lets every rank compute the whole global mean (parameter gradients W times too
+large).
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed(group=None) -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
+class _AllGather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        ctx.rank = dist.get_rank(group)
+        ctx.rows = x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows], None
+
+
+def all_gather_with_grad(x: torch.Tensor, group=None) -> torch.Tensor:
+    """``cat`` of every rank's ``x`` (same shape on all ranks) along dim 0, differentiable: the
+    backward all-reduces (sums) the gradient and returns this rank's slice."""
+    if not is_distributed(group):
+        return x
+    shape = torch.tensor(x.shape, device=x.device)
+    shapes = [torch.empty_like(shape) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(shapes, shape, group=group)
+    if any(not torch.equal(s, shape) for s in shapes):
+        raise ValueError("all_gather_with_grad: every rank must pass the same shape, got "
+                         f"{[tuple(s.tolist()) for s in shapes]}")
+    return _AllGather.apply(x, group)
+
+
+def local_rows(rows: torch.Tensor, n: int, group=None) -> torch.Tensor:
+    """The loss rows of this rank's pairs out of the ``2 W n`` rows of the gathered batch
+    ``[z1 of all ranks; z2 of all ranks]``."""
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    lo = rank * n
+    return torch.cat([rows[lo:lo + n], rows[world * n + lo:world * n + lo + n]])

@@ -1,0 +1,79 @@
+"""Multi-process NT-Xent: 2 gloo processes, each with half of the global batch, under DDP, give the
+single-process loss and parameter gradients on the same global batch (bar: 1e-5)."""
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import fastclr
+from fastclr import distributed
+
+WORLD = 2
+
+
+def _model(seed):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(19, 32), nn.Tanh(), nn.Linear(32, 11)).double()
+
+
+def _batch(seed, n):
+    g = torch.Generator().manual_seed(seed + 1)
+    return torch.randn(n, 19, generator=g, dtype=torch.float64), torch.randn(n, 19, generator=g, dtype=torch.float64)
+
+
+def _single(seed, n, impl, tau):
+    model = _model(seed)
+    x1, x2 = _batch(seed, n)
+    loss, acc = fastclr.nt_xent_fused(model(x1), model(x2), tau, impl=impl, return_accuracy=True)
+    loss.backward()
+    return loss.detach(), acc["top1"], [p.grad for p in model.parameters()]
+
+
+def _worker(rank, port, seed, n, impl, tau, results):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        model = nn.parallel.DistributedDataParallel(_model(seed))
+        x1, x2 = _batch(seed, n)
+        b = n // WORLD
+        sl = slice(rank * b, (rank + 1) * b)
+        loss, acc = fastclr.nt_xent_fused(model(x1[sl]), model(x2[sl]), tau, impl=impl,
+                                          return_accuracy=True, process_group=dist.group.WORLD)
+        loss.backward()
+        mean_loss = loss.detach().clone()
+        dist.all_reduce(mean_loss)
+        results[rank] = (mean_loss / WORLD, acc["top1"], [p.grad.clone() for p in model.parameters()])
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("impl", ["cpu", "reference"])
+def test_ddp_two_processes_match_single_process(impl, seed):
+    n, tau = 26, 0.3
+    results = mp.Manager().dict()
+    mp.spawn(_worker, args=(_free_port(), seed, n, impl, tau, results), nprocs=WORLD, join=True)
+    loss, top1, grads = _single(seed, n, impl, tau)
+    for rank in range(WORLD):
+        dl, dacc, dgrads = results[rank]
+        torch.testing.assert_close(dl, loss, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(dacc, top1)
+        for g, dg in zip(grads, dgrads):
+            torch.testing.assert_close(dg, g, rtol=1e-5, atol=1e-7)
+
+
+def test_single_process_ignores_group():
+    z1, z2 = torch.randn(5, 7), torch.randn(5, 7)
+    assert not distributed.is_distributed()
+    torch.testing.assert_close(fastclr.nt_xent_fused(z1, z2, process_group=object()),
+                               fastclr.nt_xent_fused(z1, z2))

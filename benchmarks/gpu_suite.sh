@@ -9,7 +9,8 @@
 # 4. runs compute-sanitizer memcheck and racecheck on a small case of the CUDA kernels,
 # 5. runs the GPU loss benchmark (Triton "fused" and the CUDA kernel side by side) and the LARS
 # step benchmark (fastclr cuda/foreach vs lightly, timm, torch SGD foreach/fused) and the
-# augmentation benchmark (the torch pipeline on the GPU vs torchvision in a DataLoader). Logs and result files go to OUT_DIR; the benchmark's markdown table is
+# augmentation benchmark (the torch pipeline on the GPU vs torchvision in a DataLoader),
+# 6. runs the training loop on the GPU (the digits default, a synthetic ResNet-50). Logs and result files go to OUT_DIR; the benchmark's markdown table is
 # printed last. Commit the result files to benchmarks/results/.
 #
 # Peers missing on the machine (lightly, inf-cl, ...) can be carried as wheels in .whl/ at the
@@ -82,6 +83,17 @@ echo "== LARS benchmark"
 
 echo "== augmentation benchmark"
 "$PY" -m benchmarks.bench_augment --device cuda --out-dir "$OUT_DIR" 2>&1 | tee "$OUT_DIR/bench-augment.log"
+
+echo "== training loop on the GPU (digits default run; then synthetic ResNet-50 throughput, bf16)"
+# The GPU path of python -m fastclr.train (bf16 autocast, channels_last, Triton loss, CUDA LARS,
+# DALI when installed) has not run anywhere else; its JSON line is its result.
+"$PY" -m fastclr.train --no-progress --eval-random-init --out "$OUT_DIR/train-digits" \
+  2>&1 | tail -5 | tee "$OUT_DIR/train-digits.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+"$PY" -m fastclr.train --no-progress --dataset synthetic --synthetic-size 20480 --image-size 64 \
+  --backbone resnet50 --batch-size 1024 --epochs 2 --probe-epochs 1 --augment torch \
+  --out "$OUT_DIR/train-synthetic" 2>&1 | tail -5 | tee "$OUT_DIR/train-synthetic.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 echo "== results in $OUT_DIR (exit $status)"
 exit $status

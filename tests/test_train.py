@@ -1,0 +1,204 @@
+"""The training loop end to end: tiny runs on the digits, resume equivalence, SIGTERM, bad
+checkpoints, non-finite losses, the final JSON line, and torchrun with 2 gloo processes."""
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from fastclr import train
+
+# A tiny but real run: ResNet-18 at width 4 on 8 px digits, 3 steps per epoch.
+TINY = ["--epochs", "2", "--batch-size", "400", "--width", "4", "--image-size", "8",
+        "--probe-epochs", "5", "--no-progress", "--knn-k", "20"]
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _metrics(out):
+    with open(os.path.join(out, "metrics.csv")) as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:  # timings differ from run to run
+        for k in ("images_per_sec", "elapsed_s"):
+            r.pop(k)
+    return rows
+
+
+def test_tiny_run_outputs(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    res = train.main(TINY + ["--out", out, "--eval-random-init", "--eval-every", "1"])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert json.loads(last) == res
+    for key in ("knn_top1", "linear_top1", "images_per_sec", "epochs", "steps", "checkpoint"):
+        assert key in res
+    assert res["epochs"] == 2 and res["steps"] == 2 * (1437 // 400)
+    assert 0 <= res["knn_top1"] <= 1 and 0 <= res["linear_top1"] <= 1 and res["images_per_sec"] > 0
+    assert set(res["random_init"]) == {"knn_top1", "linear_top1"}
+    rows = _metrics(out)
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert all(r["knn_top1"] for r in rows)  # --eval-every 1, and the final one
+    assert os.path.getsize(os.path.join(out, "curves.png")) > 1000
+    assert any(n.startswith("events.out.tfevents") for n in os.listdir(os.path.join(out, "tensorboard")))
+    state = torch.load(res["checkpoint"], weights_only=True)
+    assert state["epoch"] == 2 and state["batch"] == 0 and state["step"] == res["steps"]
+    assert not [n for n in os.listdir(out) if ".tmp" in n]
+
+
+def _signal_at(monkeypatch, at_step, signum=signal.SIGTERM):
+    """Deliver a real signal to this process while step `at_step` is being computed."""
+    real = train._Augmenter.__call__
+
+    def call(self, x, step):
+        if step == at_step:
+            os.kill(os.getpid(), signum)
+        return real(self, x, step)
+    monkeypatch.setattr(train._Augmenter, "__call__", call)
+
+
+def test_resume_after_signal_mid_epoch_equals_uninterrupted(tmp_path, monkeypatch, capsys):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    args = TINY + ["--epochs", "3"]
+    full = train.main(args + ["--out", a])
+    _signal_at(monkeypatch, 4)  # epoch 2 of 3 steps each: mid-epoch
+    with pytest.raises(SystemExit) as exc:
+        train.main(args + ["--out", b])
+    assert exc.value.code == 128 + signal.SIGTERM
+    err = capsys.readouterr().err
+    assert "stopped by SIGTERM" in err and "--resume" in err
+    state = torch.load(os.path.join(b, "checkpoint.pt"), weights_only=True)
+    assert (state["epoch"], state["batch"], state["step"]) == (1, 2, 5)
+    monkeypatch.undo()
+    resumed = train.main(args + ["--out", b, "--resume", "auto"])
+    for k in ("knn_top1", "linear_top1", "final_loss", "steps"):
+        assert resumed[k] == full[k], k
+    assert _metrics(a) == _metrics(b)
+
+
+def test_sigint_also_checkpoints(tmp_path, monkeypatch):
+    _signal_at(monkeypatch, 1, signal.SIGINT)
+    with pytest.raises(SystemExit) as exc:
+        train.main(TINY + ["--out", str(tmp_path)])
+    assert exc.value.code == 128 + signal.SIGINT
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 2
+
+
+def test_sigterm_subprocess(tmp_path):
+    """A real SIGTERM from outside while training: checkpoint written, clear message, 143."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "fastclr.train", *TINY, "--epochs", "200", "--out", str(out)]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ckpt = out / "checkpoint.pt"
+    deadline = time.time() + 120
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert ckpt.exists(), proc.communicate()[1][-2000:]
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "stopped by SIGTERM" in err
+    state = torch.load(ckpt, weights_only=True)
+    assert 0 < state["step"] < 200 * 3
+
+
+def test_bad_checkpoints(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    train.main(TINY + ["--epochs", "1", "--out", out])
+    ckpt = os.path.join(out, "checkpoint.pt")
+    with pytest.raises(SystemExit, match=r"different run: --width 4 there, 8 here"):
+        train.main(TINY + ["--width", "8", "--out", out, "--resume", ckpt])
+    bad = tmp_path / "corrupt.pt"
+    with open(ckpt, "rb") as f:
+        bad.write_bytes(f.read()[:5000])
+    with pytest.raises(SystemExit, match=r"cannot read checkpoint .*corrupt\.pt"):
+        train.main(TINY + ["--out", out, "--resume", str(bad)])
+    other = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(3)}, other)
+    with pytest.raises(SystemExit, match=r"other\.pt is not a fastclr training checkpoint"):
+        train.main(TINY + ["--out", out, "--resume", str(other)])
+    with pytest.raises(SystemExit, match=r"no checkpoint at .*missing\.pt"):
+        train.main(TINY + ["--out", out, "--resume", str(tmp_path / "missing.pt")])
+
+
+def _nan_at(monkeypatch, steps):
+    real = train.nt_xent_fused
+    calls = {"n": 0}
+
+    def fake(*a, **k):
+        loss, acc = real(*a, **k)
+        calls["n"] += 1
+        if calls["n"] - 1 in steps:
+            loss = loss * float("nan")
+        return loss, acc
+    monkeypatch.setattr(train, "nt_xent_fused", fake)
+
+
+def test_nonfinite_loss_is_skipped_and_counted(tmp_path, monkeypatch):
+    _nan_at(monkeypatch, {1})
+    res = train.main(TINY + ["--out", str(tmp_path)])
+    assert res["bad_steps"] == 1 and res["steps"] == 6
+    assert all(map(lambda v: v == v, [res["final_loss"], res["knn_top1"]]))  # not NaN
+
+
+def test_too_many_nonfinite_losses_stop_the_run(tmp_path, monkeypatch, capsys):
+    _nan_at(monkeypatch, set(range(2, 100)))
+    with pytest.raises(SystemExit) as exc:
+        train.main(TINY + ["--out", str(tmp_path), "--max-bad-steps", "3"])
+    assert exc.value.code == 3
+    assert "3 steps in a row had a non-finite loss" in capsys.readouterr().err
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert state["step"] == 5 and state["bad_steps"] == 3
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--epochs", "0"], "--epochs must be >= 1"),
+    (["--temperature", "0"], "--temperature must be > 0"),
+    (["--crop-scale", "1.5"], "--crop-scale must be in"),
+    (["--dataset", "cifar10"], "needs --data-dir"),
+    (["--batch-size", "5000"], "larger than the training set"),
+])
+def test_bad_arguments(tmp_path, argv, message, capsys):
+    with pytest.raises((SystemExit, ValueError)) as exc:
+        train.main(["--out", str(tmp_path), *argv])
+    text = str(exc.value) + capsys.readouterr().err
+    assert message in text
+
+
+def test_torchrun_two_gloo_processes(tmp_path):
+    """The advertised multi-process path runs end to end: torchrun, DDP over gloo, sharded data,
+    the gathered loss; one JSON line from rank 0."""
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--standalone", "-m", "fastclr.train", *TINY, "--out", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    assert len(lines) == 1
+    res = json.loads(lines[0])
+    assert res["world_size"] == 2 and res["steps"] == 6
+
+
+def test_imagefolder_run(tmp_path):
+    from PIL import Image
+    rng = torch.Generator().manual_seed(0)
+    for split, n in (("train", 12), ("val", 4)):
+        for c in ("cat", "dog"):
+            d = tmp_path / "data" / split / c
+            d.mkdir(parents=True)
+            for i in range(n):
+                img = torch.randint(0, 256, (20, 24, 3), generator=rng, dtype=torch.uint8).numpy()
+                Image.fromarray(img).save(d / f"{i}.png")
+    res = train.main(["--dataset", "imagefolder", "--data-dir", str(tmp_path / "data"), "--epochs", "1",
+                      "--batch-size", "8", "--image-size", "16", "--width", "4", "--workers", "0",
+                      "--probe-epochs", "2", "--no-progress", "--out", str(tmp_path / "out")])
+    assert res["steps"] == 24 // 8 and 0 <= res["linear_top1"] <= 1
+
+
+def test_dali_cpu_augmentation_run(tmp_path):
+    pytest.importorskip("nvidia.dali")
+    res = train.main(TINY + ["--augment", "dali", "--epochs", "1", "--out", str(tmp_path)])
+    assert res["steps"] == 3 and res["final_loss"] == res["final_loss"]

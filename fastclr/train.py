@@ -367,19 +367,22 @@ def _train(args, device, rank, world) -> dict:
         args.cifar_stem = "on" if args.image_size <= 64 else "off"
     group = dist.group.WORLD if world > 1 else None
 
-    ds = data_mod.load_dataset(args.dataset, args.data_dir, synthetic_size=args.synthetic_size,
-                               synthetic_image_size=args.image_size)
-    if args.batch_size % world:
-        raise SystemExit(f"--batch-size {args.batch_size} must be a multiple of the {world} processes")
-    use_dali = args.augment == "dali" or (args.augment == "auto" and gpu and aug_mod.dali_available())
-    if use_dali and not aug_mod.dali_available():
-        raise SystemExit("--augment dali: NVIDIA DALI is not installed (pip install nvidia-dali-cuda130)")
-    if isinstance(ds, data_mod.ArrayDataset):
-        batches = data_mod.ArrayBatches(ds.train_images, ds.train_labels, args.batch_size,
-                                        seed=args.seed, rank=rank, world_size=world)
-    else:
-        batches = _FolderBatches(ds.train_dir, int(round(args.image_size * 256 / 224)), args.batch_size,
-                                 args.seed, rank, world, args.workers)
+    try:
+        ds = data_mod.load_dataset(args.dataset, args.data_dir, synthetic_size=args.synthetic_size,
+                                   synthetic_image_size=args.image_size)
+        if args.batch_size % world:
+            raise SystemExit(f"--batch-size {args.batch_size} must be a multiple of the {world} processes")
+        use_dali = args.augment == "dali" or (args.augment == "auto" and gpu and aug_mod.dali_available())
+        if use_dali and not aug_mod.dali_available():
+            raise SystemExit("--augment dali: NVIDIA DALI is not installed (pip install nvidia-dali-cuda130)")
+        if isinstance(ds, data_mod.ArrayDataset):
+            batches = data_mod.ArrayBatches(ds.train_images, ds.train_labels, args.batch_size,
+                                            seed=args.seed, rank=rank, world_size=world)
+        else:
+            batches = _FolderBatches(ds.train_dir, int(round(args.image_size * 256 / 224)), args.batch_size,
+                                     args.seed, rank, world, args.workers)
+    except (ValueError, FileNotFoundError) as exc:  # bad data or flags: a message, not a traceback
+        raise SystemExit(f"fastclr.train: {exc}") from exc
     steps_per_epoch = len(batches)
     if use_dali:
         source = ds.train_images if isinstance(ds, data_mod.ArrayDataset) else ds.train_dir

@@ -98,6 +98,18 @@ def bench_dali(data, size, batch, device, repeats):
     return statistics.median(times)
 
 
+def table(rows: list) -> str:
+    lines = ["| output | pipeline | two-view images/s | vs torchvision |", "|---:|---|---:|---:|"]
+    for size in dict.fromkeys(r["size"] for r in rows):
+        group = [r for r in rows if r["size"] == size]
+        tv = next((r["images_per_s"] for r in group if r["pipeline"].startswith("torchvision")), None)
+        for r in group:
+            ratio = f"{r['images_per_s'] / tv:.2f}x" if tv else ""
+            lines.append(f"| {size}x{size} | {r['pipeline']} ({r['device']}) | {r['images_per_s']:.0f} "
+                         f"| {ratio} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.bench_augment", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -128,18 +140,12 @@ def main(argv=None):
                      "device": "cpu", "images_per_s": bench_torchvision(data, size, batch, args.workers,
                                                                          args.repeats)})
     meta = {"machine": common.machine(args.device),
-            "versions": common.versions("torch", "torchvision", "fastclr")}
+            "versions": common.versions("torch", "torchvision", "fastclr", "nvidia-dali-cuda130")}
     where = common.where(meta)
     print(f"\nTwo-view SimCLR augmentation, {where}\n")
-    print("| output | pipeline | two-view images/s | vs torchvision |\n|---:|---|---:|---:|")
-    for size in args.sizes:
-        group = [r for r in rows if r["size"] == size]
-        tv = next(r["images_per_s"] for r in group if r["pipeline"].startswith("torchvision"))
-        for r in group:
-            print(f"| {size}x{size} | {r['pipeline']} ({r['device']}) | {r['images_per_s']:.0f} "
-                  f"| {r['images_per_s'] / tv:.2f}x |")
+    print(table(rows))
     if not args.no_save:
-        print(f"\nresults: {common.write_results('augment', 'benchmarks.bench_augment', rows, meta, args.out_dir)}")
+        print(f"\nresults: {common.write_results('augment', 'benchmarks.bench_augment', rows, meta, args.out_dir, argv)}")
 
 
 if __name__ == "__main__":

@@ -126,7 +126,7 @@ def main(argv=None):
     print(f"\nLARS step, float32, {where}, torch {meta['versions']['torch']}\n")
     print(table(rows))
     if not args.no_save:
-        print(f"\nresults: {common.write_results('lars', 'benchmarks.bench_lars', rows, meta, args.out_dir)}")
+        print(f"\nresults: {common.write_results('lars', 'benchmarks.bench_lars', rows, meta, args.out_dir, argv)}")
 
 
 if __name__ == "__main__":

@@ -34,6 +34,9 @@ PEERS = {"naive": "normalize, z @ z.T, mask diagonal, cross_entropy (plain PyTor
          "lightly": "lightly.loss.NTXentLoss",
          "pml": "pytorch_metric_learning.losses.NTXentLoss",
          "infcl": "inf_cl.cal_inf_loss(z1, z2) (CLIP-style, N x N logits)"}
+# On a CPU, pytorch-metric-learning's NTXentLoss needs 17 GiB at M = 1024 (measured) and grows
+# as M^2 and more: larger M is recorded as skipped rather than run into the OOM killer.
+CPU_MAX_M = {"pml": 1024}
 DTYPES = {"float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16",
           "float16": "float16"}
 
@@ -84,8 +87,13 @@ def make_loss(impl: str, temperature: float, device: str):
 
 
 def worker(impl: str, m: int, d: int, repeats: int, temperature: float, device: str,
-           dtype_name: str) -> dict:
+           dtype_name: str, budget_mb: float = 0.0) -> dict:
+    """One configuration (pml: a single timed call on CPU, see CPU_MAX_M). repeats == 0: a single forward+backward, for its peak memory only
+    (the largest-batch search); on a GPU budget_mb then caps this process's CUDA memory."""
     import torch
+    if device == "cuda" and budget_mb > 0:
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, budget_mb * 2**20 / total))
 
     torch.manual_seed(0)
     dtype = getattr(torch, DTYPES[dtype_name])
@@ -121,6 +129,9 @@ def worker(impl: str, m: int, d: int, repeats: int, temperature: float, device: 
             fwd_bwd()
             row["peak_extra_mb"] = (common.rss_bytes("VmHWM:") - base) / 2**20
             timer = common.median_time
+        if repeats == 0:
+            row["status"] = "ok"
+            return row
         row["fwd_s"], row["fwd_times"] = timer(fwd, repeats)
         row["fwd_bwd_s"], row["fwd_bwd_times"] = timer(fwd_bwd, repeats)
         logits = (n * n) if impl == "infcl" else (m * m)
@@ -136,9 +147,14 @@ def worker(impl: str, m: int, d: int, repeats: int, temperature: float, device: 
     return row
 
 
-def run_one(impl, m, d, repeats, temperature, timeout, device, dtype) -> dict:
+def run_one(impl, m, d, repeats, temperature, timeout, device, dtype, budget_mb=0.0) -> dict:
+    if device == "cpu" and m > CPU_MAX_M.get(impl, m):
+        return {"impl": impl, "M": m, "D": d, "status": "skipped", "device": device,
+                "error": f"{impl} needs 17 GiB at M=1024 on CPU, growing as M^2"}
+    if device == "cpu" and impl == "pml":
+        repeats = min(repeats, 1)  # ~30 s a call
     cmd = [sys.executable, "-m", "benchmarks.bench_loss", "--worker", impl, str(m), str(d),
-           str(repeats), str(temperature), device, dtype]
+           str(repeats), str(temperature), device, dtype, str(budget_mb)]
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -150,20 +166,52 @@ def run_one(impl, m, d, repeats, temperature, timeout, device, dtype) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def largest_batch(impl, d, temperature, timeout, device, dtype, budget_mb, cap) -> dict:
+    """Doubles M from 1024 while one forward+backward stays within budget_mb of extra memory
+    (measured; on a GPU also enforced, so going over is a real out-of-memory), up to cap."""
+    best, m, why = None, 1024, "search cap"
+    if device == "cpu" and impl in CPU_MAX_M:
+        cap, why = 0, f"skipped ({impl} needs 17 GiB at M=1024 on CPU)"
+    while m <= cap:
+        r = run_one(impl, m, d, 0, temperature, timeout, device, dtype, budget_mb)
+        if r.get("status") != "ok":
+            why = f"{r.get('status')} at M={m}"
+            break
+        if r["peak_extra_mb"] > budget_mb:
+            why = f"{r['peak_extra_mb']:.0f} MiB at M={m}"
+            break
+        best, m = (m, r["peak_extra_mb"]), 2 * m
+    return {"kind": "largest_batch", "impl": impl, "D": d, "budget_mb": budget_mb,
+            "largest_M": best[0] if best else None, "peak_extra_mb": best[1] if best else None,
+            "stopped_by": why, "device": device, "status": "ok"}
+
+
+def fit_table(fits: list) -> str:
+    lines = ["| implementation | largest M within budget | its peak extra memory (MiB) | search stopped by |",
+             "|---|---:|---:|---|"]
+    for f in fits:
+        m = f"{f['largest_M']}" + ("+" if f["stopped_by"] == "search cap" else "") if f["largest_M"] else "< 1024"
+        mem = f"{f['peak_extra_mb']:.0f}" if f["peak_extra_mb"] is not None else ""
+        lines.append(f"| {f['impl']} | {m} | {mem} | {f['stopped_by']} |")
+    return "\n".join(lines)
+
+
 def table(rows: list) -> str:
     """Markdown: one line per (M, impl); times in s, memory in MiB, ratio to naive."""
-    naive = {r["M"]: r for r in rows if r["impl"] == "naive" and r.get("status") == "ok"}
+    rows = [r for r in rows if r.get("kind") != "largest_batch"]
+    naive = {(r["M"], r["D"]): r for r in rows if r["impl"] == "naive" and r.get("status") == "ok"}
     gpu = any(r.get("device") == "cuda" for r in rows)
     head = "| M | D | implementation | fwd (s) | fwd+bwd (s) | vs naive | peak extra memory (MiB) |"
     rule = "|---:|---:|---|---:|---:|---:|---:|"
     if gpu:
         head, rule = head + " fwd+bwd TFLOP/s |", rule + "---:|"
     lines = [head, rule]
-    for r in sorted(rows, key=lambda r: (r["M"], IMPLS.index(r["impl"]))):
+    for r in sorted(rows, key=lambda r: (r["D"], r["M"], IMPLS.index(r["impl"]))):
         if r.get("status") != "ok":
             lines.append(f"| {r['M']} | {r['D']} | {r['impl']} | {r['status']} | | | |" + (" |" if gpu else ""))
             continue
-        ratio = (f"{r['fwd_bwd_s'] / naive[r['M']]['fwd_bwd_s']:.2f}x" if r["M"] in naive else "")
+        key = (r["M"], r["D"])
+        ratio = f"{r['fwd_bwd_s'] / naive[key]['fwd_bwd_s']:.2f}x" if key in naive else ""
         line = (f"| {r['M']} | {r['D']} | {r['impl']} | {r['fwd_s']:.4f} | {r['fwd_bwd_s']:.4f} "
                 f"| {ratio} | {r['peak_extra_mb']:.0f} |")
         lines.append(line + (f" {r['fwd_bwd_tflops']:.0f} |" if gpu else ""))
@@ -175,7 +223,7 @@ def main(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--sizes", type=int, nargs="+", help="M = 2N (default: by device)")
-    p.add_argument("--dim", type=int, default=128)
+    p.add_argument("--dims", "--dim", type=int, nargs="+", default=[128], help="D values")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="default: float32 on CPU, bf16 on GPU")
     p.add_argument("--impls", nargs="+", choices=IMPLS, help="default: by device")
     p.add_argument("--repeats", type=int, default=5)
@@ -183,37 +231,59 @@ def main(argv=None):
     p.add_argument("--timeout", type=float, default=900, help="seconds per configuration")
     p.add_argument("--out-dir", help="write the results file here instead of benchmarks/results")
     p.add_argument("--no-save", action="store_true", help="print only, write no results file")
-    p.add_argument("--worker", nargs=7, help=argparse.SUPPRESS)
+    p.add_argument("--sweep-dims", type=int, nargs="*", default=[],
+                   help="extra D values, measured at --sweep-m only")
+    p.add_argument("--sweep-m", type=int, default=4096)
+    p.add_argument("--budget-mb", type=float, default=0,
+                   help="also find each implementation's largest M (doubling from 1024) whose "
+                        "forward+backward fits in this much extra memory (0: skip)")
+    p.add_argument("--max-search-m", type=int, help="stop the search here (default: 131072 on "
+                                                     "CPU, 1048576 on GPU)")
+    p.add_argument("--worker", nargs=8, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        impl, m, d, repeats, tau, device, dtype = args.worker
-        print(json.dumps(worker(impl, int(m), int(d), int(repeats), float(tau), device, dtype)))
+        impl, m, d, repeats, tau, device, dtype, budget = args.worker
+        print(json.dumps(worker(impl, int(m), int(d), int(repeats), float(tau), device, dtype,
+                                float(budget))))
         return
     gpu = args.device == "cuda"
     sizes = args.sizes or ([4096, 16384, 65536] if gpu else [2048, 8192, 16384])
     dtype = args.dtype or ("bf16" if gpu else "float32")
-    impls = args.impls or (["fused", "cuda", "naive", "lightly", "infcl"] if gpu
-                           else ["fused", "reference", "naive", "lightly"])
+    impls = args.impls or (["fused", "cuda", "naive", "lightly", "pml", "infcl"] if gpu
+                           else ["fused", "naive", "lightly", "pml"])
     if any(m < 2 or m % 2 for m in sizes):
         p.error("--sizes must be even and >= 2 (M = 2N rows)")
 
     from tqdm import tqdm
 
-    configs = [(impl, m) for m in sizes for impl in impls]
+    configs = [(impl, m, d) for d in args.dims for m in sizes for impl in impls]
+    configs += [(impl, args.sweep_m, d) for d in args.sweep_dims for impl in impls]
     rows = []
-    for impl, m in tqdm(configs, desc="bench_loss", unit="config"):
-        rows.append(run_one(impl, m, args.dim, args.repeats, args.temperature, args.timeout,
+    for impl, m, d in tqdm(configs, desc="bench_loss", unit="config"):
+        rows.append(run_one(impl, m, d, args.repeats, args.temperature, args.timeout,
                             args.device, dtype))
+    fits = []
+    if args.budget_mb > 0:
+        cap = args.max_search_m or (1 << 20 if gpu else 1 << 17)
+        for impl in tqdm(impls, desc="largest batch", unit="impl"):
+            fits.append(largest_batch(impl, args.dims[0], args.temperature, args.timeout,
+                                      args.device, dtype, args.budget_mb, cap))
     meta = {"machine": common.machine(args.device),
             "versions": common.versions("torch", "triton", "fastclr", "lightly",
                                         "pytorch-metric-learning", "inf-cl"),
             "peers": {k: PEERS[k] for k in impls}}
     where = common.where(meta)
-    print(f"\nNT-Xent forward+backward, {DTYPES[dtype]}, D = {args.dim}, {where}, "
+    print(f"\nNT-Xent forward+backward, {DTYPES[dtype]}, {where}, "
           f"torch {meta['versions']['torch']}\n")
     print(table(rows))
+    if fits:
+        print(f"\nLargest M (doubling from 1024) whose forward+backward fits in {args.budget_mb:.0f} MiB "
+              f"of extra memory, D = {args.dims[0]}\n")
+        print(fit_table(fits))
+        meta["budget_mb"] = args.budget_mb
+        rows += fits
     if not args.no_save:
-        path = common.write_results("loss", "benchmarks.bench_loss", rows, meta, args.out_dir)
+        path = common.write_results("loss", "benchmarks.bench_loss", rows, meta, args.out_dir, argv)
         print(f"\nresults: {path}")
 
 

@@ -49,14 +49,18 @@ def where(meta: dict) -> str:
     return m.get("gpu") or f"{m['cpu']}, {m['torch_threads']} threads"
 
 
-def write_results(kind: str, module: str, rows: list, meta: dict, out_dir=None) -> Path:
+def write_results(kind: str, module: str, rows: list, meta: dict, out_dir=None, argv=None) -> Path:
     """<out_dir or benchmarks/results>/<kind>-<device>-<date>.json, with the command that
-    reproduces it."""
+    reproduces it (``argv``: the module's arguments, when it was not run from the shell)."""
     folder = Path(out_dir) if out_dir else RESULTS_DIR
     folder.mkdir(parents=True, exist_ok=True)
     now = _dt.datetime.now(_dt.timezone.utc)
     path = folder / f"{kind}-{meta['machine']['device']}-{now:%Y%m%d-%H%M%S}.json"
-    command = " ".join(["python", "-m", module, *sys.argv[1:]])
+    args = [a for a in (sys.argv[1:] if argv is None else argv)]
+    if "--out-dir" in args:  # where the file went is not part of how to reproduce it
+        i = args.index("--out-dir")
+        del args[i:i + 2]
+    command = " ".join(["python", "-m", module, *args])
     payload = {"kind": kind, "date": now.isoformat(timespec="seconds"), "command": command,
                **meta, "rows": rows}
     path.write_text(json.dumps(payload, indent=1) + "\n")

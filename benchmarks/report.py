@@ -1,0 +1,173 @@
+"""Results files -> markdown tables and PNG plots, and the README's benchmark section.
+
+    python -m benchmarks.report                       # benchmarks/results -> benchmarks/report
+    python -m benchmarks.report --no-readme           # leave README.md alone
+
+For every kind of benchmark (loss, lars, augment, train) and device, the newest results file
+under --results (searched recursively, so committed GPU suite folders count) becomes one section:
+the hardware, the versions, the date, the command that reproduces it, the table and a plot.
+The sections go to <out>/README.md and, between the README's ``<!-- benchmarks:begin -->`` and
+``<!-- benchmarks:end -->`` markers, into the project README.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+from benchmarks import common
+
+ROOT = Path(__file__).resolve().parent.parent
+KINDS = ("loss", "lars", "augment", "train")
+TITLES = {"loss": "NT-Xent loss: time and memory", "lars": "LARS step",
+          "augment": "Two-view augmentation", "train": "End-to-end training step, one component swapped"}
+BEGIN, END = "<!-- benchmarks:begin -->", "<!-- benchmarks:end -->"
+
+
+def load_latest(results: Path) -> dict:
+    """(kind, device) -> the newest results file's payload (by its recorded date)."""
+    latest = {}
+    for path in sorted(results.rglob("*.json")):
+        try:
+            d = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if not isinstance(d, dict) or d.get("kind") not in KINDS:
+            continue
+        key = (d["kind"], d["machine"]["device"])
+        if key not in latest or d["date"] > latest[key]["date"]:
+            d["_path"] = path
+            latest[key] = d
+    return latest
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_loss(d, path):
+    plt = _plt()
+    rows = [r for r in d["rows"] if r.get("kind") != "largest_batch" and r.get("status") == "ok"]
+    d0 = 128 if any(r["D"] == 128 for r in rows) else rows[0]["D"]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for impl in dict.fromkeys(r["impl"] for r in rows):
+        pts = sorted((r["M"], r["fwd_bwd_s"], r["peak_extra_mb"]) for r in rows
+                     if r["impl"] == impl and r["D"] == d0)
+        if pts:
+            m, t, mem = zip(*pts)
+            a1.plot(m, t, "o-", label=impl)
+            a2.plot(m, mem, "o-", label=impl)
+    for a, yl in ((a1, "forward+backward (s)"), (a2, "peak extra memory (MiB)")):
+        a.set(xscale="log", yscale="log", xlabel="M = 2N rows", ylabel=yl)
+        a.grid(True, which="both", alpha=0.3)
+        a.legend(fontsize=8)
+    fig.suptitle(f"NT-Xent, D = {d0}, {common.where(d)}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _bars(labels, values, title, xlabel, path):
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 0.32 * len(labels) + 1.2))
+    ax.barh(range(len(values)), values)
+    ax.set_yticks(range(len(labels)), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set(xlabel=xlabel, title=title)
+    ax.title.set_fontsize(9)
+    ax.grid(True, axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_lars(d, path):
+    ok = [r for r in d["rows"] if r.get("status") == "ok"]
+    _bars([f"{r['model']}: {r['optimizer']}" for r in ok], [r["step_ms"] for r in ok],
+          f"LARS step, {common.where(d)}", "ms per step (lower is better)", path)
+
+
+def plot_augment(d, path):
+    rows = d["rows"]
+    _bars([f"{r['size']} px: {r['pipeline']} ({r['device']})" for r in rows],
+          [r["images_per_s"] for r in rows], f"two-view augmentation, {common.where(d)}",
+          "images/s (higher is better)", path)
+
+
+def plot_train(d, path):
+    ok = [r for r in d["rows"] if r.get("status") == "ok"]
+    label = lambda r: (f"{r['model']} b{r['batch']}: "  # noqa: E731
+                       + (f"{r['swap']}={r[r['swap']]}" if r.get("swap") else "all fastclr"))
+    _bars([label(r) for r in ok], [r["images_per_s"] for r in ok],
+          f"training step, {common.where(d)}", "images/s (higher is better)", path)
+
+
+def tables(kind, d) -> str:
+    from benchmarks import bench_augment, bench_lars, bench_loss, bench_train
+    if kind == "loss":
+        out = bench_loss.table(d["rows"])
+        fits = [r for r in d["rows"] if r.get("kind") == "largest_batch"]
+        if fits:
+            out += (f"\n\nLargest M (doubling from 1024) whose forward+backward fits in "
+                    f"{fits[0]['budget_mb']:.0f} MiB of extra memory, D = {fits[0]['D']}:\n\n"
+                    + bench_loss.fit_table(fits))
+        return out
+    return {"lars": bench_lars.table, "augment": bench_augment.table, "train": bench_train.table}[kind](d["rows"])
+
+
+def section(kind, d, img_rel: str) -> str:
+    v = d.get("versions", {})
+    vers = ", ".join(f"{k} {val}" for k, val in v.items() if val)
+    return (f"#### {TITLES[kind]} — {d['machine']['device'].upper()}: {common.where(d)}\n\n"
+            f"{d['date'][:10]}; {vers}. Reproduce: `{d['command']}` "
+            f"(results file `{d['_path'].relative_to(ROOT) if d['_path'].is_relative_to(ROOT) else d['_path']}`).\n\n"
+            f"{tables(kind, d)}\n\n![{kind}]({img_rel})\n")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--results", default=str(common.RESULTS_DIR))
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "report"))
+    p.add_argument("--readme", default=str(ROOT / "README.md"))
+    p.add_argument("--no-readme", action="store_true")
+    args = p.parse_args(argv)
+    latest = load_latest(Path(args.results))
+    if not latest:
+        raise SystemExit(f"benchmarks.report: no results files under {args.results}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    plotters = {"loss": plot_loss, "lars": plot_lars, "augment": plot_augment, "train": plot_train}
+    sections_local, sections_readme = [], []
+    for device in ("cpu", "cuda"):
+        for kind in KINDS:
+            d = latest.get((kind, device))
+            if d is None:
+                continue
+            img = out / f"{kind}-{device}.png"
+            plotters[kind](d, img)
+            sections_local.append(section(kind, d, img.name))
+            readme_dir = Path(args.readme).resolve().parent
+            sections_readme.append(section(kind, d, os.path.relpath(img, readme_dir)))
+    (out / "README.md").write_text("# fastclr benchmark report\n\nGenerated by `python -m benchmarks.report` "
+                                   "from the newest results file of each kind and device.\n\n"
+                                   + "\n".join(sections_local))
+    print(f"report: {out / 'README.md'} ({len(sections_local)} sections)")
+    if not args.no_readme:
+        readme = Path(args.readme)
+        text = readme.read_text()
+        if BEGIN in text and END in text:
+            head, rest = text.split(BEGIN, 1)
+            _, tail = rest.split(END, 1)
+            readme.write_text(head + BEGIN + "\n" + "\n".join(sections_readme) + END + tail)
+            print(f"README: benchmark section refreshed ({readme})")
+        else:
+            print(f"README: no {BEGIN} / {END} markers in {readme}; left alone")
+
+
+if __name__ == "__main__":
+    main()

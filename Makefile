@@ -30,7 +30,7 @@ build: $(EXT_STAMP)
 install: $(INSTALL_STAMP)
 
 bench: $(EXT_STAMP)
-	$(PY) -m benchmarks.bench_loss
+	$(PY) -m benchmarks
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)

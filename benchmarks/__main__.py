@@ -19,7 +19,7 @@ import time
 # part -> (module, CPU arguments, GPU arguments)
 PARTS = {
     "loss": ("benchmarks.bench_loss",
-             ["--sizes", "1024", "4096", "16384", "--dims", "128", "--sweep-dims", "32", "512",
+             ["--sizes", "512", "2048", "8192", "16384", "--dims", "128", "--sweep-dims", "32", "512",
               "--sweep-m", "4096", "--repeats", "3", "--budget-mb", "1024", "--timeout", "600"],
              ["--sizes", "4096", "16384", "65536", "--dims", "128", "--sweep-dims", "64", "512",
               "--sweep-m", "16384", "--repeats", "10", "--budget-mb", "16384",

@@ -1,0 +1,51 @@
+"""benchmarks.report: results files of every kind -> tables, plots and the README section."""
+import json
+
+from benchmarks import common, report
+
+
+def _write(folder, kind, date, rows):
+    meta = {"machine": {"cpu": "Test CPU", "torch_threads": 2, "device": "cpu"},
+            "versions": {"torch": "9.9"}}
+    payload = {"kind": kind, "date": date, "command": f"python -m benchmarks.bench_{kind}", **meta,
+               "rows": rows}
+    (folder / f"{kind}-cpu-{date[:10]}.json").write_text(json.dumps(payload))
+
+
+def test_report_sections_plots_and_readme(tmp_path):
+    res = tmp_path / "results"
+    (res / "old").mkdir(parents=True)
+    loss = lambda impl, m, t, mem: {"impl": impl, "M": m, "D": 128, "status": "ok", "fwd_s": t / 3,  # noqa: E731
+                                    "fwd_bwd_s": t, "peak_extra_mb": mem, "device": "cpu"}
+    _write(res / "old", "loss", "2026-01-01T00:00:00", [loss("fused", 1024, 9.0, 1)])
+    _write(res, "loss", "2026-02-01T00:00:00", [
+        loss("fused", 1024, 0.01, 2), loss("naive", 1024, 0.04, 50), loss("fused", 4096, 0.1, 8),
+        loss("naive", 4096, 0.5, 800),
+        {"impl": "pml", "M": 4096, "D": 128, "status": "skipped", "device": "cpu"},
+        {"kind": "largest_batch", "impl": "fused", "D": 128, "budget_mb": 1024, "largest_M": 131072,
+         "peak_extra_mb": 90, "stopped_by": "search cap", "device": "cpu", "status": "ok"}])
+    _write(res, "lars", "2026-02-01T00:00:00", [
+        {"model": "resnet18", "optimizer": o, "status": "ok", "step_ms": ms}
+        for o, ms in (("fastclr-cpp", 6.0), ("lightly", 25.0))])
+    _write(res, "augment", "2026-02-01T00:00:00", [
+        {"size": 32, "pipeline": p, "device": "cpu", "images_per_s": v}
+        for p, v in (("fastclr torch", 17000.0), ("torchvision DataLoader (2 workers)", 2000.0))])
+    _write(res, "train", "2026-02-01T00:00:00", [
+        {"model": "resnet18", "batch": 64, "loss": loss_, "optimizer": "fastclr", "augment": "torch",
+         "swap": swap, "status": "ok", "images_per_s": v, "device": "cpu"}
+        for loss_, swap, v in (("fused", None, 300.0), ("naive", "loss", 150.0))])
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- benchmarks:begin -->\nstale\n<!-- benchmarks:end -->\noutro\n")
+    out = tmp_path / "report"
+    report.main(["--results", str(res), "--out", str(out), "--readme", str(readme)])
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith("outro\n") and "stale" not in text
+    assert "Test CPU, 2 threads" in text and "`python -m benchmarks.bench_train`" in text
+    assert "| 4096 | 128 | fused | 0.0333 | 0.1000 | 0.20x | 8 |" in text  # the newest file's rows
+    assert "9.0000" not in text  # not the older file's
+    assert "| fused | 131072+ | 90 | search cap |" in text
+    assert "| resnet18 | 64 | **naive** | fastclr | torch | 150 | 0.50x |" in text
+    for kind in report.KINDS:
+        assert (out / f"{kind}-cpu.png").stat().st_size > 1000
+        assert f"![{kind}](report/{kind}-cpu.png)" in text
+    assert common.where({"machine": {"cpu": "X", "torch_threads": 1}}) == "X, 1 threads"

@@ -1,14 +1,14 @@
 """The whole comparison suite, fastclr against its peers, on this machine.
 
     python -m benchmarks                 # every part on the CPU, and on the GPU when there is one
-    python -m benchmarks loss            # one part: loss | lars | augment | train
+    python -m benchmarks loss            # one part: loss | lars | augment | train | knn
     python -m benchmarks --device cpu    # only the CPU half (cuda: only the GPU half)
 
 Each part is one of the benchmarks/bench_*.py scripts, run with the suite's settings below; each
 writes its machine-readable results file to benchmarks/results/ (or --out-dir). Then
 ``python -m benchmarks.report`` turns every results file there into markdown tables and PNG plots
 (benchmarks/report/) and refreshes the README's benchmark section. On the 2-core CPU dev machine
-the CPU half takes about 12 minutes.
+the CPU half takes about 13 minutes.
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ PARTS = {
     "lars": ("benchmarks.bench_lars", ["--repeats", "20"], ["--repeats", "50"]),
     "augment": ("benchmarks.bench_augment", [], []),
     "train": ("benchmarks.bench_train", [], []),
+    "knn": ("benchmarks.bench_knn", [], []),
 }
 
 

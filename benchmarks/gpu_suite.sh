@@ -84,6 +84,9 @@ echo "== LARS benchmark"
 echo "== augmentation benchmark"
 "$PY" -m benchmarks.bench_augment --device cuda --out-dir "$OUT_DIR" 2>&1 | tee "$OUT_DIR/bench-augment.log"
 
+echo "== kNN search benchmark (fastclr.knn_topk vs torch mm+topk vs faiss-cpu)"
+"$PY" -m benchmarks.bench_knn --device cuda --out-dir "$OUT_DIR" 2>&1 | tee "$OUT_DIR/bench-knn.log"
+
 echo "== training loop on the GPU (digits default run; then synthetic ResNet-50 throughput, bf16)"
 # The GPU path of python -m fastclr.train (bf16 autocast, channels_last, Triton loss, CUDA LARS,
 # DALI when installed) has not run anywhere else; its JSON line is its result.

@@ -3,7 +3,7 @@
     python -m benchmarks.report                       # benchmarks/results -> benchmarks/report
     python -m benchmarks.report --no-readme           # leave README.md alone
 
-For every kind of benchmark (loss, lars, augment, train) and device, the newest results file
+For every kind of benchmark (loss, lars, augment, train, knn) and device, the newest results file
 under --results (searched recursively, so committed GPU suite folders count) becomes one section:
 the hardware, the versions, the date, the command that reproduces it, the table and a plot.
 The sections go to <out>/README.md and, between the README's ``<!-- benchmarks:begin -->`` and
@@ -19,9 +19,10 @@ from pathlib import Path
 from benchmarks import common
 
 ROOT = Path(__file__).resolve().parent.parent
-KINDS = ("loss", "lars", "augment", "train")
+KINDS = ("loss", "lars", "augment", "train", "knn")
 TITLES = {"loss": "NT-Xent loss: time and memory", "lars": "LARS step",
-          "augment": "Two-view augmentation", "train": "End-to-end training step, one component swapped"}
+          "augment": "Two-view augmentation", "train": "End-to-end training step, one component swapped",
+          "knn": "kNN search (the evaluation monitor)"}
 BEGIN, END = "<!-- benchmarks:begin -->", "<!-- benchmarks:end -->"
 
 
@@ -106,8 +107,25 @@ def plot_train(d, path):
           f"training step, {common.where(d)}", "images/s (higher is better)", path)
 
 
+def plot_knn(d, path):
+    ok = [r for r in d["rows"] if r.get("status") == "ok"]
+    plt = _plt()
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 2.6))
+    names = [r["impl"] for r in ok]
+    a1.barh(names, [r["search_s"] for r in ok])
+    a1.set(xlabel="search (s, lower is better)")
+    a2.barh(names, [r["peak_extra_mb"] for r in ok])
+    a2.set(xlabel="peak extra memory (MiB)")
+    r0 = ok[0] if ok else {"queries": "?", "bank": "?", "k": "?"}
+    fig.suptitle(f"kNN, {r0['queries']} queries x {r0['bank']} bank, k={r0['k']}, {common.where(d)}",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def tables(kind, d) -> str:
-    from benchmarks import bench_augment, bench_lars, bench_loss, bench_train
+    from benchmarks import bench_augment, bench_knn, bench_lars, bench_loss, bench_train
     if kind == "loss":
         out = bench_loss.table(d["rows"])
         fits = [r for r in d["rows"] if r.get("kind") == "largest_batch"]
@@ -116,7 +134,8 @@ def tables(kind, d) -> str:
                     f"{fits[0]['budget_mb']:.0f} MiB of extra memory, D = {fits[0]['D']}:\n\n"
                     + bench_loss.fit_table(fits))
         return out
-    return {"lars": bench_lars.table, "augment": bench_augment.table, "train": bench_train.table}[kind](d["rows"])
+    return {"lars": bench_lars.table, "augment": bench_augment.table, "train": bench_train.table,
+            "knn": bench_knn.table}[kind](d["rows"])
 
 
 def section(kind, d, img_rel: str) -> str:
@@ -141,7 +160,8 @@ def main(argv=None):
         raise SystemExit(f"benchmarks.report: no results files under {args.results}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    plotters = {"loss": plot_loss, "lars": plot_lars, "augment": plot_augment, "train": plot_train}
+    plotters = {"loss": plot_loss, "lars": plot_lars, "augment": plot_augment, "train": plot_train,
+                "knn": plot_knn}
     sections_local, sections_readme = [], []
     for device in ("cpu", "cuda"):
         for kind in KINDS:

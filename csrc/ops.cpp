@@ -20,6 +20,16 @@ TORCH_LIBRARY(fastclr, m) {
   m.def(
       "nt_xent_backward(Tensor grad_rows, Tensor z1, Tensor z2, Tensor temperature, "
       "Tensor norm, Tensor lse) -> (Tensor, Tensor, Tensor)");
+  // Cosine similarities s_ij = a_i . b_j / (max(||a_i||, eps) max(||b_j||, eps)), (M, K), in
+  // float32 (float64 for float64 input); the normalisation is fused, no normalised copies.
+  m.def("normalized_similarity(Tensor a, Tensor b) -> Tensor");
+  // Its gradient (composite: two matrix products), given the forward's output.
+  m.def(
+      "normalized_similarity_backward(Tensor grad, Tensor a, Tensor b, Tensor out) "
+      "-> (Tensor, Tensor)");
+  // The k largest s_ij per query i over the bank, streamed over tiles of `chunk` bank rows:
+  // (values[M, k] best first, indices[M, k] int64), ties to the lower bank index.
+  m.def("knn_topk(Tensor queries, Tensor bank, int k, int chunk) -> (Tensor, Tensor)");
   // One LARS step (fastclr/optim.py has the equations) for a list of parameters, in place on
   // params and momentum_buffers (float32); grads are read only.
   m.def(

@@ -1,9 +1,8 @@
 """Evaluation of a backbone's features: a weighted kNN classifier and a linear probe.
 
-- kNN (Wu et al. 2018, as lightly's and solo-learn's monitors): cosine similarity of each
-  held-out feature to every training feature, the ``k`` nearest vote for their class with weight
-  ``exp(sim / T)``. It streams over chunks of queries, so memory is O(chunk x bank), never the
-  full query x bank matrix.
+- kNN (Wu et al. 2018, as lightly's and solo-learn's monitors): the ``k`` training features most
+  cosine-similar to each held-out feature (``fastclr.knn_topk``: streamed over bank tiles, never
+  the query x bank matrix) vote for their class with weight ``exp(sim / T)``.
 - Linear probe: the backbone frozen, features standardised with the training split's statistics,
   one linear layer trained with Adam (cosine schedule) on the device, top-1 on the held-out split.
 """
@@ -42,20 +41,18 @@ def extract_features(backbone: nn.Module, batches, *, mean, std, device, dtype=N
 
 @torch.no_grad()
 def knn_predict(train_features, train_labels, test_features, num_classes: int, *, k: int = 200,
-                temperature: float = 0.1, chunk: int = 1024):
-    """Class scores (Q, C) of a temperature-weighted cosine kNN vote."""
+                temperature: float = 0.1, chunk: int | None = None, impl: str = "auto"):
+    """Class scores (Q, C) of a temperature-weighted cosine kNN vote (k is capped at the bank
+    size)."""
+    from fastclr.similarity import knn_topk
     if k < 1 or temperature <= 0:
         raise ValueError(f"knn: need k >= 1 and temperature > 0, got k={k}, temperature={temperature}")
-    bank = F.normalize(train_features.float(), dim=1)
-    k = min(k, bank.shape[0])
-    out = []
-    for q in torch.split(F.normalize(test_features.float(), dim=1), chunk):
-        sim, idx = torch.topk(q @ bank.T, k, dim=1)
-        w = (sim / temperature).exp()
-        scores = torch.zeros(q.shape[0], num_classes, device=q.device)
-        scores.scatter_add_(1, train_labels[idx], w)
-        out.append(scores)
-    return torch.cat(out)
+    k = min(k, train_features.shape[0])
+    sim, idx = knn_topk(test_features.float(), train_features.float(), k, impl=impl, chunk=chunk)
+    w = (sim.float() / temperature).exp()
+    scores = torch.zeros(test_features.shape[0], num_classes, device=test_features.device)
+    scores.scatter_add_(1, train_labels[idx], w)
+    return scores
 
 
 def knn_accuracy(train_features, train_labels, test_features, test_labels, num_classes: int, *,

@@ -21,8 +21,9 @@ else:
     _LOAD_ERROR = None
 
 
-try:  # registers torch.ops.fastclr.nt_xent_triton_*; needs triton, not a GPU
+try:  # registers torch.ops.fastclr.*_triton; needs triton, not a GPU
     from fastclr.triton import nt_xent as _triton_nt_xent  # noqa: F401
+    from fastclr.triton import similarity as _triton_similarity  # noqa: F401
 except ImportError as exc:  # pragma: no cover - exercised only without triton
     _triton_nt_xent = None
     _TRITON_ERROR: Exception | None = exc
@@ -82,3 +83,26 @@ if _C is not None:
     _backward, _setup_context = autograd_formula(torch.ops.fastclr.nt_xent_backward)
     torch.library.register_autograd("fastclr::nt_xent_forward", _backward,
                                     setup_context=_setup_context)
+
+    @torch.library.register_fake("fastclr::normalized_similarity")
+    def _normalized_similarity_fake(a, b):
+        torch._check(a.dim() == 2 and b.dim() == 2 and a.shape[1] == b.shape[1],
+                     lambda: "a (M, D), b (K, D)")
+        return a.new_empty((a.shape[0], b.shape[0]), dtype=accumulation_dtype(a.dtype))
+
+    @torch.library.register_fake("fastclr::knn_topk")
+    def _knn_topk_fake(queries, bank, k, chunk):
+        torch._check(queries.dim() == 2 and bank.dim() == 2 and queries.shape[1] == bank.shape[1],
+                     lambda: "queries (M, D), bank (K, D)")
+        vals = queries.new_empty((queries.shape[0], k), dtype=accumulation_dtype(queries.dtype))
+        return vals, queries.new_empty((queries.shape[0], k), dtype=torch.long)
+
+    def _similarity_setup(ctx, inputs, output):
+        ctx.save_for_backward(*inputs, output)
+
+    def _similarity_backward(ctx, grad):
+        a, b, out = ctx.saved_tensors
+        return torch.ops.fastclr.normalized_similarity_backward(grad, a, b, out)
+
+    torch.library.register_autograd("fastclr::normalized_similarity", _similarity_backward,
+                                    setup_context=_similarity_setup)

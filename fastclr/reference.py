@@ -69,3 +69,19 @@ def reduce_rows(rows: torch.Tensor, reduction: str) -> torch.Tensor:
 def accuracy_from_rank(rank: torch.Tensor) -> dict:
     """Contrastive top-1 / top-5 accuracy (fractions in [0, 1], float32) from per-row ranks."""
     return {"top1": (rank < 1).float().mean(), "top5": (rank < 5).float().mean()}
+
+
+def normalized_similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(M, K) cosine similarities F.normalize(a) @ F.normalize(b).T, in the accumulation dtype."""
+    acc = accumulation_dtype(a.dtype)
+    return F.normalize(a.to(acc), dim=1, eps=NORM_EPS) @ F.normalize(b.to(acc), dim=1, eps=NORM_EPS).T
+
+
+def knn_topk(queries: torch.Tensor, bank: torch.Tensor, k: int):
+    """The k largest similarities per query and their bank indices, best first, ties to the lower
+    index: a stable descending sort of the whole (M, K) matrix. Identical bank rows are scored
+    once (a matrix product may round them differently by position), so exact ties stay exact."""
+    unique, inverse = torch.unique(bank, dim=0, return_inverse=True)
+    s = normalized_similarity(queries, unique)[:, inverse]
+    values, indices = torch.sort(s, dim=1, descending=True, stable=True)
+    return values[:, :k], indices[:, :k]

@@ -34,6 +34,10 @@ def test_report_sections_plots_and_readme(tmp_path):
         {"model": "resnet18", "batch": 64, "loss": loss_, "optimizer": "fastclr", "augment": "torch",
          "swap": swap, "status": "ok", "images_per_s": v, "device": "cpu"}
         for loss_, swap, v in (("fused", None, 300.0), ("naive", "loss", 150.0))])
+    _write(res, "knn", "2026-02-01T00:00:00", [
+        {"impl": i, "queries": 100, "bank": 1000, "D": 8, "k": 5, "status": "ok", "search_s": t,
+         "peak_extra_mb": 3.0, "index_mismatches": 0, "device": "cpu"}
+        for i, t in (("fastclr", 0.5), ("faiss", 0.4))])
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- benchmarks:begin -->\nstale\n<!-- benchmarks:end -->\noutro\n")
     out = tmp_path / "report"
@@ -45,6 +49,7 @@ def test_report_sections_plots_and_readme(tmp_path):
     assert "9.0000" not in text  # not the older file's
     assert "| fused | 131072+ | 90 | search cap |" in text
     assert "| resnet18 | 64 | **naive** | fastclr | torch | 150 | 0.50x |" in text
+    assert "| 100 x 1000, 8, 5 | fastclr | 0.500 | 1.25x | 3 | 0 of 500 |" in text
     for kind in report.KINDS:
         assert (out / f"{kind}-cpu.png").stat().st_size > 1000
         assert f"![{kind}](report/{kind}-cpu.png)" in text

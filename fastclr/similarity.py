@@ -1,0 +1,155 @@
+"""Normalized similarity and streaming top-k cosine search (the kNN monitor's kernels).
+
+``normalized_similarity(a, b)`` is the (M, K) cosine-similarity matrix with the normalisation
+fused into the product. ``knn_topk(queries, bank, k)`` returns the k most similar bank rows of
+each query without ever holding the M x K matrix: it streams over bank tiles and keeps a running
+top-k per query, memory O((M + K) D + M k) plus one tile.
+"""
+from __future__ import annotations
+
+import torch
+
+from fastclr import ops, reference
+
+IMPLS = ("auto", "reference", "cpu", "triton")
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+DEFAULT_CHUNK = 4096
+
+
+def _check_pair(fn: str, names, a, b) -> None:
+    for name, x in zip(names, (a, b)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 2:
+            raise ValueError(f"{fn}: {name} must be 2-D (rows, D), got shape {tuple(x.shape)}")
+        if x.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{fn}: {name} must be float32, bfloat16, float16 or float64, got {x.dtype}")
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"{fn}: {names[0]} and {names[1]} must have the same number of columns D, "
+                         f"got {tuple(a.shape)} and {tuple(b.shape)}")
+    if a.dtype != b.dtype:
+        raise TypeError(f"{fn}: {names[0]} and {names[1]} must have the same dtype, got {a.dtype} and {b.dtype}")
+    if a.device != b.device:
+        raise ValueError(f"{fn}: {names[0]} and {names[1]} must be on the same device, got {a.device} "
+                         f"and {b.device}")
+    if a.shape[1] < 1:
+        raise ValueError(f"{fn}: need D >= 1 columns, got shape {tuple(a.shape)}")
+    if a.dtype == torch.float64 and a.device.type != "cpu":
+        raise TypeError(f"{fn}: float64 is supported on CPU only, got float64 on {a.device}")
+
+
+def _resolve(fn: str, impl: str, device: torch.device, dtype: torch.dtype) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"{fn}: impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "auto":
+        if device.type == "cpu" and ops.extension_available():
+            return "cpu"
+        if device.type == "cuda" and ops.triton_available() and not ops.triton_interpreting():
+            return "triton"
+        return "reference"
+    if impl == "cpu":
+        if not ops.extension_available():
+            raise RuntimeError(f"{fn}: impl='cpu' needs the compiled extension: {ops.extension_error()}")
+        if device.type != "cpu":
+            raise ValueError(f"{fn}: impl='cpu' takes CPU tensors, got tensors on {device}")
+    if impl == "triton":
+        if not ops.triton_available():
+            raise RuntimeError(f"{fn}: impl='triton' is unavailable: {ops.triton_error()}")
+        if device.type == "cpu" and not ops.triton_interpreting():
+            raise ValueError(f"{fn}: impl='triton' takes CUDA tensors (or CPU tensors under "
+                             "TRITON_INTERPRET=1, set before importing fastclr)")
+        if dtype == torch.float64:
+            raise TypeError(f"{fn}: impl='triton' takes float32, bfloat16 or float16, got float64")
+    return impl
+
+
+def normalized_similarity(a: torch.Tensor, b: torch.Tensor, *, impl: str = "auto") -> torch.Tensor:
+    """Cosine similarities s_ij = a_i . b_j / (max(||a_i||, 1e-12) max(||b_j||, 1e-12)).
+
+    Args:
+        a: (M, D), b: (K, D); same dtype (float32, bfloat16, float16; float64 on CPU) and device.
+        impl: "auto" (the C++ kernel on CPU, Triton on CUDA) | "reference" | "cpu" | "triton".
+
+    Returns:
+        (M, K), float32 for half inputs (float32 accumulation), the input dtype otherwise.
+        Differentiable in a and b (through the normalisation, F.normalize semantics).
+    """
+    _check_pair("normalized_similarity", ("a", "b"), a, b)
+    backend = _resolve("normalized_similarity", impl, a.device, a.dtype)
+    if backend == "reference":
+        return reference.normalized_similarity(a, b)
+    if backend == "cpu":
+        return torch.ops.fastclr.normalized_similarity(a, b)
+    return torch.ops.fastclr.normalized_similarity_triton(a, b)
+
+
+def knn_topk(queries: torch.Tensor, bank: torch.Tensor, k: int, *, impl: str = "auto",
+             chunk: int | None = None):
+    """The ``k`` bank rows most cosine-similar to each query.
+
+    Streams over tiles of ``chunk`` bank rows (default 4096), keeping a running top-k per query:
+    extra memory O(M k + tile), never the (M, K) matrix. Ties go to the lower bank index, so the
+    result is deterministic and equals the reference's (a stable sort of the full matrix).
+    ``k`` must be between 1 and the number of bank rows (``k == K`` sorts the whole bank).
+    Not differentiable (use ``normalized_similarity`` for gradients).
+
+    Returns:
+        ``(values, indices)``: (M, k) similarities, best first (float32 for half inputs), and
+        (M, k) int64 bank row indices.
+    """
+    _check_pair("knn_topk", ("queries", "bank"), queries, bank)
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"knn_topk: k must be an int, got {type(k).__name__} {k!r}")
+    if not 1 <= k <= bank.shape[0]:
+        raise ValueError(f"knn_topk: k must be between 1 and the number of bank rows "
+                         f"({bank.shape[0]}), got k={k}")
+    chunk = DEFAULT_CHUNK if chunk is None else chunk
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"knn_topk: chunk must be a positive int, got {chunk!r}")
+    backend = _resolve("knn_topk", impl, queries.device, queries.dtype)
+    with torch.no_grad():
+        if backend == "reference":
+            return reference.knn_topk(queries, bank, k)
+        if backend == "cpu":
+            return torch.ops.fastclr.knn_topk(queries, bank, k, chunk)
+        return _streamed_topk(queries, bank, k, chunk)
+
+
+EXTRA_CANDIDATES = 32  # as the C++ kernel: kept beyond k, then re-scored exactly
+
+
+def _streamed_topk(queries, bank, k, chunk, query_block: int = 1024):
+    """Running top-(k + 32) over bank tiles from the Triton similarity kernel, then the survivors
+    re-scored in float64 with one fixed summation order and the best k kept. The merge is a
+    stable descending sort of [running candidates, new tile]; the running ones all have lower
+    indices, so ties keep going to the lower index. Re-scoring makes identical bank rows score
+    identically wherever they sit in a tile, as in the C++ kernel."""
+    sim = torch.ops.fastclr.normalized_similarity_triton
+    kk = min(k + EXTRA_CANDIDATES, bank.shape[0])
+    vals_out, idx_out = [], []
+    for q in torch.split(queries, query_block):
+        best_v = q.new_empty((q.shape[0], 0), dtype=torch.float32)
+        best_i = torch.empty((q.shape[0], 0), dtype=torch.long, device=q.device)
+        for j0 in range(0, bank.shape[0], chunk):
+            s = sim(q, bank[j0:j0 + chunk])
+            idx = torch.arange(j0, j0 + s.shape[1], device=q.device).expand(q.shape[0], -1)
+            v = torch.cat([best_v, s], dim=1)
+            i = torch.cat([best_i, idx], dim=1)
+            v, order = torch.sort(v, dim=1, descending=True, stable=True)
+            best_v, best_i = v[:, :kk], i.gather(1, order[:, :kk])
+        v, i = _rescore(q, bank, best_i, k)
+        vals_out.append(v.to(reference.accumulation_dtype(q.dtype)))
+        idx_out.append(i)
+    return torch.cat(vals_out), torch.cat(idx_out)
+
+
+def _rescore(q, bank, cand, k):
+    """Exact (float64) similarities of the candidate bank rows, the best k, ties to the lower index."""
+    cand, _ = torch.sort(cand, dim=1)  # index order, so the stable sort below breaks ties by index
+    qd = q.double()
+    rows = bank[cand].double()  # (mq, kk, D)
+    qn = qd.square().sum(-1).sqrt().clamp_min(reference.NORM_EPS)
+    rn = rows.square().sum(-1).sqrt().clamp_min(reference.NORM_EPS)
+    s = (rows * qd[:, None, :]).sum(-1) / (qn[:, None] * rn)
+    s, order = torch.sort(s, dim=1, descending=True, stable=True)
+    return s[:, :k], cand.gather(1, order[:, :k])

@@ -1,0 +1,194 @@
+"""normalized_similarity and knn_topk: every backend against the float64 reference.
+
+Backends: the C++ kernel ("cpu"), Triton on CPU tensors through the interpreter
+("triton_interp", CI) and on a GPU ("triton_cuda", gpu_suite.sh).
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastclr
+from fastclr import ops, reference
+
+needs_ext = pytest.mark.skipif(not fastclr.extension_available(),
+                               reason=f"extension not built: {fastclr.extension_error()}")
+needs_interp = pytest.mark.skipif(not ops.triton_interpreting(), reason="Triton interpreter not active")
+needs_triton_cuda = [pytest.mark.cuda, pytest.mark.skipif(
+    not (ops.triton_available() and not ops.triton_interpreting()), reason="needs triton on a GPU")]
+BACKENDS = {
+    "cpu": ("cpu", "cpu", [needs_ext]),
+    "triton_interp": ("triton", "cpu", [needs_interp]),
+    "triton_cuda": ("triton", "cuda", needs_triton_cuda),
+}
+# (M, K, D): odd sizes, not multiples of any tile
+SHAPES = {
+    "cpu": [(1, 1, 1), (3, 7, 5), (37, 300, 19), (130, 1000, 64), (600, 5000, 130)],
+    "triton_interp": [(1, 1, 3), (3, 7, 5), (37, 100, 19), (70, 130, 64)],
+    "triton_cuda": [(1, 1, 3), (37, 300, 19), (1000, 4097, 128), (3000, 20000, 256)],
+}
+
+
+def cases(with_shapes=True):
+    out = []
+    for name, (impl, device, marks) in BACKENDS.items():
+        if with_shapes:
+            out += [pytest.param(impl, device, *s, marks=marks, id=f"{name}-{'x'.join(map(str, s))}")
+                    for s in SHAPES[name]]
+        else:
+            out.append(pytest.param(impl, device, marks=marks, id=name))
+    return out
+
+
+def _inputs(m, k, d, device, dtype=torch.float32, scale=True):
+    a = torch.randn(m, d, dtype=torch.float64)
+    b = torch.randn(k, d, dtype=torch.float64)
+    if scale:  # large and tiny norms
+        a *= torch.logspace(-3, 3, m, dtype=torch.float64)[torch.randperm(m)][:, None]
+        b *= torch.logspace(-3, 3, k, dtype=torch.float64)[torch.randperm(k)][:, None]
+    return a.to(device, dtype), b.to(device, dtype)
+
+
+@pytest.mark.parametrize("impl,device,m,k,d", cases())
+def test_similarity_forward_backward(seed, impl, device, m, k, d):
+    a, b = _inputs(m, k, d, device)
+    a.requires_grad_(True)
+    b.requires_grad_(True)
+    s = fastclr.normalized_similarity(a, b, impl=impl)
+    assert s.shape == (m, k) and s.dtype == torch.float32
+    a64 = a.detach().cpu().double().requires_grad_(True)
+    b64 = b.detach().cpu().double().requires_grad_(True)
+    ref = reference.normalized_similarity(a64, b64)
+    torch.testing.assert_close(s.detach().cpu().double(), ref.detach(), rtol=0, atol=1e-5)
+    g = torch.randn(m, k, dtype=torch.float64)
+    s.backward(g.to(device, torch.float32))
+    ref.backward(g)
+    for x, x64 in ((a, a64), (b, b64)):
+        # rows scaled by their norm (a gradient scales as 1/||x_i||), so tiny- and huge-norm rows
+        # count alike; floor: D = 1 has an exactly-zero gradient, seen through rounding
+        n = x64.detach().norm(dim=1, keepdim=True)
+        num = ((x.grad.cpu().double() - x64.grad) * n).norm()
+        den = max((x64.grad * n).norm().item(), 1e-2 * g.norm().item())
+        assert num / den < 1e-4, num / den
+
+
+@pytest.mark.parametrize("impl,device", cases(with_shapes=False))
+def test_similarity_zero_rows_and_float64(seed, impl, device):
+    a, b = _inputs(5, 6, 9, device, scale=False)
+    a[2] = 0
+    b[4] = 0
+    a.requires_grad_(True)
+    s = fastclr.normalized_similarity(a, b, impl=impl)
+    assert (s[2] == 0).all() and (s[:, 4] == 0).all()
+    s.sum().backward()
+    a64 = a.detach().cpu().double().requires_grad_(True)
+    reference.normalized_similarity(a64, b.detach().cpu().double()).sum().backward()
+    torch.testing.assert_close(a.grad.cpu().double(), a64.grad, rtol=1e-4, atol=1e-6)  # g / eps rows too
+    if impl == "cpu":
+        a64, b64 = a.detach().double().requires_grad_(True), b.double().requires_grad_(True)
+        assert torch.autograd.gradcheck(
+            lambda x, y: fastclr.normalized_similarity(x, y, impl="cpu"), (a64 + 0.1, b64 + 0.1))
+        assert fastclr.normalized_similarity(a64, b64, impl="cpu").dtype == torch.float64
+
+
+@pytest.mark.parametrize("impl,device", cases(with_shapes=False))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_similarity_half(seed, impl, device, dtype):
+    if impl == "triton" and device == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("the interpreter's bf16 tl.dot is wrong (checked on a GPU)")
+    a, b = _inputs(37, 50, 64, device, dtype, scale=False)
+    s = fastclr.normalized_similarity(a, b, impl=impl)
+    assert s.dtype == torch.float32
+    ref = reference.normalized_similarity(a.cpu().double(), b.cpu().double())
+    # the same computation in PyTorch in the half dtype, as the error budget
+    torch_half = (F.normalize(a.cpu().float(), dim=1).to(dtype) @ F.normalize(b.cpu().float(), dim=1).to(dtype).T)
+    budget = (torch_half.double() - ref).abs().max().item()
+    assert (s.cpu().double() - ref).abs().max().item() <= 2 * budget + 1e-6
+
+
+@pytest.mark.parametrize("impl,device,m,k,d", cases())
+@pytest.mark.parametrize("topk", [1, 5, 200])
+def test_knn_topk_matches_reference(seed, impl, device, m, k, d, topk):
+    topk = min(topk, k)
+    q, bank = _inputs(m, k, d, device)
+    vals, idx = fastclr.knn_topk(q, bank, topk, impl=impl, chunk=97)
+    rv, ri = reference.knn_topk(q.cpu().double(), bank.cpu().double(), topk)
+    assert idx.dtype == torch.long and idx.shape == (m, topk)
+    torch.testing.assert_close(vals.cpu().double(), rv, rtol=0, atol=1e-5)
+    # indices equal the float64 reference's wherever the float32 values are not within rounding
+    # of each other (a float32 kernel cannot order what float64 separates by < 1e-6)
+    differ = idx.cpu() != ri
+    if differ.any():
+        gaps = (rv[differ] - reference.normalized_similarity(q.cpu().double(), bank.cpu().double())
+                .gather(1, idx.cpu())[differ]).abs()
+        assert gaps.max() < 1e-6, gaps.max()
+
+
+@pytest.mark.parametrize("impl,device", cases(with_shapes=False))
+def test_knn_topk_ties_and_zero_vectors(seed, impl, device):
+    base = torch.randn(20, 16)
+    # each distinct row 3 times at scattered positions, and scaled copies (same direction)
+    bank = torch.cat([base, base * 2.0, base * 0.5])[torch.randperm(60)]
+    bank[torch.randperm(60)[:4]] = 0  # zero vectors: similarity exactly 0
+    q = torch.cat([base[:7], torch.zeros(1, 16)])
+    bank, q = bank.to(device), q.to(device)
+    for topk in (1, 3, 10, 60):
+        vals, idx = fastclr.knn_topk(q, bank, topk, impl=impl, chunk=7)
+        rv, ri = reference.knn_topk(q.cpu().double(), bank.cpu().double(), topk)
+        # the zero query ties with everything at 0: it must get the bank in index order
+        assert idx[-1].tolist() == list(range(topk))
+        for row in range(q.shape[0] - 1):
+            v = vals[row].cpu().double()
+            # scaled copies give the same value up to rounding: among (near-)equal values the
+            # indices must be ascending
+            for t in range(topk - 1):
+                if abs(v[t] - v[t + 1]) < 1e-6:
+                    assert idx[row, t] < idx[row, t + 1], (row, t)
+        torch.testing.assert_close(vals.cpu().double(), rv, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl,device", cases(with_shapes=False))
+def test_knn_topk_exact_duplicates_equal_reference(seed, impl, device):
+    bank = torch.randn(50, 8).repeat(3, 1)  # rows j, j+50, j+100 identical
+    q = torch.randn(9, 8)
+    vals, idx = fastclr.knn_topk(q.to(device), bank.to(device), 12, impl=impl, chunk=33)
+    _, ri = reference.knn_topk(q.double(), bank.double(), 12)
+    assert torch.equal(idx.cpu(), ri)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (lambda q, b: fastclr.knn_topk(q, b, 0), "k must be between 1 and the number of bank rows"),
+    (lambda q, b: fastclr.knn_topk(q, b, 11), r"bank rows \(10\), got k=11"),
+    (lambda q, b: fastclr.knn_topk(q, b, 2.0), "k must be an int"),
+    (lambda q, b: fastclr.knn_topk(q, b, 2, chunk=0), "chunk must be a positive int"),
+    (lambda q, b: fastclr.knn_topk(q, b[:, :3], 2), "same number of columns"),
+    (lambda q, b: fastclr.knn_topk(q, b.double(), 2), "same dtype"),
+    (lambda q, b: fastclr.normalized_similarity(q[0], b), "a must be 2-D"),
+    (lambda q, b: fastclr.normalized_similarity(q.int(), b.int()), "must be float32"),
+    (lambda q, b: fastclr.normalized_similarity(q, b, impl="gpu"), "impl must be one of"),
+])
+def test_bad_inputs(bad, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        bad(torch.randn(4, 5), torch.randn(10, 5))
+
+
+def test_k_equal_bank_sorts_everything():
+    q, bank = torch.randn(3, 4), torch.randn(9, 4)
+    vals, idx = fastclr.knn_topk(q, bank, 9)
+    assert sorted(idx[0].tolist()) == list(range(9))
+    assert (vals[:, :-1] >= vals[:, 1:]).all()
+
+
+@needs_ext
+def test_opcheck_cpu_ops():
+    a, b = torch.randn(7, 5, requires_grad=True), torch.randn(11, 5, requires_grad=True)
+    torch.library.opcheck(torch.ops.fastclr.normalized_similarity, (a, b))
+    torch.library.opcheck(torch.ops.fastclr.knn_topk, (a.detach(), b.detach(), 3, 4))
+
+
+@pytest.mark.cuda
+def test_opcheck_triton_op_cuda():
+    a = torch.randn(70, 33, device="cuda", requires_grad=True)
+    b = torch.randn(130, 33, device="cuda", requires_grad=True)
+    torch.library.opcheck(torch.ops.fastclr.normalized_similarity_triton, (a, b))
+    f = torch.compile(lambda x, y: fastclr.normalized_similarity(x, y), fullgraph=True)
+    torch.testing.assert_close(f(a, b), fastclr.normalized_similarity(a, b))

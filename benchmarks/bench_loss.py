@@ -199,7 +199,8 @@ def fit_table(fits: list) -> str:
 
 def table(rows: list) -> str:
     """Markdown: one line per (M, impl); times in s, memory in MiB, ratio to naive."""
-    rows = [r for r in rows if r.get("kind") != "largest_batch"]
+    # skipped configurations (pml beyond its CPU limit) stay in the results file, not the table
+    rows = [r for r in rows if r.get("kind") != "largest_batch" and r.get("status") != "skipped"]
     naive = {(r["M"], r["D"]): r for r in rows if r["impl"] == "naive" and r.get("status") == "ok"}
     gpu = any(r.get("device") == "cuda" for r in rows)
     head = "| M | D | implementation | fwd (s) | fwd+bwd (s) | vs naive | peak extra memory (MiB) |"
@@ -207,7 +208,7 @@ def table(rows: list) -> str:
     if gpu:
         head, rule = head + " fwd+bwd TFLOP/s |", rule + "---:|"
     lines = [head, rule]
-    for r in sorted(rows, key=lambda r: (r["D"], r["M"], IMPLS.index(r["impl"]))):
+    for r in sorted(rows, key=lambda r: (r["M"], r["D"], IMPLS.index(r["impl"]))):
         if r.get("status") != "ok":
             lines.append(f"| {r['M']} | {r['D']} | {r['impl']} | {r['status']} | | | |" + (" |" if gpu else ""))
             continue

@@ -24,28 +24,39 @@ def _describe(x) -> str:
     return f"{type(x).__name__} {x!r}"
 
 
+def check_row_pair(fn: str, names, a, b, *, same_shape: bool) -> None:
+    """The input checks every public op shares: two 2-D float tensors (rows, D) of one dtype and
+    device, D >= 1, float64 only on CPU; the same shape when ``same_shape``, else the same D.
+    Errors name the function and the argument."""
+    rows = "(N, D)" if same_shape else "(rows, D)"
+    for name, x in zip(names, (a, b)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {_describe(x)}")
+        if x.dim() != 2:
+            raise ValueError(f"{fn}: {name} must be 2-D {rows}, got shape {tuple(x.shape)}")
+        if x.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{fn}: {name} must be float32, bfloat16, float16 or float64, got {x.dtype}")
+    (n1, n2) = names
+    if same_shape and a.shape != b.shape:
+        raise ValueError(f"{fn}: {n1} and {n2} must have the same shape, got {tuple(a.shape)} and "
+                         f"{tuple(b.shape)}")
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"{fn}: {n1} and {n2} must have the same number of columns D, got "
+                         f"{tuple(a.shape)} and {tuple(b.shape)}")
+    if a.dtype != b.dtype:
+        raise TypeError(f"{fn}: {n1} and {n2} must have the same dtype, got {a.dtype} and {b.dtype}")
+    if a.device != b.device:
+        raise ValueError(f"{fn}: {n1} and {n2} must be on the same device, got {a.device} and {b.device}")
+    if same_shape and (a.shape[0] < 1 or a.shape[1] < 1):
+        raise ValueError(f"{fn}: need N >= 1 rows and D >= 1 features, got shape {tuple(a.shape)}")
+    if a.shape[1] < 1:
+        raise ValueError(f"{fn}: need D >= 1 columns, got shape {tuple(a.shape)}")
+    if a.dtype == torch.float64 and a.device.type != "cpu":
+        raise TypeError(f"{fn}: float64 is supported on CPU only, got float64 on {a.device}")
+
+
 def _check_embeddings(z1, z2) -> None:
-    for name, z in (("z1", z1), ("z2", z2)):
-        if not isinstance(z, torch.Tensor):
-            raise TypeError(f"nt_xent_fused: {name} must be a torch.Tensor, got {_describe(z)}")
-        if z.dim() != 2:
-            raise ValueError(f"nt_xent_fused: {name} must be 2-D (N, D), got shape {tuple(z.shape)}")
-        if z.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"nt_xent_fused: {name} must be float32, bfloat16, float16 or float64, "
-                            f"got {z.dtype}")
-    if z1.shape != z2.shape:
-        raise ValueError(f"nt_xent_fused: z1 and z2 must have the same shape, got {tuple(z1.shape)} "
-                         f"and {tuple(z2.shape)}")
-    if z1.dtype != z2.dtype:
-        raise TypeError(f"nt_xent_fused: z1 and z2 must have the same dtype, got {z1.dtype} and {z2.dtype}")
-    if z1.device != z2.device:
-        raise ValueError(f"nt_xent_fused: z1 and z2 must be on the same device, got {z1.device} "
-                         f"and {z2.device}")
-    if z1.shape[0] < 1 or z1.shape[1] < 1:
-        raise ValueError(f"nt_xent_fused: need N >= 1 rows and D >= 1 features, got shape "
-                         f"{tuple(z1.shape)}")
-    if z1.dtype == torch.float64 and z1.device.type != "cpu":
-        raise TypeError(f"nt_xent_fused: float64 is supported on CPU only, got float64 on {z1.device}")
+    check_row_pair("nt_xent_fused", ("z1", "z2"), z1, z2, same_shape=True)
 
 
 def _temperature_tensor(temperature, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

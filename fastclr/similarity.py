@@ -10,32 +10,14 @@ from __future__ import annotations
 import torch
 
 from fastclr import ops, reference
+from fastclr.loss import check_row_pair
 
 IMPLS = ("auto", "reference", "cpu", "triton")
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 DEFAULT_CHUNK = 4096
 
 
 def _check_pair(fn: str, names, a, b) -> None:
-    for name, x in zip(names, (a, b)):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 2:
-            raise ValueError(f"{fn}: {name} must be 2-D (rows, D), got shape {tuple(x.shape)}")
-        if x.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{fn}: {name} must be float32, bfloat16, float16 or float64, got {x.dtype}")
-    if a.shape[1] != b.shape[1]:
-        raise ValueError(f"{fn}: {names[0]} and {names[1]} must have the same number of columns D, "
-                         f"got {tuple(a.shape)} and {tuple(b.shape)}")
-    if a.dtype != b.dtype:
-        raise TypeError(f"{fn}: {names[0]} and {names[1]} must have the same dtype, got {a.dtype} and {b.dtype}")
-    if a.device != b.device:
-        raise ValueError(f"{fn}: {names[0]} and {names[1]} must be on the same device, got {a.device} "
-                         f"and {b.device}")
-    if a.shape[1] < 1:
-        raise ValueError(f"{fn}: need D >= 1 columns, got shape {tuple(a.shape)}")
-    if a.dtype == torch.float64 and a.device.type != "cpu":
-        raise TypeError(f"{fn}: float64 is supported on CPU only, got float64 on {a.device}")
+    check_row_pair(fn, names, a, b, same_shape=False)
 
 
 def _resolve(fn: str, impl: str, device: torch.device, dtype: torch.dtype) -> str:

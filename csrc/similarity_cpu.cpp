@@ -108,7 +108,15 @@ struct Entry {
   int64_t j;
 };
 
-// "x is a worse neighbour than y": a lower value, or the same value and a higher index.
+// Scores are ranked by key(v): NaN counts as the highest score, as torch.sort ranks it (so the
+// reference's stable descending sort and this kernel agree on NaN rows too).
+template <typename T>
+FASTCLR_INLINE T key(T v) {
+  return v != v ? std::numeric_limits<T>::infinity() : v;
+}
+
+// "x is a worse neighbour than y": a lower value, or the same value and a higher index. Entries
+// hold keys (see key()), never NaN, so this is a strict weak order.
 template <typename T>
 FASTCLR_INLINE bool worse(const Entry<T>& x, const Entry<T>& y) {
   return x.v < y.v || (x.v == y.v && x.j > y.j);
@@ -143,7 +151,7 @@ FASTCLR_MULTIVERSION void scan_tile(const T* d, T rq, int64_t j0, int64_t kn, Ca
   if (c.n == 0 && kn >= 2 * kk) {
     // The first tile: one selection over all of it sets a high threshold at once.
     scratch.resize(kn);
-    for (int64_t t = 0; t < kn; ++t) scratch[t] = {d[t] * rq, j0 + t};
+    for (int64_t t = 0; t < kn; ++t) scratch[t] = {key(d[t] * rq), j0 + t};
     std::nth_element(scratch.begin(), scratch.begin() + (kk - 1), scratch.end(),
                      [](const Entry<T>& x, const Entry<T>& y) { return worse(y, x); });
     std::copy(scratch.begin(), scratch.begin() + kk, c.buf);
@@ -153,7 +161,7 @@ FASTCLR_MULTIVERSION void scan_tile(const T* d, T rq, int64_t j0, int64_t kn, Ca
   }
   auto walk = [&](int64_t lo, int64_t hi) {
     for (int64_t t = lo; t < hi; ++t) {
-      const T v = d[t] * rq;
+      const T v = key(d[t] * rq);
       if (v > c.thr) {
         c.buf[c.n++] = {v, j0 + t};
         if (c.n == 2 * kk) c.compact(kk);
@@ -166,7 +174,7 @@ FASTCLR_MULTIVERSION void scan_tile(const T* d, T rq, int64_t j0, int64_t kn, Ca
     const T lim = c.thr / rq * (T(1) - T(4) * std::numeric_limits<T>::epsilon());
     int any = 0;
 #pragma omp simd reduction(| : any)
-    for (int64_t u = 0; u < kBlock; ++u) any |= (d[j + u] > lim);
+    for (int64_t u = 0; u < kBlock; ++u) any |= !(d[j + u] <= lim);  // NaN passes too
     if (any) walk(j, j + kBlock);
   }
   walk(j, kn);
@@ -175,12 +183,16 @@ FASTCLR_MULTIVERSION void scan_tile(const T* d, T rq, int64_t j0, int64_t kn, Ca
 // sum_d x[d] * y[d] in float64, always in the same order: identical rows give identical sums.
 template <typename T>
 FASTCLR_MULTIVERSION double exact_dot(const T* x, const T* y, int64_t d) {
-  double acc[4] = {0, 0, 0, 0};
+  constexpr int kLanes = 8;  // independent partial sums: one vector of doubles, fixed order
+  double acc[kLanes] = {};
   int64_t t = 0;
-  for (; t + 4 <= d; t += 4)
-    for (int u = 0; u < 4; ++u) acc[u] += static_cast<double>(x[t + u]) * static_cast<double>(y[t + u]);
+  for (; t + kLanes <= d; t += kLanes) {
+#pragma omp simd
+    for (int u = 0; u < kLanes; ++u)
+      acc[u] += static_cast<double>(x[t + u]) * static_cast<double>(y[t + u]);
+  }
   for (; t < d; ++t) acc[0] += static_cast<double>(x[t]) * static_cast<double>(y[t]);
-  return (acc[0] + acc[1]) + (acc[2] + acc[3]);
+  return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
 }
 
 template <typename T>
@@ -246,12 +258,13 @@ std::tuple<at::Tensor, at::Tensor> knn_topk_cpu(const at::Tensor& q_in, const at
           const double rqi = exact_inv_norm(qi, dim);
           for (int64_t t = 0; t < kk; ++t) {
             const T* bj = bank_p + h[t].j * dim;
-            exact[t] = {exact_dot(qi, bj, dim) * rqi * rb_exact[h[t].j], h[t].j};
+            exact[t] = {key(exact_dot(qi, bj, dim) * rqi * rb_exact[h[t].j]), h[t].j};
           }
           std::partial_sort(exact.begin(), exact.begin() + k, exact.end(),
                             [](const Entry<double>& x, const Entry<double>& y) { return worse(y, x); });
           for (int64_t t = 0; t < k; ++t) {
-            val_p[(q0 + i) * k + t] = static_cast<T>(exact[t].v);
+            const double v = exact[t].v;  // a NaN score was ranked as +inf; give it back as NaN
+            val_p[(q0 + i) * k + t] = static_cast<T>(std::isinf(v) ? std::numeric_limits<double>::quiet_NaN() : v);
             idx_p[(q0 + i) * k + t] = exact[t].j;
           }
         }

@@ -192,3 +192,18 @@ def test_opcheck_triton_op_cuda():
     torch.library.opcheck(torch.ops.fastclr.normalized_similarity_triton, (a, b))
     f = torch.compile(lambda x, y: fastclr.normalized_similarity(x, y), fullgraph=True)
     torch.testing.assert_close(f(a, b), fastclr.normalized_similarity(a, b))
+
+
+@pytest.mark.parametrize("impl,device", cases(with_shapes=False))
+@pytest.mark.parametrize("nbank, chunk", [(40, 9), (200, None)])  # the second: one-pass first tile
+def test_knn_topk_nan_ranks_like_the_reference(impl, device, nbank, chunk):
+    """A NaN score ranks highest, as in torch.sort (the reference): a NaN query gets the first k
+    bank rows with NaN values; a NaN bank row is every query's first neighbour."""
+    q, bank = torch.randn(6, 8), torch.randn(nbank, 8)
+    q[1, 3] = float("nan")
+    bank[17, 0] = float("nan")
+    vals, idx = fastclr.knn_topk(q.to(device), bank.to(device), 5, impl=impl, chunk=chunk)
+    rv, ri = reference.knn_topk(q.double(), bank.double(), 5)
+    assert torch.equal(idx.cpu(), ri)
+    assert torch.equal(vals.cpu().isnan(), rv.isnan())
+    assert idx[1].tolist() == [0, 1, 2, 3, 4] and (idx[[0, 2, 3, 4, 5], 0] == 17).all()

@@ -183,16 +183,12 @@ FASTCLR_MULTIVERSION void scan_tile(const T* d, T rq, int64_t j0, int64_t kn, Ca
 // sum_d x[d] * y[d] in float64, always in the same order: identical rows give identical sums.
 template <typename T>
 FASTCLR_MULTIVERSION double exact_dot(const T* x, const T* y, int64_t d) {
-  constexpr int kLanes = 8;  // independent partial sums: one vector of doubles, fixed order
-  double acc[kLanes] = {};
+  double acc[4] = {0, 0, 0, 0};  // independent partial sums in a fixed order
   int64_t t = 0;
-  for (; t + kLanes <= d; t += kLanes) {
-#pragma omp simd
-    for (int u = 0; u < kLanes; ++u)
-      acc[u] += static_cast<double>(x[t + u]) * static_cast<double>(y[t + u]);
-  }
+  for (; t + 4 <= d; t += 4)
+    for (int u = 0; u < 4; ++u) acc[u] += static_cast<double>(x[t + u]) * static_cast<double>(y[t + u]);
   for (; t < d; ++t) acc[0] += static_cast<double>(x[t]) * static_cast<double>(y[t]);
-  return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+  return (acc[0] + acc[1]) + (acc[2] + acc[3]);
 }
 
 template <typename T>

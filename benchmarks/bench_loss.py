@@ -252,7 +252,7 @@ def main(argv=None):
     sizes = args.sizes or ([4096, 16384, 65536] if gpu else [2048, 8192, 16384])
     dtype = args.dtype or ("bf16" if gpu else "float32")
     impls = args.impls or (["fused", "cuda", "naive", "lightly", "pml", "infcl"] if gpu
-                           else ["fused", "naive", "lightly", "pml"])
+                           else ["fused", "reference", "naive", "lightly", "pml"])
     if any(m < 2 or m % 2 for m in sizes):
         p.error("--sizes must be even and >= 2 (M = 2N rows)")
 

@@ -20,7 +20,8 @@ import time
 PARTS = {
     "loss": ("benchmarks.bench_loss",
              ["--sizes", "512", "2048", "8192", "16384", "--dims", "128", "--sweep-dims", "32", "512",
-              "--sweep-m", "4096", "--repeats", "3", "--budget-mb", "1024", "--timeout", "600"],
+              "--sweep-m", "4096", "--repeats", "3", "--budget-mb", "1024", "--max-search-m", "65536",
+              "--timeout", "600"],
              ["--sizes", "4096", "16384", "65536", "--dims", "128", "--sweep-dims", "64", "512",
               "--sweep-m", "16384", "--repeats", "10", "--budget-mb", "16384",
               "--impls", "fused", "cuda", "naive", "lightly", "pml", "infcl"]),

@@ -166,6 +166,18 @@ def _synthetic(n: int, size: int) -> ArrayDataset:
     return ArrayDataset("synthetic", x[k:], y[k:], x[:k], y[:k], 10, IMAGENET_MEAN, IMAGENET_STD)
 
 
+def shard_indices(n: int, global_batch: int, local: int, rank: int, seed: int, epoch: int,
+                  start: int = 0):
+    """Yields this rank's indices of global batches ``start..n // global_batch - 1`` of ``epoch``:
+    the permutation drawn from ``(seed, epoch)``, global batch ``k`` its slice
+    ``[k B, (k + 1) B)``, rank ``r`` the ``r``-th ``local``-sized part of that."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(n, generator=g)
+    for k in range(start, n // global_batch):
+        lo = k * global_batch + rank * local
+        yield perm[lo:lo + local]
+
+
 class ArrayBatches:
     """Global batches of an in-memory dataset, deterministic and resumable.
 
@@ -195,11 +207,8 @@ class ArrayBatches:
 
     def epoch(self, epoch: int, start: int = 0):
         """Yields ``(uint8 (b, 3, H, W), labels (b,))`` for batches ``start..len-1`` of ``epoch``."""
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        perm = torch.randperm(len(self.images), generator=g)
-        for k in range(start, len(self)):
-            lo = k * self.global_batch + self.rank * self.local
-            idx = perm[lo:lo + self.local]
+        for idx in shard_indices(len(self.images), self.global_batch, self.local, self.rank,
+                                 self.seed, epoch, start):
             yield self.images[idx].permute(0, 3, 1, 2), self.labels[idx]
 
 

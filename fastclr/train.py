@@ -195,10 +195,8 @@ class _FolderBatches:
         return len(self.ds) // self.global_batch
 
     def epoch(self, epoch, start=0):
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        perm = torch.randperm(len(self.ds), generator=g)
-        idx = [perm[k * self.global_batch + self.rank * self.local:][:self.local]
-               for k in range(start, len(self))]
+        idx = list(data_mod.shard_indices(len(self.ds), self.global_batch, self.local, self.rank,
+                                          self.seed, epoch, start))
         idx = torch.cat(idx).tolist() if idx else []
         loader = torch.utils.data.DataLoader(torch.utils.data.Subset(self.ds, idx),
                                              batch_size=self.local, num_workers=self.workers,

@@ -122,6 +122,12 @@ FASTCLR_INLINE bool worse(const Entry<T>& x, const Entry<T>& y) {
   return x.v < y.v || (x.v == y.v && x.j > y.j);
 }
 
+// "x is a better neighbour than y", the order of the output.
+template <typename T>
+FASTCLR_INLINE bool better(const Entry<T>& x, const Entry<T>& y) {
+  return worse(y, x);
+}
+
 // The running candidates of one query: an unordered buffer of up to 2 kk entries; when it fills,
 // nth_element keeps the best kk and the worst kept value becomes the threshold a new score must
 // beat. Cheaper than a heap (an append per candidate, a linear partition every kk candidates).
@@ -132,8 +138,7 @@ struct Candidates {
   T thr = -std::numeric_limits<T>::infinity();
 
   void compact(int64_t kk) {
-    std::nth_element(buf, buf + (kk - 1), buf + n,
-                     [](const Entry<T>& x, const Entry<T>& y) { return worse(y, x); });
+    std::nth_element(buf, buf + (kk - 1), buf + n, better<T>);
     n = kk;
     thr = buf[kk - 1].v;
   }
@@ -143,7 +148,8 @@ struct Candidates {
 // bank rows j0..; the query's inverse norm rq turns them into similarities. Blocks of 16 are
 // first tested as one vector comparison with the threshold (in d's units: thr / rq); only a
 // block with a score above it is walked element by element. Bank indices only grow, so a score
-// equal to the threshold never beats a kept entry: strict '>'. (NaN scores never enter.)
+// equal to the threshold never beats a kept entry: strict '>'. A NaN score enters as key()
+// +inf, and the block test lets it through (!(d <= lim)).
 template <typename T>
 FASTCLR_MULTIVERSION void scan_tile(const T* d, T rq, int64_t j0, int64_t kn, Candidates<T>& c,
                                     int64_t kk, std::vector<Entry<T>>& scratch) {
@@ -152,8 +158,7 @@ FASTCLR_MULTIVERSION void scan_tile(const T* d, T rq, int64_t j0, int64_t kn, Ca
     // The first tile: one selection over all of it sets a high threshold at once.
     scratch.resize(kn);
     for (int64_t t = 0; t < kn; ++t) scratch[t] = {key(d[t] * rq), j0 + t};
-    std::nth_element(scratch.begin(), scratch.begin() + (kk - 1), scratch.end(),
-                     [](const Entry<T>& x, const Entry<T>& y) { return worse(y, x); });
+    std::nth_element(scratch.begin(), scratch.begin() + (kk - 1), scratch.end(), better<T>);
     std::copy(scratch.begin(), scratch.begin() + kk, c.buf);
     c.n = kk;
     c.thr = c.buf[kk - 1].v;
@@ -256,8 +261,7 @@ std::tuple<at::Tensor, at::Tensor> knn_topk_cpu(const at::Tensor& q_in, const at
             const T* bj = bank_p + h[t].j * dim;
             exact[t] = {key(exact_dot(qi, bj, dim) * rqi * rb_exact[h[t].j]), h[t].j};
           }
-          std::partial_sort(exact.begin(), exact.begin() + k, exact.end(),
-                            [](const Entry<double>& x, const Entry<double>& y) { return worse(y, x); });
+          std::partial_sort(exact.begin(), exact.begin() + k, exact.end(), better<double>);
           for (int64_t t = 0; t < k; ++t) {
             const double v = exact[t].v;  // a NaN score was ranked as +inf; give it back as NaN
             val_p[(q0 + i) * k + t] = static_cast<T>(std::isinf(v) ? std::numeric_limits<double>::quiet_NaN() : v);

@@ -1,9 +1,13 @@
-"""The autograd formula shared by every backend's NT-Xent forward op.
+"""The autograd formulas shared by every backend's forward ops.
 
-Each backend registers a forward op returning (row_loss, lse, norm, rank) and a backward op
-(grad_rows, z1, z2, temperature, norm, lse) -> (grad_z1, grad_z2, grad_temperature); this
+NT-Xent: each backend registers a forward op returning (row_loss, lse, norm, rank) and a backward
+op (grad_rows, z1, z2, temperature, norm, lse) -> (grad_z1, grad_z2, grad_temperature); this
 wires them together, saving only z, the temperature, the norms and the logsumexps.
+
+Normalized similarity: every backend's forward (a, b) -> s shares the composite
+``fastclr::normalized_similarity_backward`` (grad, a, b, s).
 """
+import torch
 
 
 def autograd_formula(backward_op):
@@ -23,3 +27,12 @@ def autograd_formula(backward_op):
         return grad_z1, grad_z2, grad_t, None
 
     return backward, setup_context
+
+
+def similarity_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs, output)
+
+
+def similarity_backward(ctx, grad):
+    a, b, out = ctx.saved_tensors
+    return torch.ops.fastclr.normalized_similarity_backward(grad, a, b, out)

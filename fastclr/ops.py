@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from fastclr._autograd import autograd_formula
+from fastclr._autograd import autograd_formula, similarity_backward, similarity_setup_context
 from fastclr.reference import accumulation_dtype
 
 try:
@@ -97,12 +97,5 @@ if _C is not None:
         vals = queries.new_empty((queries.shape[0], k), dtype=accumulation_dtype(queries.dtype))
         return vals, queries.new_empty((queries.shape[0], k), dtype=torch.long)
 
-    def _similarity_setup(ctx, inputs, output):
-        ctx.save_for_backward(*inputs, output)
-
-    def _similarity_backward(ctx, grad):
-        a, b, out = ctx.saved_tensors
-        return torch.ops.fastclr.normalized_similarity_backward(grad, a, b, out)
-
-    torch.library.register_autograd("fastclr::normalized_similarity", _similarity_backward,
-                                    setup_context=_similarity_setup)
+    torch.library.register_autograd("fastclr::normalized_similarity", similarity_backward,
+                                    setup_context=similarity_setup_context)

@@ -16,10 +16,6 @@ IMPLS = ("auto", "reference", "cpu", "triton")
 DEFAULT_CHUNK = 4096
 
 
-def _check_pair(fn: str, names, a, b) -> None:
-    check_row_pair(fn, names, a, b, same_shape=False)
-
-
 def _resolve(fn: str, impl: str, device: torch.device, dtype: torch.dtype) -> str:
     if impl not in IMPLS:
         raise ValueError(f"{fn}: impl must be one of {IMPLS}, got {impl!r}")
@@ -56,7 +52,7 @@ def normalized_similarity(a: torch.Tensor, b: torch.Tensor, *, impl: str = "auto
         (M, K), float32 for half inputs (float32 accumulation), the input dtype otherwise.
         Differentiable in a and b (through the normalisation, F.normalize semantics).
     """
-    _check_pair("normalized_similarity", ("a", "b"), a, b)
+    check_row_pair("normalized_similarity", ("a", "b"), a, b, same_shape=False)
     backend = _resolve("normalized_similarity", impl, a.device, a.dtype)
     if backend == "reference":
         return reference.normalized_similarity(a, b)
@@ -79,7 +75,7 @@ def knn_topk(queries: torch.Tensor, bank: torch.Tensor, k: int, *, impl: str = "
         ``(values, indices)``: (M, k) similarities, best first (float32 for half inputs), and
         (M, k) int64 bank row indices.
     """
-    _check_pair("knn_topk", ("queries", "bank"), queries, bank)
+    check_row_pair("knn_topk", ("queries", "bank"), queries, bank, same_shape=False)
     if isinstance(k, bool) or not isinstance(k, int):
         raise TypeError(f"knn_topk: k must be an int, got {type(k).__name__} {k!r}")
     if not 1 <= k <= bank.shape[0]:

@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from fastclr._autograd import similarity_backward, similarity_setup_context
 from fastclr.triton.nt_xent import INTERPRETED, NORM_EPS, _pow2_at_least, _precision
 
 
@@ -64,14 +65,4 @@ def normalized_similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _setup_context(ctx, inputs, output):
-    a, b = inputs
-    ctx.save_for_backward(a, b, output)
-
-
-def _backward(ctx, grad):
-    a, b, out = ctx.saved_tensors
-    return torch.ops.fastclr.normalized_similarity_backward(grad, a, b, out)
-
-
-normalized_similarity.register_autograd(_backward, setup_context=_setup_context)
+normalized_similarity.register_autograd(similarity_backward, setup_context=similarity_setup_context)

@@ -202,9 +202,9 @@ def nt_xent_fused(z1: torch.Tensor, z2: torch.Tensor, temperature=0.5, *, impl: 
     if reduction not in REDUCTIONS:
         raise ValueError(f"nt_xent_fused: reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if process_group is not None and distributed.is_distributed(process_group):
-        n = z1.shape[0]
-        g1 = distributed.all_gather_with_grad(z1, process_group)
-        g2 = distributed.all_gather_with_grad(z2, process_group)
+        n, d = z1.shape
+        # both views in one collective (and one shape check): [z1 | z2] side by side
+        g1, g2 = distributed.all_gather_with_grad(torch.cat([z1, z2], dim=1), process_group).split(d, dim=1)
         out = nt_xent_fused(g1, g2, temperature, impl=impl, reduction="none",
                             return_accuracy=return_accuracy)
         rows, acc = out if return_accuracy else (out, None)

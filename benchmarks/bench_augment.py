@@ -119,8 +119,7 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--out-dir")
-    p.add_argument("--no-save", action="store_true")
+    common.add_output_args(p)
     args = p.parse_args(argv)
     rows = []
     for size in args.sizes:
@@ -141,11 +140,8 @@ def main(argv=None):
                                                                          args.repeats)})
     meta = {"machine": common.machine(args.device),
             "versions": common.versions("torch", "torchvision", "fastclr", "nvidia-dali-cuda130")}
-    where = common.where(meta)
-    print(f"\nTwo-view SimCLR augmentation, {where}\n")
-    print(table(rows))
-    if not args.no_save:
-        print(f"\nresults: {common.write_results('augment', 'benchmarks.bench_augment', rows, meta, args.out_dir, argv)}")
+    common.publish("augment", "benchmarks.bench_augment",
+                   f"Two-view SimCLR augmentation, {common.where(meta)}", table(rows), rows, meta, args, argv)
 
 
 if __name__ == "__main__":

@@ -168,8 +168,7 @@ def main(argv=None):
     p.add_argument("--k", type=int, default=200)
     p.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--out-dir")
-    p.add_argument("--no-save", action="store_true")
+    common.add_output_args(p)
     p.add_argument("--worker", nargs=7, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
@@ -200,10 +199,8 @@ def main(argv=None):
             r["search_s"] = statistics.median(times[r["impl"]])
     meta = {"machine": common.machine(args.device),
             "versions": common.versions("torch", "fastclr", "faiss-cpu")}
-    print(f"\nkNN search, float32, {common.where(meta)}\n")
-    print(table(rows))
-    if not args.no_save:
-        print(f"\nresults: {common.write_results('knn', 'benchmarks.bench_knn', rows, meta, args.out_dir, argv)}")
+    common.publish("knn", "benchmarks.bench_knn", f"kNN search, float32, {common.where(meta)}",
+                   table(rows), rows, meta, args, argv)
 
 
 if __name__ == "__main__":

@@ -111,8 +111,7 @@ def main(argv=None):
     p.add_argument("--optimizers", nargs="+", choices=OPTIMIZERS)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--out-dir")
-    p.add_argument("--no-save", action="store_true")
+    common.add_output_args(p)
     args = p.parse_args(argv)
     names = args.optimizers or [n for n in OPTIMIZERS
                                 if not (args.device == "cpu" and n == "fastclr-cuda")
@@ -122,11 +121,9 @@ def main(argv=None):
         rows += bench_model(arch, names, args.device, args.repeats, args.warmup)
     meta = {"machine": common.machine(args.device),
             "versions": common.versions("torch", "torchvision", "fastclr", "lightly", "timm")}
-    where = common.where(meta)
-    print(f"\nLARS step, float32, {where}, torch {meta['versions']['torch']}\n")
-    print(table(rows))
-    if not args.no_save:
-        print(f"\nresults: {common.write_results('lars', 'benchmarks.bench_lars', rows, meta, args.out_dir, argv)}")
+    common.publish("lars", "benchmarks.bench_lars",
+                   f"LARS step, float32, {common.where(meta)}, torch {meta['versions']['torch']}",
+                   table(rows), rows, meta, args, argv)
 
 
 if __name__ == "__main__":

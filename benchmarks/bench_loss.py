@@ -197,6 +197,17 @@ def fit_table(fits: list) -> str:
     return "\n".join(lines)
 
 
+def tables(rows: list) -> str:
+    """The timing table, then the largest-batch table when the rows hold a search."""
+    out = table(rows)
+    fits = [r for r in rows if r.get("kind") == "largest_batch"]
+    if fits:
+        out += (f"\n\nLargest M (doubling from 1024) whose forward+backward fits in "
+                f"{fits[0]['budget_mb']:.0f} MiB of extra memory, D = {fits[0]['D']}:\n\n"
+                + fit_table(fits))
+    return out
+
+
 def table(rows: list) -> str:
     """Markdown: one line per (M, impl); times in s, memory in MiB, ratio to naive."""
     # skipped configurations (pml beyond its CPU limit) stay in the results file, not the table
@@ -231,8 +242,7 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--temperature", type=float, default=0.5)
     p.add_argument("--timeout", type=float, default=900, help="seconds per configuration")
-    p.add_argument("--out-dir", help="write the results file here instead of benchmarks/results")
-    p.add_argument("--no-save", action="store_true", help="print only, write no results file")
+    common.add_output_args(p)
     p.add_argument("--sweep-dims", type=int, nargs="*", default=[],
                    help="extra D values, measured at --sweep-m only")
     p.add_argument("--sweep-m", type=int, default=4096)
@@ -274,19 +284,11 @@ def main(argv=None):
             "versions": common.versions("torch", "triton", "fastclr", "lightly",
                                         "pytorch-metric-learning", "inf-cl"),
             "peers": {k: PEERS[k] for k in impls}}
-    where = common.where(meta)
-    print(f"\nNT-Xent forward+backward, {DTYPES[dtype]}, {where}, "
-          f"torch {meta['versions']['torch']}\n")
-    print(table(rows))
     if fits:
-        print(f"\nLargest M (doubling from 1024) whose forward+backward fits in {args.budget_mb:.0f} MiB "
-              f"of extra memory, D = {args.dims[0]}\n")
-        print(fit_table(fits))
         meta["budget_mb"] = args.budget_mb
-        rows += fits
-    if not args.no_save:
-        path = common.write_results("loss", "benchmarks.bench_loss", rows, meta, args.out_dir, argv)
-        print(f"\nresults: {path}")
+    common.publish("loss", "benchmarks.bench_loss",
+                   f"NT-Xent forward+backward, {DTYPES[dtype]}, {common.where(meta)}, "
+                   f"torch {meta['versions']['torch']}", tables(rows + fits), rows + fits, meta, args, argv)
 
 
 if __name__ == "__main__":

@@ -160,8 +160,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, help="timed steps per configuration (default: 3 CPU, 10 GPU)")
     p.add_argument("--workers", type=int, default=2, help="torchvision DataLoader processes")
     p.add_argument("--swaps", nargs="*", help="which swaps, as component=choice (default: all)")
-    p.add_argument("--out-dir")
-    p.add_argument("--no-save", action="store_true")
+    common.add_output_args(p)
     args = p.parse_args(argv)
     gpu = args.device == "cuda"
     device = torch.device(args.device)
@@ -189,11 +188,9 @@ def main(argv=None):
     meta = {"machine": common.machine(args.device),
             "versions": common.versions("torch", "torchvision", "fastclr", "lightly", "nvidia-dali-cuda130"),
             "image_size": size, "steps": steps}
-    print(f"\nSimCLR training step, synthetic {size}x{size} images, {common.where(meta)}"
-          f"{', bf16' if gpu else ', float32'}\n")
-    print(table(rows))
-    if not args.no_save:
-        print(f"\nresults: {common.write_results('train', 'benchmarks.bench_train', rows, meta, args.out_dir, argv)}")
+    common.publish("train", "benchmarks.bench_train",
+                   f"SimCLR training step, synthetic {size}x{size} images, {common.where(meta)}, "
+                   f"{'bf16' if gpu else 'float32'}", table(rows), rows, meta, args, argv)
 
 
 if __name__ == "__main__":

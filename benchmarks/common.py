@@ -67,6 +67,21 @@ def write_results(kind: str, module: str, rows: list, meta: dict, out_dir=None, 
     return path
 
 
+def add_output_args(parser) -> None:
+    """--out-dir and --no-save, as every benchmark script takes them."""
+    parser.add_argument("--out-dir", help="write the results file here instead of benchmarks/results")
+    parser.add_argument("--no-save", action="store_true", help="print only, write no results file")
+
+
+def publish(kind: str, module: str, title: str, table: str, rows: list, meta: dict, args, argv) -> None:
+    """Prints a benchmark's title and markdown table, then writes its results file (unless
+    --no-save) and says where."""
+    print(f"\n{title}\n")
+    print(table)
+    if not args.no_save:
+        print(f"\nresults: {write_results(kind, module, rows, meta, args.out_dir, argv)}")
+
+
 def rss_bytes(field: str = "VmRSS:") -> int:
     """Resident memory (VmRSS) or its high-water mark (VmHWM) of this process, in bytes."""
     with open("/proc/self/status") as f:

@@ -126,15 +126,7 @@ def plot_knn(d, path):
 
 def tables(kind, d) -> str:
     from benchmarks import bench_augment, bench_knn, bench_lars, bench_loss, bench_train
-    if kind == "loss":
-        out = bench_loss.table(d["rows"])
-        fits = [r for r in d["rows"] if r.get("kind") == "largest_batch"]
-        if fits:
-            out += (f"\n\nLargest M (doubling from 1024) whose forward+backward fits in "
-                    f"{fits[0]['budget_mb']:.0f} MiB of extra memory, D = {fits[0]['D']}:\n\n"
-                    + bench_loss.fit_table(fits))
-        return out
-    return {"lars": bench_lars.table, "augment": bench_augment.table, "train": bench_train.table,
+    return {"loss": bench_loss.tables, "lars": bench_lars.table, "augment": bench_augment.table, "train": bench_train.table,
             "knn": bench_knn.table}[kind](d["rows"])
 
 

@@ -4,11 +4,15 @@
 // (BLAS, at::mm on tiles) and the two inverse norms are applied in the epilogue, so no
 // normalised copy of a or b is ever made.
 //
-// knn_topk streams over tiles of TQ queries x TK bank rows: one BLAS product per tile into a
-// reused TQ x TK buffer, then, per query (in parallel), one pass over the tile that keeps the
-// k + kExtra best (Candidates: a buffer pruned by nth_element; a threshold, the worst kept
-// value, rejects almost every score with one vector comparison per 16). The survivors are re-scored in float64 and the best k kept, best first, ties
-// to the lower bank index. Memory: O(TQ*TK + M*(k + kExtra)) beyond the inputs, never M x K.
+// knn_topk is exact (the same k rows, same order, as the float64 reference) but does its heavy
+// product in a cheap precision: per block of queries and tile of bank rows, one GEMM of the
+// unit-scaled rows in the screening precision (bfloat16 on CPUs with bf16 dot instructions,
+// else float32) gives every score up to a proven bound delta; a threshold test (one vector
+// comparison per 16 scores) discards every row that cannot reach the running k-th best exact
+// score, and the few that might are re-scored in float64 with a fixed summation order (identical
+// rows tie exactly, ties go to the lower bank index). Memory: the scaled copies of the inputs
+// in the screening precision, one score tile per thread and O(k) per query of a block -- never
+// M x K.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -17,8 +21,17 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <string>
 #include <limits>
+#include <type_traits>
 #include <vector>
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #include "cpu_utils.h"
 
@@ -26,13 +39,8 @@ namespace fastclr {
 namespace {
 
 constexpr double kNormEps = 1e-12;  // as F.normalize
-constexpr int64_t kQueryTile = 1024;
-// The BLAS pass keeps k + kExtra candidates per query; they are then re-scored exactly (float64,
-// a fixed summation order) and the best k kept. BLAS rounds a product differently depending on
-// where its rows sit in a tile, so identical bank rows can get float32 scores one ulp apart; the
-// re-scoring makes exact ties exact again (ties then go to the lower index, deterministically)
-// and orders near-ties as float64 does.
-constexpr int64_t kExtra = 32;
+// queries per GEMM: a block per thread (single-threaded GEMMs measured fastest at 512 x 1024)
+constexpr int64_t kQueryTile = 512;
 
 at::ScalarType acc_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
@@ -102,9 +110,9 @@ std::tuple<at::Tensor, at::Tensor> normalized_similarity_backward(const at::Tens
   return {ga.to(a_in.scalar_type()), gb.to(b_in.scalar_type())};
 }
 
-template <typename T>
+// A candidate neighbour: a score (see key()) and its bank row.
 struct Entry {
-  T v;
+  double v;
   int64_t j;
 };
 
@@ -115,75 +123,13 @@ FASTCLR_INLINE T key(T v) {
   return v != v ? std::numeric_limits<T>::infinity() : v;
 }
 
-// "x is a worse neighbour than y": a lower value, or the same value and a higher index. Entries
-// hold keys (see key()), never NaN, so this is a strict weak order.
-template <typename T>
-FASTCLR_INLINE bool worse(const Entry<T>& x, const Entry<T>& y) {
-  return x.v < y.v || (x.v == y.v && x.j > y.j);
-}
-
-// "x is a better neighbour than y", the order of the output.
-template <typename T>
-FASTCLR_INLINE bool better(const Entry<T>& x, const Entry<T>& y) {
-  return worse(y, x);
-}
-
-// The running candidates of one query: an unordered buffer of up to 2 kk entries; when it fills,
-// nth_element keeps the best kk and the worst kept value becomes the threshold a new score must
-// beat. Cheaper than a heap (an append per candidate, a linear partition every kk candidates).
-template <typename T>
-struct Candidates {
-  Entry<T>* buf;
-  int64_t n = 0;
-  T thr = -std::numeric_limits<T>::infinity();
-
-  void compact(int64_t kk) {
-    std::nth_element(buf, buf + (kk - 1), buf + n, better<T>);
-    n = kk;
-    thr = buf[kk - 1].v;
+// "x is a better neighbour than y": a higher score, or the same score and a lower index (the
+// order of the output). Entries hold keys, never NaN, so this is a strict weak order.
+struct Better {
+  FASTCLR_INLINE bool operator()(const Entry& x, const Entry& y) const {
+    return x.v > y.v || (x.v == y.v && x.j < y.j);
   }
 };
-
-// One query against one tile: d[0..kn) = q . b_j / ||b_j|| (the bank tile is pre-scaled) for
-// bank rows j0..; the query's inverse norm rq turns them into similarities. Blocks of 16 are
-// first tested as one vector comparison with the threshold (in d's units: thr / rq); only a
-// block with a score above it is walked element by element. Bank indices only grow, so a score
-// equal to the threshold never beats a kept entry: strict '>'. A NaN score enters as key()
-// +inf, and the block test lets it through (!(d <= lim)).
-template <typename T>
-FASTCLR_MULTIVERSION void scan_tile(const T* d, T rq, int64_t j0, int64_t kn, Candidates<T>& c,
-                                    int64_t kk, std::vector<Entry<T>>& scratch) {
-  constexpr int64_t kBlock = 16;
-  if (c.n == 0 && kn >= 2 * kk) {
-    // The first tile: one selection over all of it sets a high threshold at once.
-    scratch.resize(kn);
-    for (int64_t t = 0; t < kn; ++t) scratch[t] = {key(d[t] * rq), j0 + t};
-    std::nth_element(scratch.begin(), scratch.begin() + (kk - 1), scratch.end(), better<T>);
-    std::copy(scratch.begin(), scratch.begin() + kk, c.buf);
-    c.n = kk;
-    c.thr = c.buf[kk - 1].v;
-    return;
-  }
-  auto walk = [&](int64_t lo, int64_t hi) {
-    for (int64_t t = lo; t < hi; ++t) {
-      const T v = key(d[t] * rq);
-      if (v > c.thr) {
-        c.buf[c.n++] = {v, j0 + t};
-        if (c.n == 2 * kk) c.compact(kk);
-      }
-    }
-  };
-  int64_t j = 0;
-  for (; j + kBlock <= kn; j += kBlock) {
-    // rq > 0, so d > thr / rq <=> d * rq > thr up to one rounding: the walk decides exactly
-    const T lim = c.thr / rq * (T(1) - T(4) * std::numeric_limits<T>::epsilon());
-    int any = 0;
-#pragma omp simd reduction(| : any)
-    for (int64_t u = 0; u < kBlock; ++u) any |= !(d[j + u] <= lim);  // NaN passes too
-    if (any) walk(j, j + kBlock);
-  }
-  walk(j, kn);
-}
 
 // sum_d x[d] * y[d] in float64, always in the same order: identical rows give identical sums.
 template <typename T>
@@ -202,74 +148,332 @@ double exact_inv_norm(const T* x, int64_t d) {
   return 1.0 / (n > kNormEps ? n : kNormEps);
 }
 
+// The product pass of knn_topk runs in a screening precision G: bfloat16 where the CPU has
+// native bfloat16 dot products (AVX512-BF16 / AMX: twice float32's throughput), float32
+// elsewhere, float64 for float64 inputs. FASTCLR_KNN_SCREEN=bf16|fp32 forces one (tests, A/B).
+enum class Screen { kBFloat16, kFloat, kDouble };
+
+bool cpu_has_native_bf16() {
+#if defined(__GNUC__) && defined(__x86_64__)
+  return __builtin_cpu_supports("avx512bf16") || __builtin_cpu_supports("amx-bf16");
+#else
+  return false;
+#endif
+}
+
+Screen pick_screen(at::ScalarType acc) {
+  if (acc == at::kDouble) return Screen::kDouble;
+  const char* env = std::getenv("FASTCLR_KNN_SCREEN");
+  const std::string want = env == nullptr || *env == '\0' ? "auto" : env;
+  TORCH_CHECK(want == "auto" || want == "bf16" || want == "fp32",
+              "knn_topk: FASTCLR_KNN_SCREEN must be auto, bf16 or fp32, got '", want, "'");
+  if (want == "bf16") return Screen::kBFloat16;
+  if (want == "fp32") return Screen::kFloat;
+  return cpu_has_native_bf16() && at::hasMKLDNN() ? Screen::kBFloat16 : Screen::kFloat;
+}
+
+// delta: a bound on |screened score - exact score| for any pair. Each side is scaled by its
+// inverse norm (r rounded to T, x * r rounded in T: 2 u_T) and stored in G (u_G), so a product
+// carries a relative error <= 2 (u_G + 2 u_T); the sum of D products accumulates in float32
+// (float64 for G = double) with error <= D u_acc sum |a_i b_i|, and the output is stored in G
+// (u_G). With unit rows sum |a_i b_i| <= 1 (Cauchy-Schwarz) and |s| <= 1, so these add up to
+// delta, padded by 2% and by the float64 re-scoring's own rounding. A zero or tiny row is scaled
+// to norm < 1, which only shrinks its errors; subnormals flushed by bf16 dot instructions change
+// a sum by less than the 1e-30 added.
+double screen_margin(Screen screen, at::ScalarType acc, int64_t dim) {
+  const double u_g = screen == Screen::kBFloat16 ? 0x1p-9 : screen == Screen::kFloat ? 0x1p-24 : 0x1p-53;
+  const double u_acc = screen == Screen::kDouble ? 0x1p-53 : 0x1p-24;
+  const double u_t = acc == at::kDouble ? 0x1p-53 : 0x1p-24;
+  const double d = static_cast<double>(dim);
+  return 1.02 * (2 * (u_g + 2 * u_t) + u_g + (d + 2) * u_acc) + 4 * (d + 4) * 0x1p-53 + 1e-30;
+}
+
+// The screened scores are compared in S: float for bfloat16 and float32, double for float64.
+template <typename G>
+struct ScreenOf { using S = G; };
+template <>
+struct ScreenOf<c10::BFloat16> { using S = float; };
+
+template <typename G>
+FASTCLR_INLINE typename ScreenOf<G>::S load_score(const G* p) { return *p; }
+template <>
+FASTCLR_INLINE float load_score(const c10::BFloat16* p) {
+  const uint32_t bits = static_cast<uint32_t>(p->x) << 16;  // bfloat16 = the top half of a float
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+// The largest S not above x (the screen's thresholds must never round up).
+template <typename S>
+FASTCLR_INLINE S round_down(double x) {
+  S s = static_cast<S>(x);
+  if (static_cast<double>(s) > x) s = std::nextafter(s, -std::numeric_limits<S>::infinity());
+  return s;
+}
+
+template <typename T>
+struct ExactScorer {
+  const T* q;        // the query's row
+  double rq;         // its exact inverse norm
+  const T* bank;
+  const double* rb;  // the bank's exact inverse norms
+  int64_t dim;
+  FASTCLR_INLINE double operator()(int64_t j) const {
+    return key(exact_dot(q, bank + j * dim, dim) * rq * rb[j]);
+  }
+  // Appends the exact entries of bank rows j[0..n) to out, the rows of later ones prefetched
+  // (they are mostly cold by now).
+  void score(const int32_t* j, int64_t n, std::vector<Entry>& out) const {
+    constexpr int64_t kAhead = 6;
+    const int64_t bytes = dim * static_cast<int64_t>(sizeof(T));
+    for (int64_t t = 0; t < n; ++t) {
+      if (t + kAhead < n) {
+        const char* row = reinterpret_cast<const char*>(bank + j[t + kAhead] * dim);
+        for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(row + b);
+        __builtin_prefetch(rb + j[t + kAhead]);
+      }
+      out.push_back({(*this)(j[t]), j[t]});
+    }
+  }
+};
+
+// The candidates of one query. Screened candidates (score, bank row) wait in v[0..n), j[0..n)
+// (capacity cap + kSlack, cap >= 2k + 64), appended by the scan when they pass the threshold
+// lim. Screening mode: lim <= t~ - 2 delta with t~ the k-th best screened score at a past
+// compaction; those k rows have exact scores >= t~ - delta, so a row with s~ < lim (exact <
+// t~ - delta) is strictly worse than k others and is dropped -- never appended, or discarded by
+// a compaction. If near-ties leave more than cap / 2 rows within the band (a zero query, a bank
+// of duplicates), the query switches to exact mode for good: each compaction scores the waiting
+// rows in float64, `exact` keeps the k best, and lim <= e_k - delta with e_k the k-th best exact
+// key. Memory is O(cap) per query whatever the data. Rows arrive in index order, and a later
+// row equal to the k-th best is worse than it, so dropping rows strictly below is exact.
+constexpr int64_t kSlack = 16;  // one vector of appends past cap
+
+template <typename S>
+struct Candidates {
+  S* v;
+  int32_t* j;
+  int64_t n = 0;
+  S lim = -std::numeric_limits<S>::infinity();
+  bool exact_mode = false;
+  std::vector<Entry> exact;
+
+  template <typename T>
+  void compact(const ExactScorer<T>& scorer, int64_t k, int64_t cap, double delta, std::vector<S>& scratch) {
+    if (!exact_mode) {
+      scratch.resize(n);
+      for (int64_t t = 0; t < n; ++t) scratch[t] = key(v[t]);
+      std::nth_element(scratch.begin(), scratch.begin() + (k - 1), scratch.end(), std::greater<S>());
+      lim = std::max(lim, round_down<S>(static_cast<double>(scratch[k - 1]) - 2 * delta));
+      int64_t kept = 0;
+      for (int64_t t = 0; t < n; ++t) {  // NaN stays (it ranks highest)
+        v[kept] = v[t];
+        j[kept] = j[t];
+        kept += !(v[t] < lim);
+      }
+      n = kept;
+      if (n <= cap / 2) return;
+      exact_mode = true;  // the band is too crowded to keep waiting: score it now
+    }
+    scorer.score(j, n, exact);
+    n = 0;
+    std::nth_element(exact.begin(), exact.begin() + (k - 1), exact.end(), Better());
+    exact.resize(k);
+    lim = std::max(lim, round_down<S>(exact[k - 1].v - delta));
+  }
+
+  // The k best, best first, all exact, in exact[0..k).
+  template <typename T>
+  void finish(const ExactScorer<T>& scorer, int64_t k, int64_t cap, double delta, std::vector<S>& scratch) {
+    if (!exact_mode && n > k) compact(scorer, k, cap, delta, scratch);  // drop the band's tail
+    scorer.score(j, n, exact);
+    n = 0;
+    std::partial_sort(exact.begin(), exact.begin() + k, exact.end(), Better());
+  }
+};
+
+// One query against one tile of screened scores d[0..kn) (bank rows j0..): blocks of 16 are
+// tested against lim as one vector comparison (NaN passes: !(x < lim)); a block with a passing
+// score appends its passing rows (branch-free), then the candidates are compacted if full.
+template <typename G, typename T>
+FASTCLR_MULTIVERSION void scan_tile(const G* d, int64_t j0, int64_t kn,
+                                    Candidates<typename ScreenOf<G>::S>& c, const ExactScorer<T>& scorer,
+                                    int64_t k, int64_t cap, double delta,
+                                    std::vector<typename ScreenOf<G>::S>& scratch) {
+  using S = typename ScreenOf<G>::S;
+  for (int64_t t = 0; t < kn; t += kSlack) {
+    const int64_t len = std::min(kSlack, kn - t);
+    const S lim = c.lim;
+    int any = 0;
+#pragma omp simd reduction(| : any)
+    for (int64_t u = 0; u < len; ++u) any |= !(load_score(d + t + u) < lim);
+    if (!any) continue;
+    for (int64_t u = 0; u < len; ++u) {
+      const S x = load_score(d + t + u);
+      c.v[c.n] = x;
+      c.j[c.n] = static_cast<int32_t>(j0 + t + u);
+      c.n += !(x < lim);
+    }
+    if (c.n >= cap) c.compact(scorer, k, cap, delta, scratch);
+  }
+}
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#define FASTCLR_HAVE_AVX512_SCAN 1
+// The AVX-512 scan of bfloat16 / float32 scores: 16 scores compared with lim into a bit mask
+// (!(x < lim): _CMP_NLT_UQ, NaN passes); the passing scores and their rows are compressed into
+// the candidates with full-vector stores (compress to memory is slow on some CPUs; kSlack
+// leaves room for the unused lanes).
+template <typename G>
+__attribute__((target("avx512f"))) FASTCLR_INLINE __m512 load16(const G* p);
+template <>
+__attribute__((target("avx512f"))) FASTCLR_INLINE __m512 load16(const float* p) {
+  return _mm512_loadu_ps(p);
+}
+template <>
+__attribute__((target("avx512f"))) FASTCLR_INLINE __m512 load16(const c10::BFloat16* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+template <typename G, typename T>
+__attribute__((target("avx512f"))) void scan_tile_avx512(const G* d, int64_t j0, int64_t kn,
+                                                         Candidates<float>& c, const ExactScorer<T>& scorer,
+                                                         int64_t k, int64_t cap, double delta,
+                                                         std::vector<float>& scratch) {
+  const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  int64_t t = 0;
+  for (; t + 16 <= kn; t += 16) {
+    const __m512 x = load16(d + t);
+    const __mmask16 pass = _mm512_cmp_ps_mask(x, _mm512_set1_ps(c.lim), _CMP_NLT_UQ);
+    if (pass == 0) continue;
+    _mm512_storeu_ps(c.v + c.n, _mm512_maskz_compress_ps(pass, x));
+    const __m512i rows = _mm512_add_epi32(lanes, _mm512_set1_epi32(static_cast<int32_t>(j0 + t)));
+    _mm512_storeu_si512(c.j + c.n, _mm512_maskz_compress_epi32(pass, rows));
+    c.n += __builtin_popcount(pass);
+    if (c.n >= cap) c.compact(scorer, k, cap, delta, scratch);
+  }
+  if (t < kn) scan_tile<G, T>(d + t, j0 + t, kn - t, c, scorer, k, cap, delta, scratch);
+}
+#endif
+
+template <typename G, typename T>
+void scan(const G* d, int64_t j0, int64_t kn, Candidates<typename ScreenOf<G>::S>& c,
+          const ExactScorer<T>& scorer, int64_t k, int64_t cap, double delta,
+          std::vector<typename ScreenOf<G>::S>& scratch) {
+#ifdef FASTCLR_HAVE_AVX512_SCAN
+  if constexpr (!std::is_same_v<G, double>) {
+    static const bool avx512 = __builtin_cpu_supports("avx512f");
+    if (avx512) return scan_tile_avx512<G, T>(d, j0, kn, c, scorer, k, cap, delta, scratch);
+  }
+#endif
+  scan_tile<G, T>(d, j0, kn, c, scorer, k, cap, delta, scratch);
+}
+
+// x * r per row, stored in G (the screen's operands: unit rows, no norms left to apply).
+template <typename G, typename T>
+at::Tensor scaled_rows(const at::Tensor& x, const std::vector<double>& r, at::ScalarType g_type) {
+  at::Tensor out = at::empty(x.sizes(), x.options().dtype(g_type));
+  const int64_t rows = x.size(0), dim = x.size(1);
+  const T* x_p = x.data_ptr<T>();
+  G* o_p = out.data_ptr<G>();
+  at::parallel_for(0, rows, 256, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      const T ri = static_cast<T>(r[i]);
+      for (int64_t c = 0; c < dim; ++c) o_p[i * dim + c] = static_cast<G>(x_p[i * dim + c] * ri);
+    }
+  });
+  return out;
+}
+
+template <typename G, typename T>
+void knn_topk_impl(const at::Tensor& q, const at::Tensor& bank, int64_t k, int64_t chunk,
+                   double delta, at::ScalarType g_type, T* val_p, int64_t* idx_p) {
+  using S = typename ScreenOf<G>::S;
+  const int64_t m = q.size(0), nb = bank.size(0), dim = q.size(1);
+  const T* q_p = q.data_ptr<T>();
+  const T* bank_p = bank.data_ptr<T>();
+  // exact (float64) inverse norms: the re-scoring's, and the screen's scale factors
+  std::vector<double> rq(m), rb(nb);
+  at::parallel_for(0, m, 1024, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) rq[i] = exact_inv_norm(q_p + i * dim, dim);
+  });
+  at::parallel_for(0, nb, 1024, [&](int64_t lo, int64_t hi) {
+    for (int64_t j = lo; j < hi; ++j) rb[j] = exact_inv_norm(bank_p + j * dim, dim);
+  });
+  const at::Tensor qg = scaled_rows<G, T>(q, rq, g_type);
+  const at::Tensor bg = scaled_rows<G, T>(bank, rb, g_type);
+  const int64_t tk = std::min(chunk, nb);
+  const int64_t cap = 3 * k + 256;
+  // Query blocks, one per thread at a time: each thread multiplies its block by a bank tile
+  // (a single-threaded GEMM inside the parallel region) and screens the tile while it is in its
+  // own cache. Blocks of at most kQueryTile, at least one per thread when there are enough.
+  const int64_t threads = std::max<int64_t>(at::get_num_threads(), 1);
+  const int64_t qb = std::max<int64_t>(1, std::min(kQueryTile, (m + threads - 1) / threads));
+  const int64_t nblocks = (m + qb - 1) / qb;
+  at::parallel_for(0, nblocks, 1, [&](int64_t blo, int64_t bhi) {
+    at::Tensor buf = at::empty({qb * tk}, qg.options());
+    std::vector<S> v_store(static_cast<size_t>(qb * (cap + kSlack)));
+    std::vector<int32_t> j_store(static_cast<size_t>(qb * (cap + kSlack)));
+    std::vector<Candidates<S>> cands(qb);
+    std::vector<S> scratch;
+    for (int64_t blk = blo; blk < bhi; ++blk) {
+      const int64_t q0 = blk * qb, qm = std::min(qb, m - q0);
+      for (int64_t i = 0; i < qm; ++i)
+        cands[i] = Candidates<S>{v_store.data() + i * (cap + kSlack), j_store.data() + i * (cap + kSlack)};
+      const at::Tensor qs = qg.narrow(0, q0, qm);
+      auto scorer = [&](int64_t i) {
+        return ExactScorer<T>{q_p + (q0 + i) * dim, rq[q0 + i], bank_p, rb.data(), dim};
+      };
+      for (int64_t j0 = 0; j0 < nb; j0 += tk) {
+        const int64_t kn = std::min(tk, nb - j0);
+        at::Tensor d = buf.narrow(0, 0, qm * kn).view({qm, kn});
+        at::mm_out(d, qs, bg.narrow(0, j0, kn).t());
+        const G* d_p = d.data_ptr<G>();
+        for (int64_t i = 0; i < qm; ++i)
+          scan<G, T>(d_p + i * kn, j0, kn, cands[i], scorer(i), k, cap, delta, scratch);
+      }
+      for (int64_t i = 0; i < qm; ++i) {
+        Candidates<S>& c = cands[i];
+        c.finish(scorer(i), k, cap, delta, scratch);
+        TORCH_INTERNAL_ASSERT(static_cast<int64_t>(c.exact.size()) >= k, "knn_topk: fewer than k candidates survived");
+        for (int64_t t = 0; t < k; ++t) {
+          const double v = c.exact[t].v;  // a NaN score was ranked as +inf; give it back as NaN
+          val_p[(q0 + i) * k + t] = static_cast<T>(std::isinf(v) ? std::numeric_limits<double>::quiet_NaN() : v);
+          idx_p[(q0 + i) * k + t] = c.exact[t].j;
+        }
+        c.exact = std::vector<Entry>();
+      }
+    }
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor> knn_topk_cpu(const at::Tensor& q_in, const at::Tensor& bank_in,
                                                 int64_t k, int64_t chunk) {
   check_pair(q_in, bank_in, "knn_topk");
   const int64_t m = q_in.size(0), nb = bank_in.size(0), dim = q_in.size(1);
   TORCH_CHECK(k >= 1 && k <= nb, "knn_topk: need 1 <= k <= bank rows, got k=", k, ", ", nb, " rows");
   TORCH_CHECK(chunk >= 1, "knn_topk: chunk must be >= 1");
+  TORCH_CHECK(nb <= std::numeric_limits<int32_t>::max(), "knn_topk: at most 2^31 - 1 bank rows, got ", nb);
   const auto acc = acc_type(q_in.scalar_type());
   const at::Tensor q = q_in.to(acc).contiguous();
   const at::Tensor bank = bank_in.to(acc).contiguous();
-  const at::Tensor rq = inv_norms(q), rb = inv_norms(bank);
   at::Tensor values = at::empty({m, k}, q.options());
   at::Tensor indices = at::empty({m, k}, q.options().dtype(at::kLong));
-  const int64_t kk = std::min(k + kExtra, nb);  // candidates kept by the BLAS pass
-  const int64_t tq = std::min<int64_t>(kQueryTile, std::max<int64_t>(m, 1));
-  const int64_t tk = std::min<int64_t>(chunk, nb);
-  at::Tensor buf = at::empty({tq * tk}, q.options());
+  if (m == 0) return {values, indices};
+  const Screen screen = pick_screen(acc);
+  const double delta = screen_margin(screen, acc, dim);
   AT_DISPATCH_FLOATING_TYPES(acc, "knn_topk_cpu", [&] {
     using T = scalar_t;
-    std::vector<Entry<T>> store(static_cast<size_t>(tq * 2 * kk));
-    std::vector<Candidates<T>> cands(tq);
-    const T* q_p = q.data_ptr<T>();
-    const T* bank_p = bank.data_ptr<T>();
-    const T* rq_p = rq.data_ptr<T>();
     T* val_p = values.data_ptr<T>();
     int64_t* idx_p = indices.data_ptr<int64_t>();
-    // Exact (float64) inverse norms of the bank rows, for the re-scoring.
-    std::vector<double> rb_exact(nb);
-    at::parallel_for(0, nb, 1024, [&](int64_t lo, int64_t hi) {
-      for (int64_t j = lo; j < hi; ++j) rb_exact[j] = exact_inv_norm(bank_p + j * dim, dim);
-    });
-    for (int64_t q0 = 0; q0 < m; q0 += tq) {
-      const int64_t qm = std::min(tq, m - q0);
-      for (int64_t i = 0; i < tq; ++i) cands[i] = Candidates<T>{store.data() + i * 2 * kk};
-      const at::Tensor qs = q.narrow(0, q0, qm);
-      for (int64_t j0 = 0; j0 < nb; j0 += tk) {
-        const int64_t kn = std::min(tk, nb - j0);
-        at::Tensor d = buf.narrow(0, 0, qm * kn).view({qm, kn});
-        // the bank tile scaled by its inverse norms (a tile-sized scratch, reused across queries)
-        at::Tensor bt = bank.narrow(0, j0, kn) * rb.narrow(0, j0, kn).unsqueeze(1);
-        at::mm_out(d, qs, bt.t());
-        const T* d_p = d.data_ptr<T>();
-        at::parallel_for(0, qm, 8, [&](int64_t lo, int64_t hi) {
-          std::vector<Entry<T>> scratch;
-          for (int64_t i = lo; i < hi; ++i)
-            scan_tile<T>(d_p + i * kn, rq_p[q0 + i], j0, kn, cands[i], kk, scratch);
-        });
-      }
-      at::parallel_for(0, qm, 8, [&](int64_t lo, int64_t hi) {
-        std::vector<Entry<double>> exact(kk);
-        for (int64_t i = lo; i < hi; ++i) {
-          Candidates<T>& c = cands[i];
-          if (c.n > kk) c.compact(kk);
-          const Entry<T>* h = c.buf;
-          const T* qi = q_p + (q0 + i) * dim;
-          const double rqi = exact_inv_norm(qi, dim);
-          for (int64_t t = 0; t < kk; ++t) {
-            const T* bj = bank_p + h[t].j * dim;
-            exact[t] = {key(exact_dot(qi, bj, dim) * rqi * rb_exact[h[t].j]), h[t].j};
-          }
-          std::partial_sort(exact.begin(), exact.begin() + k, exact.end(), better<double>);
-          for (int64_t t = 0; t < k; ++t) {
-            const double v = exact[t].v;  // a NaN score was ranked as +inf; give it back as NaN
-            val_p[(q0 + i) * k + t] = static_cast<T>(std::isinf(v) ? std::numeric_limits<double>::quiet_NaN() : v);
-            idx_p[(q0 + i) * k + t] = exact[t].j;
-          }
-        }
-      });
-    }
+    if (screen == Screen::kBFloat16)
+      knn_topk_impl<c10::BFloat16, T>(q, bank, k, chunk, delta, at::kBFloat16, val_p, idx_p);
+    else if (screen == Screen::kFloat)
+      knn_topk_impl<float, T>(q, bank, k, chunk, delta, at::kFloat, val_p, idx_p);
+    else
+      knn_topk_impl<double, T>(q, bank, k, chunk, delta, at::kDouble, val_p, idx_p);
   });
   return {values, indices};
 }

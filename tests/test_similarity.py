@@ -17,15 +17,30 @@ needs_triton_cuda = [pytest.mark.cuda, pytest.mark.skipif(
     not (ops.triton_available() and not ops.triton_interpreting()), reason="needs triton on a GPU")]
 BACKENDS = {
     "cpu": ("cpu", "cpu", [needs_ext]),
+    # the C++ kNN kernel with its float32 screen forced (the default on CPUs without bf16 dot
+    # instructions; "cpu" uses bf16 where the CPU has it)
+    "cpu_fp32screen": ("cpu", "cpu", [needs_ext]),
     "triton_interp": ("triton", "cpu", [needs_interp]),
     "triton_cuda": ("triton", "cuda", needs_triton_cuda),
 }
 # (M, K, D): odd sizes, not multiples of any tile
 SHAPES = {
     "cpu": [(1, 1, 1), (3, 7, 5), (37, 300, 19), (130, 1000, 64), (600, 5000, 130)],
+    "cpu_fp32screen": [(3, 7, 5), (130, 1000, 64), (600, 5000, 130)],
     "triton_interp": [(1, 1, 3), (3, 7, 5), (37, 100, 19), (70, 130, 64)],
     "triton_cuda": [(1, 1, 3), (37, 300, 19), (1000, 4097, 128), (3000, 20000, 256)],
 }
+
+
+@pytest.fixture(autouse=True)
+def knn_screen(request, monkeypatch):
+    """Cases of the "cpu_fp32screen" backend run with FASTCLR_KNN_SCREEN=fp32, the others with
+    the kernel's own choice."""
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is not None and callspec.id.startswith("cpu_fp32screen"):
+        monkeypatch.setenv("FASTCLR_KNN_SCREEN", "fp32")
+    else:
+        monkeypatch.delenv("FASTCLR_KNN_SCREEN", raising=False)
 
 
 def cases(with_shapes=True):
@@ -207,3 +222,47 @@ def test_knn_topk_nan_ranks_like_the_reference(impl, device, nbank, chunk):
     assert torch.equal(idx.cpu(), ri)
     assert torch.equal(vals.cpu().isnan(), rv.isnan())
     assert idx[1].tolist() == [0, 1, 2, 3, 4] and (idx[[0, 2, 3, 4, 5], 0] == 17).all()
+
+
+@needs_ext
+@pytest.mark.parametrize("screen", ["bf16", "fp32"])
+def test_knn_topk_crowded_band_switches_to_exact_mode(seed, monkeypatch, screen):
+    """Thousands of bank rows within the screen's error band of each other (near-duplicates of one
+    direction, and a zero query that ties with everything): the kernel cannot keep them all
+    waiting and scores them exactly as they come (bounded memory); the result is still the
+    reference's, ties to the lower index."""
+    monkeypatch.setenv("FASTCLR_KNN_SCREEN", screen)
+    d = 24
+    direction = torch.randn(d, dtype=torch.float64)
+    bank = direction + 1e-5 * torch.randn(3000, d, dtype=torch.float64)
+    bank[torch.randperm(3000)[:500]] = direction  # exact duplicates too
+    bank = torch.cat([bank, torch.randn(1000, d, dtype=torch.float64)])
+    q = torch.stack([direction + 1e-3 * torch.randn(d, dtype=torch.float64) for _ in range(5)] +
+                    [torch.zeros(d, dtype=torch.float64), -direction])
+    for k in (1, 7, 300):
+        vals, idx = fastclr.knn_topk(q.float(), bank.float(), k, chunk=513)
+        rv, ri = reference.knn_topk(q.float().double(), bank.float().double(), k)
+        assert torch.equal(idx, ri), k
+        torch.testing.assert_close(vals.double(), rv, rtol=0, atol=1e-6)
+        assert idx[5].tolist() == list(range(k))  # the zero query: the bank in index order
+
+
+@needs_ext
+@pytest.mark.parametrize("screen", ["bf16", "fp32"])
+def test_knn_topk_wide_rows_and_scaled_duplicates(seed, monkeypatch, screen):
+    """D = 1500 (the screen's error bound grows with D) and many equal-similarity rows at
+    different norms: indices identical to the float64 reference's."""
+    monkeypatch.setenv("FASTCLR_KNN_SCREEN", screen)
+    q, bank = _inputs(40, 2500, 1500, "cpu")
+    bank[1000:1500] = bank[:500] * torch.logspace(-2, 2, 500)[:, None]  # same directions
+    vals, idx = fastclr.knn_topk(q, bank, 50, chunk=700)
+    rv, ri = reference.knn_topk(q.double(), bank.double(), 50)
+    assert torch.equal(idx, ri)
+    torch.testing.assert_close(vals.double(), rv, rtol=0, atol=1e-6)
+
+
+@needs_ext
+def test_knn_screen_env_is_checked(monkeypatch):
+    monkeypatch.setenv("FASTCLR_KNN_SCREEN", "int8")
+    with pytest.raises(RuntimeError, match="FASTCLR_KNN_SCREEN must be auto, bf16 or fp32"):
+        fastclr.knn_topk(torch.randn(3, 4), torch.randn(9, 4), 2)

@@ -93,32 +93,56 @@ def knn_topk(queries: torch.Tensor, bank: torch.Tensor, k: int, *, impl: str = "
         return _streamed_topk(queries, bank, k, chunk)
 
 
-EXTRA_CANDIDATES = 32  # as the C++ kernel: kept beyond k, then re-scored exactly
+EXTRA_CANDIDATES = 32  # kept beyond k by the first streaming pass
+
+
+def _screen_margin(dim: int) -> float:
+    """A bound on |Triton score - exact score| for unit rows: float32 accumulation over D terms,
+    the tf32x3 split products (~2^-22 relative) and the float32 inverse norms, padded 4x."""
+    return 4.0 * (dim + 8) * 2.0 ** -22
 
 
 def _streamed_topk(queries, bank, k, chunk, query_block: int = 1024):
-    """Running top-(k + 32) over bank tiles from the Triton similarity kernel, then the survivors
-    re-scored in float64 with one fixed summation order and the best k kept. The merge is a
-    stable descending sort of [running candidates, new tile]; the running ones all have lower
-    indices, so ties keep going to the lower index. Re-scoring makes identical bank rows score
-    identically wherever they sit in a tile, as in the C++ kernel."""
+    """Per block of queries: a running top-kk (kk = k + 32) over bank tiles of Triton
+    similarities -- a stable descending sort of [running candidates, new tile], ties kept at the
+    lower index --, then the candidates re-scored in float64 and the best k kept (``_rescore``).
+
+    Exact, not heuristic: with delta the screen's error bound, a dropped row scored at most the
+    kk-th kept value v; when v < t - 2 delta (t: the k-th best screened value) a dropped row is
+    exactly below t - delta, under k rows that are exactly >= t - delta, so it cannot be in the
+    top k. Queries whose band of near-ties is wider than that are searched again with kk doubled
+    (kk = K keeps everything), so the result always equals the float64 reference's."""
+    n_bank = bank.shape[0]
+    delta = _screen_margin(queries.shape[1])
+    out_v = torch.empty(queries.shape[0], k, device=queries.device,
+                        dtype=reference.accumulation_dtype(queries.dtype))
+    out_i = torch.empty(queries.shape[0], k, device=queries.device, dtype=torch.long)
+    for b0 in range(0, queries.shape[0], query_block):
+        todo = torch.arange(b0, min(b0 + query_block, queries.shape[0]), device=queries.device)
+        kk = min(k + EXTRA_CANDIDATES, n_bank)
+        while todo.numel():
+            best_v, best_i = _running_topk(queries[todo], bank, kk, chunk)
+            certified = best_v[:, kk - 1] < best_v[:, k - 1] - 2 * delta  # NaN: not certified
+            if kk == n_bank:
+                certified[:] = True
+            done = todo[certified]
+            v, i = _rescore(queries[done], bank, best_i[certified], k)
+            out_v[done], out_i[done] = v.to(out_v.dtype), i
+            todo, kk = todo[~certified], min(2 * kk, n_bank)
+    return out_v, out_i
+
+
+def _running_topk(q, bank, kk, chunk):
+    """The kk best screened (Triton, float32) scores of each query and their bank rows."""
     sim = torch.ops.fastclr.normalized_similarity_triton
-    kk = min(k + EXTRA_CANDIDATES, bank.shape[0])
-    vals_out, idx_out = [], []
-    for q in torch.split(queries, query_block):
-        best_v = q.new_empty((q.shape[0], 0), dtype=torch.float32)
-        best_i = torch.empty((q.shape[0], 0), dtype=torch.long, device=q.device)
-        for j0 in range(0, bank.shape[0], chunk):
-            s = sim(q, bank[j0:j0 + chunk])
-            idx = torch.arange(j0, j0 + s.shape[1], device=q.device).expand(q.shape[0], -1)
-            v = torch.cat([best_v, s], dim=1)
-            i = torch.cat([best_i, idx], dim=1)
-            v, order = torch.sort(v, dim=1, descending=True, stable=True)
-            best_v, best_i = v[:, :kk], i.gather(1, order[:, :kk])
-        v, i = _rescore(q, bank, best_i, k)
-        vals_out.append(v.to(reference.accumulation_dtype(q.dtype)))
-        idx_out.append(i)
-    return torch.cat(vals_out), torch.cat(idx_out)
+    best_v = q.new_empty((q.shape[0], 0), dtype=torch.float32)
+    best_i = torch.empty((q.shape[0], 0), dtype=torch.long, device=q.device)
+    for j0 in range(0, bank.shape[0], chunk):
+        s = sim(q, bank[j0:j0 + chunk])
+        idx = torch.arange(j0, j0 + s.shape[1], device=q.device).expand(q.shape[0], -1)
+        v, order = torch.sort(torch.cat([best_v, s], dim=1), dim=1, descending=True, stable=True)
+        best_v, best_i = v[:, :kk], torch.cat([best_i, idx], dim=1).gather(1, order[:, :kk])
+    return best_v, best_i
 
 
 def _rescore(q, bank, cand, k):

@@ -224,26 +224,34 @@ def test_knn_topk_nan_ranks_like_the_reference(impl, device, nbank, chunk):
     assert idx[1].tolist() == [0, 1, 2, 3, 4] and (idx[[0, 2, 3, 4, 5], 0] == 17).all()
 
 
-@needs_ext
-@pytest.mark.parametrize("screen", ["bf16", "fp32"])
-def test_knn_topk_crowded_band_switches_to_exact_mode(seed, monkeypatch, screen):
-    """Thousands of bank rows within the screen's error band of each other (near-duplicates of one
-    direction, and a zero query that ties with everything): the kernel cannot keep them all
-    waiting and scores them exactly as they come (bounded memory); the result is still the
-    reference's, ties to the lower index."""
-    monkeypatch.setenv("FASTCLR_KNN_SCREEN", screen)
+CROWDED = {  # backend -> (near-duplicate rows, other rows, ks, chunk)
+    "cpu": (3000, 1000, (1, 7, 300), 513),
+    "cpu_fp32screen": (3000, 1000, (1, 7, 300), 513),
+    "triton_interp": (150, 40, (1, 7), 64),
+    "triton_cuda": (30000, 10000, (1, 7, 300), 4096),
+}
+
+
+@pytest.mark.parametrize("impl,device", cases(with_shapes=False))
+def test_knn_topk_crowded_band_switches_to_exact_mode(request, seed, impl, device):
+    """Far more bank rows within the screen's error band of each other than the kernel keeps
+    waiting (near-duplicates of one direction, and a zero query that ties with everything): the
+    C++ kernel then scores them exactly as they come (bounded memory), the Triton path searches
+    those queries again with more candidates. The result is still the reference's, ties to the
+    lower index."""
+    n_dup, n_other, ks, chunk = CROWDED[request.node.callspec.id]
     d = 24
     direction = torch.randn(d, dtype=torch.float64)
-    bank = direction + 1e-5 * torch.randn(3000, d, dtype=torch.float64)
-    bank[torch.randperm(3000)[:500]] = direction  # exact duplicates too
-    bank = torch.cat([bank, torch.randn(1000, d, dtype=torch.float64)])
+    bank = direction + 1e-5 * torch.randn(n_dup, d, dtype=torch.float64)
+    bank[torch.randperm(n_dup)[:n_dup // 6]] = direction  # exact duplicates too
+    bank = torch.cat([bank, torch.randn(n_other, d, dtype=torch.float64)]).float()
     q = torch.stack([direction + 1e-3 * torch.randn(d, dtype=torch.float64) for _ in range(5)] +
-                    [torch.zeros(d, dtype=torch.float64), -direction])
-    for k in (1, 7, 300):
-        vals, idx = fastclr.knn_topk(q.float(), bank.float(), k, chunk=513)
-        rv, ri = reference.knn_topk(q.float().double(), bank.float().double(), k)
-        assert torch.equal(idx, ri), k
-        torch.testing.assert_close(vals.double(), rv, rtol=0, atol=1e-6)
+                    [torch.zeros(d, dtype=torch.float64), -direction]).float()
+    for k in ks:
+        vals, idx = fastclr.knn_topk(q.to(device), bank.to(device), k, impl=impl, chunk=chunk)
+        rv, ri = reference.knn_topk(q.double(), bank.double(), k)
+        assert torch.equal(idx.cpu(), ri), k
+        torch.testing.assert_close(vals.cpu().double(), rv, rtol=0, atol=1e-6)
         assert idx[5].tolist() == list(range(k))  # the zero query: the bank in index order
 
 

@@ -12,7 +12,7 @@ import torch
 from fastclr import ops, reference
 from fastclr.loss import check_row_pair
 
-IMPLS = ("auto", "reference", "cpu", "triton")
+IMPLS = ("auto", "reference", "cpu", "triton", "cuda")
 DEFAULT_CHUNK = 4096
 
 
@@ -38,6 +38,14 @@ def _resolve(fn: str, impl: str, device: torch.device, dtype: torch.dtype) -> st
                              "TRITON_INTERPRET=1, set before importing fastclr)")
         if dtype == torch.float64:
             raise TypeError(f"{fn}: impl='triton' takes float32, bfloat16 or float16, got float64")
+    if impl == "cuda":
+        if device.type != "cuda":
+            raise ValueError(f"{fn}: impl='cuda' takes CUDA tensors, got tensors on {device}")
+        if not ops.compiled_with_cuda():
+            why = ops.extension_error() if not ops.extension_available() else "built without a CUDA toolkit"
+            raise RuntimeError(f"{fn}: impl='cuda' needs the compiled CUDA kernels: {why}")
+        if dtype == torch.float64:
+            raise TypeError(f"{fn}: impl='cuda' takes float32, bfloat16 or float16, got float64")
     return impl
 
 
@@ -46,7 +54,8 @@ def normalized_similarity(a: torch.Tensor, b: torch.Tensor, *, impl: str = "auto
 
     Args:
         a: (M, D), b: (K, D); same dtype (float32, bfloat16, float16; float64 on CPU) and device.
-        impl: "auto" (the C++ kernel on CPU, Triton on CUDA) | "reference" | "cpu" | "triton".
+        impl: "auto" (the C++ kernel on CPU, Triton on CUDA) | "reference" | "cpu" | "triton" |
+            "cuda" (the hand-written CUDA kernel, kernels/similarity.cu).
 
     Returns:
         (M, K), float32 for half inputs (float32 accumulation), the input dtype otherwise.
@@ -56,7 +65,7 @@ def normalized_similarity(a: torch.Tensor, b: torch.Tensor, *, impl: str = "auto
     backend = _resolve("normalized_similarity", impl, a.device, a.dtype)
     if backend == "reference":
         return reference.normalized_similarity(a, b)
-    if backend == "cpu":
+    if backend in ("cpu", "cuda"):  # one op, a kernel per device
         return torch.ops.fastclr.normalized_similarity(a, b)
     return torch.ops.fastclr.normalized_similarity_triton(a, b)
 
@@ -90,21 +99,24 @@ def knn_topk(queries: torch.Tensor, bank: torch.Tensor, k: int, *, impl: str = "
             return reference.knn_topk(queries, bank, k)
         if backend == "cpu":
             return torch.ops.fastclr.knn_topk(queries, bank, k, chunk)
-        return _streamed_topk(queries, bank, k, chunk)
+        sim = (torch.ops.fastclr.normalized_similarity if backend == "cuda"
+               else torch.ops.fastclr.normalized_similarity_triton)
+        return _streamed_topk(queries, bank, k, chunk, sim)
 
 
 EXTRA_CANDIDATES = 32  # kept beyond k by the first streaming pass
 
 
 def _screen_margin(dim: int) -> float:
-    """A bound on |Triton score - exact score| for unit rows: float32 accumulation over D terms,
-    the tf32x3 split products (~2^-22 relative) and the float32 inverse norms, padded 4x."""
+    """A bound on |GPU score - exact score| for unit rows (Triton and CUDA kernels alike): float32
+    accumulation over D terms, the 3xTF32 split products (~2^-22 relative; half inputs multiply
+    exactly) and the float32 inverse norms, padded 4x."""
     return 4.0 * (dim + 8) * 2.0 ** -22
 
 
-def _streamed_topk(queries, bank, k, chunk, query_block: int = 1024):
-    """Per block of queries: a running top-kk (kk = k + 32) over bank tiles of Triton
-    similarities -- a stable descending sort of [running candidates, new tile], ties kept at the
+def _streamed_topk(queries, bank, k, chunk, sim, query_block: int = 1024):
+    """Per block of queries: a running top-kk (kk = k + 32) over bank tiles of ``sim`` (the
+    Triton or the CUDA similarity op: float32 scores, the same error bound) -- a stable descending sort of [running candidates, new tile], ties kept at the
     lower index --, then the candidates re-scored in float64 and the best k kept (``_rescore``).
 
     Exact, not heuristic: with delta the screen's error bound, a dropped row scored at most the
@@ -121,7 +133,7 @@ def _streamed_topk(queries, bank, k, chunk, query_block: int = 1024):
         todo = torch.arange(b0, min(b0 + query_block, queries.shape[0]), device=queries.device)
         kk = min(k + EXTRA_CANDIDATES, n_bank)
         while todo.numel():
-            best_v, best_i = _running_topk(queries[todo], bank, kk, chunk)
+            best_v, best_i = _running_topk(queries[todo], bank, kk, chunk, sim)
             certified = best_v[:, kk - 1] < best_v[:, k - 1] - 2 * delta  # NaN: not certified
             if kk == n_bank:
                 certified[:] = True
@@ -132,9 +144,8 @@ def _streamed_topk(queries, bank, k, chunk, query_block: int = 1024):
     return out_v, out_i
 
 
-def _running_topk(q, bank, kk, chunk):
-    """The kk best screened (Triton, float32) scores of each query and their bank rows."""
-    sim = torch.ops.fastclr.normalized_similarity_triton
+def _running_topk(q, bank, kk, chunk, sim):
+    """The kk best screened (float32) scores of each query and their bank rows."""
     best_v = q.new_empty((q.shape[0], 0), dtype=torch.float32)
     best_i = torch.empty((q.shape[0], 0), dtype=torch.long, device=q.device)
     for j0 in range(0, bank.shape[0], chunk):

@@ -4,7 +4,11 @@
     python -m benchmarks.bench_knn --device cuda      # GPU: 50,000 x 1,000,000
 
 Implementations (float32, cosine similarity, the k best per query):
-- fastclr: ``fastclr.knn_topk`` (CPU: the C++ streaming kernel; GPU: Triton tiles + merge);
+- fastclr: ``fastclr.knn_topk`` (CPU: the C++ kernel with its default screen, bfloat16 on CPUs
+  with bf16 dot instructions; GPU: Triton tiles + merge);
+- fastclr-fp32 (CPU): the same kernel with its float32 screen (``FASTCLR_KNN_SCREEN=fp32``:
+  what CPUs without bf16 dot instructions run);
+- fastclr-cuda (GPU): ``knn_topk(..., impl="cuda")``, tiles from kernels/similarity.cu;
 - torch: the usual monitor code -- normalise both, then per chunk of 1024 queries
   ``q @ bank.T`` and ``torch.topk`` (memory 1024 x K per chunk);
 - faiss: ``faiss.IndexFlatIP`` (exact inner-product search) on L2-normalised copies.
@@ -25,7 +29,9 @@ import sys
 
 from benchmarks import common
 
-IMPLS = ("fastclr", "torch", "faiss")
+IMPLS = ("fastclr", "fastclr-fp32", "fastclr-cuda", "torch", "faiss")
+DEFAULT_IMPLS = {"cpu": ("fastclr", "fastclr-fp32", "torch", "faiss"),
+                 "cuda": ("fastclr", "fastclr-cuda", "torch", "faiss")}
 
 
 def _data(m, n, d, device):
@@ -42,6 +48,21 @@ def make_search(impl, k, device):
     if impl == "fastclr":
         import fastclr
         return lambda q, b: fastclr.knn_topk(q, b, k)
+    if impl == "fastclr-fp32":
+        import os
+
+        import fastclr
+
+        def search(q, b):
+            os.environ["FASTCLR_KNN_SCREEN"] = "fp32"  # read by the kernel at each call
+            try:
+                return fastclr.knn_topk(q, b, k)
+            finally:
+                del os.environ["FASTCLR_KNN_SCREEN"]
+        return search
+    if impl == "fastclr-cuda":
+        import fastclr
+        return lambda q, b: fastclr.knn_topk(q, b, k, impl="cuda")
     if impl == "torch":
         def search(q, b):
             bn = F.normalize(b, dim=1)
@@ -166,7 +187,8 @@ def main(argv=None):
     p.add_argument("--bank", type=int)
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--k", type=int, default=200)
-    p.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
+    p.add_argument("--impls", nargs="+", choices=IMPLS,
+                   help="default: fastclr fastclr-fp32 torch faiss (CPU), fastclr fastclr-cuda torch faiss (GPU)")
     p.add_argument("--repeats", type=int, default=5)
     common.add_output_args(p)
     p.add_argument("--worker", nargs=7, help=argparse.SUPPRESS)
@@ -179,7 +201,7 @@ def main(argv=None):
     m = args.queries or (50_000 if gpu else 10_000)
     n = args.bank or (1_000_000 if gpu else 100_000)
     rows = []
-    for impl in args.impls:
+    for impl in args.impls or DEFAULT_IMPLS[args.device]:
         cmd = [sys.executable, "-m", "benchmarks.bench_knn", "--worker", impl, str(m), str(n),
                str(args.dim), str(args.k), str(args.repeats), args.device]
         out = subprocess.run(cmd, capture_output=True, text=True)

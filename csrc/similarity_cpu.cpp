@@ -240,40 +240,82 @@ struct ExactScorer {
 
 // The candidates of one query. Screened candidates (score, bank row) wait in v[0..n), j[0..n)
 // (capacity cap + kSlack, cap >= 2k + 64), appended by the scan when they pass the threshold
-// lim. Screening mode: lim <= t~ - 2 delta with t~ the k-th best screened score at a past
-// compaction; those k rows have exact scores >= t~ - delta, so a row with s~ < lim (exact <
-// t~ - delta) is strictly worse than k others and is dropped -- never appended, or discarded by
-// a compaction. If near-ties leave more than cap / 2 rows within the band (a zero query, a bank
-// of duplicates), the query switches to exact mode for good: each compaction scores the waiting
-// rows in float64, `exact` keeps the k best, and lim <= e_k - delta with e_k the k-th best exact
-// key. Memory is O(cap) per query whatever the data. Rows arrive in index order, and a later
-// row equal to the k-th best is worse than it, so dropping rows strictly below is exact.
+// lim. Screening mode: lim <= t~ - 2 delta where k candidates have screened scores >= t~ (from
+// the histogram below, or the exact k-th best screened score at a compaction); those k rows have
+// exact scores >= t~ - delta, so a row with s~ < lim (exact < t~ - delta) is strictly worse than
+// k others and is dropped -- never appended, or filtered out when the buffer is full. If
+// near-ties leave more than cap / 2 rows within the band (a zero query, a bank of duplicates),
+// the query switches to exact mode for good: each compaction scores the waiting rows in
+// float64, `exact` keeps the k best, and lim <= e_k - delta with e_k the k-th best exact key.
+// Memory is O(cap) per query whatever the data. Rows arrive in index order, and a later row
+// equal to the k-th best is worse than it, so dropping rows strictly below is exact.
 constexpr int64_t kSlack = 16;  // one vector of appends past cap
+
+// The threshold between compactions comes from a histogram of the candidates' screened scores:
+// bins of width 1/256 over [-1.0625, 1.0625] (screened scores of unit rows lie within 1 + delta),
+// the top bin also taking NaN. hb is the highest bin such that `above`, the candidates counted
+// in bins >= hb, is at least k: k rows then have screened scores >= edge(hb), so edge(hb) - 2
+// delta is a valid threshold -- kept up to date at every append instead of once per compaction.
+// Bin 0 (edge -inf in effect) never sets the threshold. The bin of x is computed in float64,
+// where x + 1.0625 is exact for |x| >= 2^-29 (below, its rounding is far inside delta's slack).
+constexpr int64_t kBins = 545;
+constexpr double kBinLo = -1.0625, kBinScale = 256;
+
+FASTCLR_INLINE int64_t bin_of(double x) {
+  if (!(x >= kBinLo)) return x != x ? kBins - 1 : 0;
+  const double f = (x - kBinLo) * kBinScale;
+  return f >= static_cast<double>(kBins - 1) ? kBins - 1 : static_cast<int64_t>(f);
+}
 
 template <typename S>
 struct Candidates {
   S* v;
   int32_t* j;
+  int32_t* hist;  // kBins counts
   int64_t n = 0;
   S lim = -std::numeric_limits<S>::infinity();
+  int64_t hb = 0, above = 0;
   bool exact_mode = false;
   std::vector<Entry> exact;
+
+  // Counts the candidates appended since `from` and raises lim from the histogram.
+  FASTCLR_INLINE void count(int64_t from, int64_t k, double delta) {
+    if (exact_mode) return;
+    for (int64_t t = from; t < n; ++t) {
+      const int64_t b = bin_of(static_cast<double>(v[t]));
+      if (b >= hb) {
+        ++hist[b];
+        ++above;
+      }
+    }
+    if (above < k) return;
+    const int64_t hb0 = hb;
+    while (above - hist[hb] >= k) above -= hist[hb++];
+    if (hb != hb0 && hb > 0) lim = std::max(lim, round_down<S>(kBinLo + hb / kBinScale - 2 * delta));
+  }
+
+  // Drops the candidates below lim; false if more than cap / 2 remain.
+  FASTCLR_INLINE bool filter(int64_t cap) {
+    int64_t kept = 0;
+    for (int64_t t = 0; t < n; ++t) {  // NaN stays (it ranks highest)
+      v[kept] = v[t];
+      j[kept] = j[t];
+      kept += !(v[t] < lim);
+    }
+    n = kept;
+    return n <= cap / 2;
+  }
 
   template <typename T>
   void compact(const ExactScorer<T>& scorer, int64_t k, int64_t cap, double delta, std::vector<S>& scratch) {
     if (!exact_mode) {
+      if (filter(cap)) return;
+      // Still crowded: the exact k-th best screened score (finer than the histogram's bins).
       scratch.resize(n);
       for (int64_t t = 0; t < n; ++t) scratch[t] = key(v[t]);
       std::nth_element(scratch.begin(), scratch.begin() + (k - 1), scratch.end(), std::greater<S>());
       lim = std::max(lim, round_down<S>(static_cast<double>(scratch[k - 1]) - 2 * delta));
-      int64_t kept = 0;
-      for (int64_t t = 0; t < n; ++t) {  // NaN stays (it ranks highest)
-        v[kept] = v[t];
-        j[kept] = j[t];
-        kept += !(v[t] < lim);
-      }
-      n = kept;
-      if (n <= cap / 2) return;
+      if (filter(cap)) return;
       exact_mode = true;  // the band is too crowded to keep waiting: score it now
     }
     scorer.score(j, n, exact);
@@ -286,10 +328,17 @@ struct Candidates {
   // The k best, best first, all exact, in exact[0..k).
   template <typename T>
   void finish(const ExactScorer<T>& scorer, int64_t k, int64_t cap, double delta, std::vector<S>& scratch) {
-    if (!exact_mode && n > k) compact(scorer, k, cap, delta, scratch);  // drop the band's tail
+    if (!exact_mode && n > k) {  // drop the band's tail: the exact k-th best screened score
+      scratch.resize(n);
+      for (int64_t t = 0; t < n; ++t) scratch[t] = key(v[t]);
+      std::nth_element(scratch.begin(), scratch.begin() + (k - 1), scratch.end(), std::greater<S>());
+      lim = std::max(lim, round_down<S>(static_cast<double>(scratch[k - 1]) - 2 * delta));
+      filter(n);
+    }
     scorer.score(j, n, exact);
     n = 0;
-    std::partial_sort(exact.begin(), exact.begin() + k, exact.end(), Better());
+    std::nth_element(exact.begin(), exact.begin() + (k - 1), exact.end(), Better());
+    std::sort(exact.begin(), exact.begin() + k, Better());
   }
 };
 
@@ -309,12 +358,14 @@ FASTCLR_MULTIVERSION void scan_tile(const G* d, int64_t j0, int64_t kn,
 #pragma omp simd reduction(| : any)
     for (int64_t u = 0; u < len; ++u) any |= !(load_score(d + t + u) < lim);
     if (!any) continue;
+    const int64_t from = c.n;
     for (int64_t u = 0; u < len; ++u) {
       const S x = load_score(d + t + u);
       c.v[c.n] = x;
       c.j[c.n] = static_cast<int32_t>(j0 + t + u);
       c.n += !(x < lim);
     }
+    c.count(from, k, delta);
     if (c.n >= cap) c.compact(scorer, k, cap, delta, scratch);
   }
 }
@@ -351,7 +402,9 @@ __attribute__((target("avx512f"))) void scan_tile_avx512(const G* d, int64_t j0,
     _mm512_storeu_ps(c.v + c.n, _mm512_maskz_compress_ps(pass, x));
     const __m512i rows = _mm512_add_epi32(lanes, _mm512_set1_epi32(static_cast<int32_t>(j0 + t)));
     _mm512_storeu_si512(c.j + c.n, _mm512_maskz_compress_epi32(pass, rows));
+    const int64_t from = c.n;
     c.n += __builtin_popcount(pass);
+    c.count(from, k, delta);
     if (c.n >= cap) c.compact(scorer, k, cap, delta, scratch);
   }
   if (t < kn) scan_tile<G, T>(d + t, j0 + t, kn - t, c, scorer, k, cap, delta, scratch);
@@ -416,12 +469,15 @@ void knn_topk_impl(const at::Tensor& q, const at::Tensor& bank, int64_t k, int64
     at::Tensor buf = at::empty({qb * tk}, qg.options());
     std::vector<S> v_store(static_cast<size_t>(qb * (cap + kSlack)));
     std::vector<int32_t> j_store(static_cast<size_t>(qb * (cap + kSlack)));
+    std::vector<int32_t> hist_store(static_cast<size_t>(qb * kBins));
     std::vector<Candidates<S>> cands(qb);
     std::vector<S> scratch;
     for (int64_t blk = blo; blk < bhi; ++blk) {
       const int64_t q0 = blk * qb, qm = std::min(qb, m - q0);
+      std::fill(hist_store.begin(), hist_store.end(), 0);
       for (int64_t i = 0; i < qm; ++i)
-        cands[i] = Candidates<S>{v_store.data() + i * (cap + kSlack), j_store.data() + i * (cap + kSlack)};
+        cands[i] = Candidates<S>{v_store.data() + i * (cap + kSlack), j_store.data() + i * (cap + kSlack),
+                                 hist_store.data() + i * kBins};
       const at::Tensor qs = qg.narrow(0, q0, qm);
       auto scorer = [&](int64_t i) {
         return ExactScorer<T>{q_p + (q0 + i) * dim, rq[q0 + i], bank_p, rb.data(), dim};

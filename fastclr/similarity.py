@@ -1,9 +1,10 @@
 """Normalized similarity and streaming top-k cosine search (the kNN monitor's kernels).
 
 ``normalized_similarity(a, b)`` is the (M, K) cosine-similarity matrix with the normalisation
-fused into the product. ``knn_topk(queries, bank, k)`` returns the k most similar bank rows of
-each query without ever holding the M x K matrix: it streams over bank tiles and keeps a running
-top-k per query, memory O((M + K) D + M k) plus one tile.
+fused into the product. ``knn_topk(queries, bank, k)`` returns the exact k most similar bank rows
+of each query without ever holding the M x K matrix: it streams over bank tiles, screens them in
+a cheap precision with a proven error bound and re-scores the few possible winners in float64;
+memory O((M + K) D + M k) plus one tile.
 """
 from __future__ import annotations
 
@@ -72,13 +73,17 @@ def normalized_similarity(a: torch.Tensor, b: torch.Tensor, *, impl: str = "auto
 
 def knn_topk(queries: torch.Tensor, bank: torch.Tensor, k: int, *, impl: str = "auto",
              chunk: int | None = None):
-    """The ``k`` bank rows most cosine-similar to each query.
+    """The ``k`` bank rows most cosine-similar to each query, exactly.
 
-    Streams over tiles of ``chunk`` bank rows (default 4096), keeping a running top-k per query:
-    extra memory O(M k + tile), never the (M, K) matrix. Ties go to the lower bank index, so the
-    result is deterministic and equals the reference's (a stable sort of the full matrix).
-    ``k`` must be between 1 and the number of bank rows (``k == K`` sorts the whole bank).
-    Not differentiable (use ``normalized_similarity`` for gradients).
+    Streams over tiles of ``chunk`` bank rows (default 4096): extra memory O(M k + tile) plus a
+    reduced-precision copy of the inputs on CPU, never the (M, K) matrix. The product runs in a
+    cheap precision (CPU: bfloat16 where the CPU has bf16 dot instructions, else float32; GPU:
+    float32 tiles from Triton or, with ``impl="cuda"``, kernels/similarity.cu); a proven bound on
+    its error picks the rows that could still be among the k best, and only those are re-scored
+    in float64. The result equals the float64 reference's (a stable sort of the full matrix):
+    same values, same indices, ties to the lower bank index. ``k`` must be between 1 and the
+    number of bank rows (``k == K`` sorts the whole bank). Not differentiable (use
+    ``normalized_similarity`` for gradients).
 
     Returns:
         ``(values, indices)``: (M, k) similarities, best first (float32 for half inputs), and

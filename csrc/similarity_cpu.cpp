@@ -8,11 +8,11 @@
 // product in a cheap precision: per block of queries and tile of bank rows, one GEMM of the
 // unit-scaled rows in the screening precision (bfloat16 on CPUs with bf16 dot instructions,
 // else float32) gives every score up to a proven bound delta; a threshold test (one vector
-// comparison per 16 scores) discards every row that cannot reach the running k-th best exact
-// score, and the few that might are re-scored in float64 with a fixed summation order (identical
-// rows tie exactly, ties go to the lower bank index). Memory: the scaled copies of the inputs
-// in the screening precision, one score tile per thread and O(k) per query of a block -- never
-// M x K.
+// comparison per 16 scores) discards every row that provably cannot be among the k best, and
+// the few that might are re-scored in float64 with a fixed summation order (identical rows tie
+// exactly, ties go to the lower bank index). Memory: the scaled copies of the inputs in the
+// screening precision, and per thread one score tile plus O(k) candidates and a 2 KiB
+// histogram per query of its block -- never M x K.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>

@@ -142,10 +142,25 @@ FASTCLR_MULTIVERSION double exact_dot(const T* x, const T* y, int64_t d) {
   return (acc[0] + acc[1]) + (acc[2] + acc[3]);
 }
 
+// max(||x||, eps) in float64 (a fixed summation order).
 template <typename T>
-double exact_inv_norm(const T* x, int64_t d) {
+double exact_norm(const T* x, int64_t d) {
   const double n = std::sqrt(exact_dot(x, x, d));
-  return 1.0 / (n > kNormEps ? n : kNormEps);
+  return n > kNormEps ? n : kNormEps;
+}
+
+// sum_d qn[d] * (y[d] / ny), in float64 and a fixed order, with qn the query divided by its norm:
+// the float64 reference's arithmetic (F.normalize divides), so rows that normalise to the same
+// vector -- duplicates, and scaled copies whose norms scale exactly, every row when D = 1 --
+// score identically and tie exactly, as they do in the reference.
+template <typename T>
+FASTCLR_MULTIVERSION double normalized_dot(const double* qn, const T* y, double ny, int64_t d) {
+  double acc[4] = {0, 0, 0, 0};
+  int64_t t = 0;
+  for (; t + 4 <= d; t += 4)
+    for (int u = 0; u < 4; ++u) acc[u] += qn[t + u] * (static_cast<double>(y[t + u]) / ny);
+  for (; t < d; ++t) acc[0] += qn[t] * (static_cast<double>(y[t]) / ny);
+  return (acc[0] + acc[1]) + (acc[2] + acc[3]);
 }
 
 // The product pass of knn_topk runs in a screening precision G: bfloat16 where the CPU has
@@ -215,25 +230,26 @@ FASTCLR_INLINE S round_down(double x) {
 template <typename T>
 struct ExactScorer {
   const T* q;        // the query's row
-  double rq;         // its exact inverse norm
+  double nq;         // its exact norm (clamped)
   const T* bank;
-  const double* rb;  // the bank's exact inverse norms
+  const double* nb;  // the bank's exact norms (clamped)
   int64_t dim;
-  FASTCLR_INLINE double operator()(int64_t j) const {
-    return key(exact_dot(q, bank + j * dim, dim) * rq * rb[j]);
-  }
   // Appends the exact entries of bank rows j[0..n) to out, the rows of later ones prefetched
   // (they are mostly cold by now).
   void score(const int32_t* j, int64_t n, std::vector<Entry>& out) const {
+    if (n == 0) return;
+    thread_local std::vector<double> qn;
+    qn.resize(dim);
+    for (int64_t t = 0; t < dim; ++t) qn[t] = static_cast<double>(q[t]) / nq;
     constexpr int64_t kAhead = 6;
     const int64_t bytes = dim * static_cast<int64_t>(sizeof(T));
     for (int64_t t = 0; t < n; ++t) {
       if (t + kAhead < n) {
         const char* row = reinterpret_cast<const char*>(bank + j[t + kAhead] * dim);
         for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(row + b);
-        __builtin_prefetch(rb + j[t + kAhead]);
+        __builtin_prefetch(nb + j[t + kAhead]);
       }
-      out.push_back({(*this)(j[t]), j[t]});
+      out.push_back({key(normalized_dot(qn.data(), bank + j[t] * dim, nb[j[t]], dim)), j[t]});
     }
   }
 };
@@ -385,7 +401,8 @@ __attribute__((target("avx512f"))) FASTCLR_INLINE __m512 load16(const float* p) 
 template <>
 __attribute__((target("avx512f"))) FASTCLR_INLINE __m512 load16(const c10::BFloat16* p) {
   const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  // the maskz forms: GCC 12's unmasked ones trip -Wmaybe-uninitialized (GCC bug 105593)
+  return _mm512_castsi512_ps(_mm512_maskz_slli_epi32(0xFFFF, _mm512_maskz_cvtepu16_epi32(0xFFFF, h), 16));
 }
 
 template <typename G, typename T>
@@ -424,16 +441,16 @@ void scan(const G* d, int64_t j0, int64_t kn, Candidates<typename ScreenOf<G>::S
   scan_tile<G, T>(d, j0, kn, c, scorer, k, cap, delta, scratch);
 }
 
-// x * r per row, stored in G (the screen's operands: unit rows, no norms left to apply).
+// x / norm per row (as x * (1 / norm)), stored in G: the screen's operands, unit rows.
 template <typename G, typename T>
-at::Tensor scaled_rows(const at::Tensor& x, const std::vector<double>& r, at::ScalarType g_type) {
+at::Tensor scaled_rows(const at::Tensor& x, const std::vector<double>& norm, at::ScalarType g_type) {
   at::Tensor out = at::empty(x.sizes(), x.options().dtype(g_type));
   const int64_t rows = x.size(0), dim = x.size(1);
   const T* x_p = x.data_ptr<T>();
   G* o_p = out.data_ptr<G>();
   at::parallel_for(0, rows, 256, [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) {
-      const T ri = static_cast<T>(r[i]);
+      const T ri = static_cast<T>(1.0 / norm[i]);
       for (int64_t c = 0; c < dim; ++c) o_p[i * dim + c] = static_cast<G>(x_p[i * dim + c] * ri);
     }
   });
@@ -447,16 +464,16 @@ void knn_topk_impl(const at::Tensor& q, const at::Tensor& bank, int64_t k, int64
   const int64_t m = q.size(0), nb = bank.size(0), dim = q.size(1);
   const T* q_p = q.data_ptr<T>();
   const T* bank_p = bank.data_ptr<T>();
-  // exact (float64) inverse norms: the re-scoring's, and the screen's scale factors
-  std::vector<double> rq(m), rb(nb);
+  // exact (float64) norms: the re-scoring's, and the screen's scale factors
+  std::vector<double> nq(m), nbn(nb);
   at::parallel_for(0, m, 1024, [&](int64_t lo, int64_t hi) {
-    for (int64_t i = lo; i < hi; ++i) rq[i] = exact_inv_norm(q_p + i * dim, dim);
+    for (int64_t i = lo; i < hi; ++i) nq[i] = exact_norm(q_p + i * dim, dim);
   });
   at::parallel_for(0, nb, 1024, [&](int64_t lo, int64_t hi) {
-    for (int64_t j = lo; j < hi; ++j) rb[j] = exact_inv_norm(bank_p + j * dim, dim);
+    for (int64_t j = lo; j < hi; ++j) nbn[j] = exact_norm(bank_p + j * dim, dim);
   });
-  const at::Tensor qg = scaled_rows<G, T>(q, rq, g_type);
-  const at::Tensor bg = scaled_rows<G, T>(bank, rb, g_type);
+  const at::Tensor qg = scaled_rows<G, T>(q, nq, g_type);
+  const at::Tensor bg = scaled_rows<G, T>(bank, nbn, g_type);
   const int64_t tk = std::min(chunk, nb);
   const int64_t cap = 3 * k + 256;
   // Query blocks, one per thread at a time: each thread multiplies its block by a bank tile
@@ -480,7 +497,7 @@ void knn_topk_impl(const at::Tensor& q, const at::Tensor& bank, int64_t k, int64
                                  hist_store.data() + i * kBins};
       const at::Tensor qs = qg.narrow(0, q0, qm);
       auto scorer = [&](int64_t i) {
-        return ExactScorer<T>{q_p + (q0 + i) * dim, rq[q0 + i], bank_p, rb.data(), dim};
+        return ExactScorer<T>{q_p + (q0 + i) * dim, nq[q0 + i], bank_p, nbn.data(), dim};
       };
       for (int64_t j0 = 0; j0 < nb; j0 += tk) {
         const int64_t kn = std::min(tk, nb - j0);

@@ -79,9 +79,13 @@ def normalized_similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def knn_topk(queries: torch.Tensor, bank: torch.Tensor, k: int):
     """The k largest similarities per query and their bank indices, best first, ties to the lower
-    index: a stable descending sort of the whole (M, K) matrix. Identical bank rows are scored
-    once (a matrix product may round them differently by position), so exact ties stay exact."""
-    unique, inverse = torch.unique(bank, dim=0, return_inverse=True)
+    index: a stable descending sort of the whole (M, K) matrix. Bank rows that normalise to the
+    same vector (duplicates, scaled copies whose norms scale exactly, every row when D = 1) are
+    scored once -- a matrix product may round them differently by position --, so they tie
+    exactly."""
+    acc = accumulation_dtype(bank.dtype)
+    unique, inverse = torch.unique(F.normalize(bank.to(acc), dim=1, eps=NORM_EPS), dim=0,
+                                   return_inverse=True)
     s = normalized_similarity(queries, unique)[:, inverse]
     values, indices = torch.sort(s, dim=1, descending=True, stable=True)
     return values[:, :k], indices[:, :k]

@@ -164,10 +164,12 @@ def _running_topk(q, bank, kk, chunk, sim):
 def _rescore(q, bank, cand, k):
     """Exact (float64) similarities of the candidate bank rows, the best k, ties to the lower index."""
     cand, _ = torch.sort(cand, dim=1)  # index order, so the stable sort below breaks ties by index
+    # normalise first, dividing, as F.normalize in the reference: rows that normalise to the same
+    # vector (scaled copies whose norms scale exactly; every row when D = 1) tie exactly
     qd = q.double()
+    qd = qd / qd.square().sum(-1, keepdim=True).sqrt().clamp_min(reference.NORM_EPS)
     rows = bank[cand].double()  # (mq, kk, D)
-    qn = qd.square().sum(-1).sqrt().clamp_min(reference.NORM_EPS)
-    rn = rows.square().sum(-1).sqrt().clamp_min(reference.NORM_EPS)
-    s = (rows * qd[:, None, :]).sum(-1) / (qn[:, None] * rn)
+    rows = rows / rows.square().sum(-1, keepdim=True).sqrt().clamp_min(reference.NORM_EPS)
+    s = (rows * qd[:, None, :]).sum(-1)
     s, order = torch.sort(s, dim=1, descending=True, stable=True)
     return s[:, :k], cand.gather(1, order[:, :k])

@@ -176,6 +176,23 @@ def test_knn_topk_ties_and_zero_vectors(seed, impl, device):
 
 
 @pytest.mark.parametrize("impl,device", cases(with_shapes=False))
+def test_knn_topk_rows_that_normalise_alike_tie_as_in_the_reference(seed, impl, device):
+    """D = 1 (every row normalises to +-1) and 2-D scaled copies whose norms scale exactly
+    ([3, 4], [4.5, 6], [6, 8] all normalise to [0.6, 0.8]): exact ties in the float64 reference,
+    so the same indices, in index order."""
+    q1, b1 = torch.randn(6, 1), torch.randn(90, 1)
+    base = torch.tensor([[3.0, 4.0], [5.0, 12.0], [-8.0, 15.0]])
+    b2 = torch.cat([base * c for c in (1.0, 1.5, 2.0, 0.5, 3.0)])[torch.randperm(15)]
+    b2 = torch.cat([b2, torch.randn(20, 2)])
+    q2 = torch.cat([base, torch.randn(3, 2)])
+    for q, bank, k in ((q1, b1, 40), (q2, b2, 12)):
+        vals, idx = fastclr.knn_topk(q.to(device), bank.to(device), k, impl=impl, chunk=16)
+        rv, ri = reference.knn_topk(q.double(), bank.double(), k)
+        assert torch.equal(idx.cpu(), ri)
+        torch.testing.assert_close(vals.cpu().double(), rv, rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("impl,device", cases(with_shapes=False))
 def test_knn_topk_exact_duplicates_equal_reference(seed, impl, device):
     bank = torch.randn(50, 8).repeat(3, 1)  # rows j, j+50, j+100 identical
     q = torch.randn(9, 8)

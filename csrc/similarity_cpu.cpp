@@ -131,36 +131,35 @@ struct Better {
   }
 };
 
-// sum_d x[d] * y[d] in float64, always in the same order: identical rows give identical sums.
-template <typename T>
-FASTCLR_MULTIVERSION double exact_dot(const T* x, const T* y, int64_t d) {
-  double acc[4] = {0, 0, 0, 0};  // independent partial sums in a fixed order
-  int64_t t = 0;
-  for (; t + 4 <= d; t += 4)
-    for (int u = 0; u < 4; ++u) acc[u] += static_cast<double>(x[t + u]) * static_cast<double>(y[t + u]);
-  for (; t < d; ++t) acc[0] += static_cast<double>(x[t]) * static_cast<double>(y[t]);
-  return (acc[0] + acc[1]) + (acc[2] + acc[3]);
-}
-
-// max(||x||, eps) in float64 (a fixed summation order).
-template <typename T>
-double exact_norm(const T* x, int64_t d) {
-  const double n = std::sqrt(exact_dot(x, x, d));
-  return n > kNormEps ? n : kNormEps;
-}
-
-// sum_d qn[d] * (y[d] / ny), in float64 and a fixed order, with qn the query divided by its norm:
-// the float64 reference's arithmetic (F.normalize divides), so rows that normalise to the same
-// vector -- duplicates, and scaled copies whose norms scale exactly, every row when D = 1 --
-// score identically and tie exactly, as they do in the reference.
-template <typename T>
-FASTCLR_MULTIVERSION double normalized_dot(const double* qn, const T* y, double ny, int64_t d) {
+// sum_d term(d) in float64, always in the same order (four partial sums, then a fixed tree), so
+// identical inputs give identical sums wherever they sit.
+template <typename Term>
+FASTCLR_INLINE double fixed_order_sum(int64_t d, Term term) {
   double acc[4] = {0, 0, 0, 0};
   int64_t t = 0;
   for (; t + 4 <= d; t += 4)
-    for (int u = 0; u < 4; ++u) acc[u] += qn[t + u] * (static_cast<double>(y[t + u]) / ny);
-  for (; t < d; ++t) acc[0] += qn[t] * (static_cast<double>(y[t]) / ny);
+    for (int u = 0; u < 4; ++u) acc[u] += term(t + u);
+  for (; t < d; ++t) acc[0] += term(t);
   return (acc[0] + acc[1]) + (acc[2] + acc[3]);
+}
+
+// max(||x||, eps) in float64.
+template <typename T>
+FASTCLR_MULTIVERSION double exact_norm(const T* x, int64_t d) {
+  const double n = std::sqrt(fixed_order_sum(d, [x](int64_t t) {
+    const double v = static_cast<double>(x[t]);
+    return v * v;
+  }));
+  return n > kNormEps ? n : kNormEps;
+}
+
+// sum_d qn[d] * (y[d] / ny) in float64, with qn the query divided by its norm: the float64
+// reference's arithmetic (F.normalize divides), so rows that normalise to the same vector --
+// duplicates, and scaled copies whose norms scale exactly, every row when D = 1 -- score
+// identically and tie exactly, as they do in the reference.
+template <typename T>
+FASTCLR_MULTIVERSION double normalized_dot(const double* qn, const T* y, double ny, int64_t d) {
+  return fixed_order_sum(d, [qn, y, ny](int64_t t) { return qn[t] * (static_cast<double>(y[t]) / ny); });
 }
 
 // The product pass of knn_topk runs in a screening precision G: bfloat16 where the CPU has
@@ -310,6 +309,15 @@ struct Candidates {
     if (hb != hb0 && hb > 0) lim = std::max(lim, round_down<S>(kBinLo + hb / kBinScale - 2 * delta));
   }
 
+  // lim from the exact k-th best screened score of the candidates (finer than the histogram's
+  // bins; n >= k).
+  void tighten(int64_t k, double delta, std::vector<S>& scratch) {
+    scratch.resize(n);
+    for (int64_t t = 0; t < n; ++t) scratch[t] = key(v[t]);
+    std::nth_element(scratch.begin(), scratch.begin() + (k - 1), scratch.end(), std::greater<S>());
+    lim = std::max(lim, round_down<S>(static_cast<double>(scratch[k - 1]) - 2 * delta));
+  }
+
   // Drops the candidates below lim; false if more than cap / 2 remain.
   FASTCLR_INLINE bool filter(int64_t cap) {
     int64_t kept = 0;
@@ -326,11 +334,7 @@ struct Candidates {
   void compact(const ExactScorer<T>& scorer, int64_t k, int64_t cap, double delta, std::vector<S>& scratch) {
     if (!exact_mode) {
       if (filter(cap)) return;
-      // Still crowded: the exact k-th best screened score (finer than the histogram's bins).
-      scratch.resize(n);
-      for (int64_t t = 0; t < n; ++t) scratch[t] = key(v[t]);
-      std::nth_element(scratch.begin(), scratch.begin() + (k - 1), scratch.end(), std::greater<S>());
-      lim = std::max(lim, round_down<S>(static_cast<double>(scratch[k - 1]) - 2 * delta));
+      tighten(k, delta, scratch);  // still crowded: the finer threshold
       if (filter(cap)) return;
       exact_mode = true;  // the band is too crowded to keep waiting: score it now
     }
@@ -344,11 +348,8 @@ struct Candidates {
   // The k best, best first, all exact, in exact[0..k).
   template <typename T>
   void finish(const ExactScorer<T>& scorer, int64_t k, int64_t cap, double delta, std::vector<S>& scratch) {
-    if (!exact_mode && n > k) {  // drop the band's tail: the exact k-th best screened score
-      scratch.resize(n);
-      for (int64_t t = 0; t < n; ++t) scratch[t] = key(v[t]);
-      std::nth_element(scratch.begin(), scratch.begin() + (k - 1), scratch.end(), std::greater<S>());
-      lim = std::max(lim, round_down<S>(static_cast<double>(scratch[k - 1]) - 2 * delta));
+    if (!exact_mode && n > k) {  // drop the band's tail
+      tighten(k, delta, scratch);
       filter(n);
     }
     scorer.score(j, n, exact);

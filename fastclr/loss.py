@@ -86,30 +86,37 @@ def _temperature_tensor(temperature, dtype: torch.dtype, device: torch.device) -
     return torch.full((), value, dtype=dtype, device=device)
 
 
-def _check_triton(device: torch.device, dtype: torch.dtype | None) -> None:
-    if not ops.triton_available():
-        raise RuntimeError(f"nt_xent_fused: impl='triton' needs triton: {ops.triton_error()}")
-    if device.type == "cpu" and not ops.triton_interpreting():
-        raise ValueError("nt_xent_fused: impl='triton' runs on CUDA tensors, or on CPU tensors "
-                         "when TRITON_INTERPRET=1 was set before fastclr was imported; got CPU "
-                         "tensors without it")
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"nt_xent_fused: impl='triton' needs CUDA tensors, got tensors on {device}")
-    if dtype == torch.float64:
-        raise TypeError("nt_xent_fused: impl='triton' supports float32, bfloat16 and float16, "
-                        "got torch.float64 (use impl='cpu' or 'reference')")
-
-
-def _check_cuda_kernel(device: torch.device, dtype: torch.dtype | None) -> None:
-    if device.type != "cuda":
-        raise ValueError(f"nt_xent_fused: impl='cuda' needs CUDA tensors, got tensors on {device}")
-    if not ops.compiled_with_cuda():
-        why = ops.extension_error() or ("fastclr._C was built without its CUDA kernels (no CUDA "
-                                        "toolkit at build time, or FASTCLR_CUDA=0)")
-        raise RuntimeError(f"nt_xent_fused: impl='cuda' needs the compiled CUDA kernels: {why}")
-    if dtype == torch.float64:
-        raise TypeError("nt_xent_fused: impl='cuda' supports float32, bfloat16 and float16, got "
-                        "torch.float64")
+def check_impl_available(fn: str, impl: str, device: torch.device, dtype: torch.dtype | None) -> None:
+    """Raises, naming ``fn``, when the explicitly requested backend ``impl`` ("cpu", "triton",
+    "cuda") cannot run on tensors of this device and dtype. Shared by the loss and the similarity
+    functions."""
+    if impl == "cpu":
+        if device.type != "cpu":
+            raise ValueError(f"{fn}: impl='cpu' needs CPU tensors, got tensors on {device}")
+        if not ops.extension_available():
+            raise RuntimeError(f"{fn}: impl='cpu' needs the compiled extension: {ops.extension_error()}")
+    elif impl == "triton":
+        if not ops.triton_available():
+            raise RuntimeError(f"{fn}: impl='triton' needs triton: {ops.triton_error()}")
+        if device.type == "cpu" and not ops.triton_interpreting():
+            raise ValueError(f"{fn}: impl='triton' runs on CUDA tensors, or on CPU tensors when "
+                             "TRITON_INTERPRET=1 was set before fastclr was imported; got CPU "
+                             "tensors without it")
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"{fn}: impl='triton' needs CUDA tensors, got tensors on {device}")
+        if dtype == torch.float64:
+            raise TypeError(f"{fn}: impl='triton' supports float32, bfloat16 and float16, got "
+                            "torch.float64 (use impl='cpu' or 'reference')")
+    elif impl == "cuda":
+        if device.type != "cuda":
+            raise ValueError(f"{fn}: impl='cuda' needs CUDA tensors, got tensors on {device}")
+        if not ops.compiled_with_cuda():
+            why = ops.extension_error() or ("fastclr._C was built without its CUDA kernels (no "
+                                            "CUDA toolkit at build time, or FASTCLR_CUDA=0)")
+            raise RuntimeError(f"{fn}: impl='cuda' needs the compiled CUDA kernels: {why}")
+        if dtype == torch.float64:
+            raise TypeError(f"{fn}: impl='cuda' supports float32, bfloat16 and float16, got "
+                            "torch.float64")
 
 
 # Where the hand-written CUDA kernel beat the Triton one, measured fwd+bwd side by side by
@@ -127,20 +134,8 @@ def _resolve_impl(impl: str, device: torch.device, dtype: torch.dtype | None = N
     global _warned_fallback
     if impl not in IMPLS:
         raise ValueError(f"nt_xent_fused: impl must be one of {IMPLS}, got {impl!r}")
-    if impl == "reference":
-        return impl
-    if impl == "cuda":
-        _check_cuda_kernel(device, dtype)
-        return impl
-    if impl == "triton":
-        _check_triton(device, dtype)
-        return impl
-    if impl == "cpu":
-        if device.type != "cpu":
-            raise ValueError(f"nt_xent_fused: impl='cpu' needs CPU tensors, got tensors on {device}")
-        if not ops.extension_available():
-            raise RuntimeError(f"nt_xent_fused: impl='cpu' needs the compiled extension: "
-                               f"{ops.extension_error()}")
+    if impl != "auto":
+        check_impl_available("nt_xent_fused", impl, device, dtype)
         return impl
     # auto
     if device.type == "cpu" and ops.extension_available():

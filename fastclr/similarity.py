@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from fastclr import ops, reference
-from fastclr.loss import check_row_pair
+from fastclr.loss import check_impl_available, check_row_pair
 
 IMPLS = ("auto", "reference", "cpu", "triton", "cuda")
 DEFAULT_CHUNK = 4096
@@ -26,27 +26,7 @@ def _resolve(fn: str, impl: str, device: torch.device, dtype: torch.dtype) -> st
         if device.type == "cuda" and ops.triton_available() and not ops.triton_interpreting():
             return "triton"
         return "reference"
-    if impl == "cpu":
-        if not ops.extension_available():
-            raise RuntimeError(f"{fn}: impl='cpu' needs the compiled extension: {ops.extension_error()}")
-        if device.type != "cpu":
-            raise ValueError(f"{fn}: impl='cpu' takes CPU tensors, got tensors on {device}")
-    if impl == "triton":
-        if not ops.triton_available():
-            raise RuntimeError(f"{fn}: impl='triton' is unavailable: {ops.triton_error()}")
-        if device.type == "cpu" and not ops.triton_interpreting():
-            raise ValueError(f"{fn}: impl='triton' takes CUDA tensors (or CPU tensors under "
-                             "TRITON_INTERPRET=1, set before importing fastclr)")
-        if dtype == torch.float64:
-            raise TypeError(f"{fn}: impl='triton' takes float32, bfloat16 or float16, got float64")
-    if impl == "cuda":
-        if device.type != "cuda":
-            raise ValueError(f"{fn}: impl='cuda' takes CUDA tensors, got tensors on {device}")
-        if not ops.compiled_with_cuda():
-            why = ops.extension_error() if not ops.extension_available() else "built without a CUDA toolkit"
-            raise RuntimeError(f"{fn}: impl='cuda' needs the compiled CUDA kernels: {why}")
-        if dtype == torch.float64:
-            raise TypeError(f"{fn}: impl='cuda' takes float32, bfloat16 or float16, got float64")
+    check_impl_available(fn, impl, device, dtype)
     return impl
 
 

@@ -211,7 +211,7 @@ def test_knn_topk_exact_duplicates_equal_reference(seed, impl, device):
     (lambda q, b: fastclr.normalized_similarity(q[0], b), "a must be 2-D"),
     (lambda q, b: fastclr.normalized_similarity(q.int(), b.int()), "must be float32"),
     (lambda q, b: fastclr.normalized_similarity(q, b, impl="gpu"), "impl must be one of"),
-    (lambda q, b: fastclr.knn_topk(q, b, 2, impl="cuda"), "impl='cuda' takes CUDA tensors"),
+    (lambda q, b: fastclr.knn_topk(q, b, 2, impl="cuda"), "impl='cuda' needs CUDA tensors"),
 ])
 def test_bad_inputs(bad, match):
     with pytest.raises((ValueError, TypeError), match=match):

@@ -10,7 +10,8 @@ already allocated). GPU: torch.cuda.max_memory_allocated over one forward+backwa
 memory held before it; times from CUDA events. Times are medians over --repeats runs after a
 warm-up; TFLOP/s count the matrix products the algorithm needs (forward 2 M^2 D flops,
 forward+backward 5 M^2 D with the symmetric backward), whatever an implementation really
-does. An implementation that runs out of memory is recorded as such. Results go to
+does; on a GPU they are also read against the dense matrix product's TFLOP/s in that dtype,
+measured in the same run (8192^3). An implementation that runs out of memory is recorded as such. Results go to
 benchmarks/results/loss-<device>-<date>.json (or --out-dir) and a markdown table is printed.
 
 "fused" is impl="cpu" on the CPU and impl="triton" on a GPU. "infcl" is inf-cl's
@@ -187,6 +188,17 @@ def largest_batch(impl, d, temperature, timeout, device, dtype, budget_mb, cap) 
             "stopped_by": why, "device": device, "status": "ok"}
 
 
+def matmul_peak_tflops(dtype_name: str, n: int = 8192, repeats: int = 10) -> float:
+    """What this GPU's dense matrix product reaches in this dtype (n x n x n, median of CUDA-event
+    timings): the ceiling the loss's TFLOP/s are read against, measured in the same run."""
+    import torch
+    dtype = getattr(torch, DTYPES[dtype_name])
+    a = torch.randn(n, n, device="cuda", dtype=dtype)
+    b = torch.randn(n, n, device="cuda", dtype=dtype)
+    seconds, _ = common.cuda_median_time(lambda: a @ b, repeats, warmup=3)
+    return 2 * n**3 / seconds / 1e12
+
+
 def fit_table(fits: list) -> str:
     lines = ["| implementation | largest M within budget | its peak extra memory (MiB) | search stopped by |",
              "|---|---:|---:|---|"]
@@ -197,9 +209,9 @@ def fit_table(fits: list) -> str:
     return "\n".join(lines)
 
 
-def tables(rows: list) -> str:
+def tables(rows: list, peak_tflops: float | None = None) -> str:
     """The timing table, then the largest-batch table when the rows hold a search."""
-    out = table(rows)
+    out = table(rows, peak_tflops)
     fits = [r for r in rows if r.get("kind") == "largest_batch"]
     if fits:
         out += (f"\n\nLargest M (doubling from 1024) whose forward+backward fits in "
@@ -208,26 +220,33 @@ def tables(rows: list) -> str:
     return out
 
 
-def table(rows: list) -> str:
-    """Markdown: one line per (M, impl); times in s, memory in MiB, ratio to naive."""
+def table(rows: list, peak_tflops: float | None = None) -> str:
+    """Markdown: one line per (M, impl); times in s, memory in MiB, ratio to naive; on a GPU the
+    achieved TFLOP/s and, given the measured matmul peak, their share of it."""
     # skipped configurations (pml beyond its CPU limit) stay in the results file, not the table
     rows = [r for r in rows if r.get("kind") != "largest_batch" and r.get("status") != "skipped"]
     naive = {(r["M"], r["D"]): r for r in rows if r["impl"] == "naive" and r.get("status") == "ok"}
     gpu = any(r.get("device") == "cuda" for r in rows)
     head = "| M | D | implementation | fwd (s) | fwd+bwd (s) | vs naive | peak extra memory (MiB) |"
     rule = "|---:|---:|---|---:|---:|---:|---:|"
+    peak = bool(gpu and peak_tflops)
     if gpu:
         head, rule = head + " fwd+bwd TFLOP/s |", rule + "---:|"
+    if peak:
+        head, rule = head + f" of matmul peak ({peak_tflops:.0f}) |", rule + "---:|"
     lines = [head, rule]
     for r in sorted(rows, key=lambda r: (r["M"], r["D"], IMPLS.index(r["impl"]))):
         if r.get("status") != "ok":
-            lines.append(f"| {r['M']} | {r['D']} | {r['impl']} | {r['status']} | | | |" + (" |" if gpu else ""))
+            lines.append(f"| {r['M']} | {r['D']} | {r['impl']} | {r['status']} | | | |"
+                         + (" |" if gpu else "") + (" |" if peak else ""))
             continue
         key = (r["M"], r["D"])
         ratio = f"{r['fwd_bwd_s'] / naive[key]['fwd_bwd_s']:.2f}x" if key in naive else ""
         line = (f"| {r['M']} | {r['D']} | {r['impl']} | {r['fwd_s']:.4f} | {r['fwd_bwd_s']:.4f} "
                 f"| {ratio} | {r['peak_extra_mb']:.0f} |")
-        lines.append(line + (f" {r['fwd_bwd_tflops']:.0f} |" if gpu else ""))
+        line += f" {r['fwd_bwd_tflops']:.0f} |" if gpu else ""
+        line += f" {100 * r['fwd_bwd_tflops'] / peak_tflops:.0f}% |" if peak else ""
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -286,9 +305,12 @@ def main(argv=None):
             "peers": {k: PEERS[k] for k in impls}}
     if fits:
         meta["budget_mb"] = args.budget_mb
+    if gpu:
+        meta["matmul_peak_tflops"] = matmul_peak_tflops(dtype)
     common.publish("loss", "benchmarks.bench_loss",
                    f"NT-Xent forward+backward, {DTYPES[dtype]}, {common.where(meta)}, "
-                   f"torch {meta['versions']['torch']}", tables(rows + fits), rows + fits, meta, args, argv)
+                   f"torch {meta['versions']['torch']}", tables(rows + fits, meta.get("matmul_peak_tflops")),
+                   rows + fits, meta, args, argv)
 
 
 if __name__ == "__main__":

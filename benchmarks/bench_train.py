@@ -14,6 +14,10 @@ what users run today, so each component's contribution shows:
 - augmentation: the torch augmentation (on the device) / DALI, and torchvision transforms in a
   DataLoader with --workers processes.
 
+A last row, the bare encoder, is the floor: forward+backward of the same model on two fixed
+views (no augmentation, no contrastive loss, no optimizer step); "step / bare encoder" is each
+step's time over it, i.e. what the rest of the step costs on top of the encoder.
+
 Images/s counts images (each seen as two views), median over --steps timed steps after a warm-up
 step (the DataLoader's workers are started before timing). A configuration that runs out of
 memory is recorded as such. Results: benchmarks/results/train-<device>-<date>.json.
@@ -32,6 +36,9 @@ from benchmarks import common
 BASELINE = {"loss": "fused", "optimizer": "fastclr", "augment": None}  # augment: by device
 SWAPS = [("loss", "naive"), ("loss", "lightly"), ("optimizer", "lightly"), ("augment", "other"),
          ("augment", "torchvision")]
+# The floor: the encoder's forward+backward alone, on views made once (no augmentation, a sum
+# of squares for a loss, no optimizer step). A step's time over this one is what fastclr adds.
+BARE = {"loss": "none", "optimizer": "none", "augment": "none", "swap": "bare"}
 
 
 def _loss(name, temperature=0.2):
@@ -52,7 +59,12 @@ def _optimizer(name, model, lr):
 
 def _views(name, data, batch, size, device, dtype, channels_last, workers):
     """An endless iterator of (view1, view2) on the device."""
-    if name == "torch":
+    if name == "none":  # the bare encoder: the same two random views every step
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        v = torch.randn(2, batch, 3, size, size, device=device).to(dtype, memory_format=fmt)
+        while True:
+            yield v[0], v[1]
+    elif name == "torch":
         from fastclr.augment import TorchSimCLRAugment
         aug = TorchSimCLRAugment(size, strength=0.5 if size < 96 else 1.0, dtype=dtype,
                                  channels_last=channels_last)
@@ -95,8 +107,9 @@ def run_config(arch, batch, size, device, cfg, steps, workers, src) -> dict:
         model = models.build_model(arch, cifar_stem=False).to(device)
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
-        opt = _optimizer(cfg["optimizer"], model, 0.3 * batch / 256)
-        loss_fn = _loss(cfg["loss"])
+        bare = cfg["loss"] == "none"
+        opt = None if bare else _optimizer(cfg["optimizer"], model, 0.3 * batch / 256)
+        loss_fn = (lambda a, b: a.square().mean() + b.square().mean()) if bare else _loss(cfg["loss"])
         n = max(2 * batch, 512 if gpu else batch)
         data = np.random.default_rng(0).integers(0, 256, (n, src, src, 3), dtype=np.uint8)
         views = _views(cfg["augment"], data, batch, size, device, dtype, channels_last, workers)
@@ -110,9 +123,10 @@ def run_config(arch, batch, size, device, cfg, steps, workers, src) -> dict:
                 _, z = model(torch.cat([v1, v2]))
             z1, z2 = z.float().chunk(2)
             loss = loss_fn(z1, z2)
-            opt.zero_grad(set_to_none=True)
+            model.zero_grad(set_to_none=True)
             loss.backward()
-            opt.step()
+            if opt is not None:
+                opt.step()
             if gpu:
                 torch.cuda.synchronize()
             if i:  # the first step warms up (allocations, autotuning, workers)
@@ -131,22 +145,28 @@ def run_config(arch, batch, size, device, cfg, steps, workers, src) -> dict:
 
 
 def table(rows: list) -> str:
-    lines = ["| model | batch | loss | optimizer | augmentation | images/s | vs all-fastclr |",
-             "|---|---:|---|---|---|---:|---:|"]
-    base = {}
-    for r in rows:
-        if r.get("swap") is None and r.get("status") == "ok":
-            base[(r["model"], r["batch"])] = r["images_per_s"]
+    """One line per configuration: images/s, its ratio to all-fastclr's, and (when the rows hold
+    the bare encoder) its step time over the bare encoder's forward+backward."""
+    ok = [r for r in rows if r.get("status") == "ok"]
+    base = {(r["model"], r["batch"]): r["images_per_s"] for r in ok if r.get("swap") is None}
+    bare = {(r["model"], r["batch"]): r["step_s"] for r in ok if r.get("swap") == "bare"}
+    head = "| model | batch | loss | optimizer | augmentation | images/s | vs all-fastclr |"
+    rule = "|---|---:|---|---|---|---:|---:|"
+    if bare:
+        head, rule = head + " step / bare encoder |", rule + "---:|"
+    lines = [head, rule]
     for r in rows:
         key = (r["model"], r["batch"])
-        if r.get("status") != "ok":
-            val, ratio = r.get("status"), ""
-        else:
+        val, ratio, over = r.get("status"), "", ""
+        if r.get("status") == "ok":
             val = f"{r['images_per_s']:.0f}"
             ratio = f"{r['images_per_s'] / base[key]:.2f}x" if key in base else ""
+            over = f"{r['step_s'] / bare[key]:.2f}x" if key in bare else ""
         mark = lambda k: f"**{r[k]}**" if r.get("swap") == k else r[k]  # noqa: E731
-        lines.append(f"| {r['model']} | {r['batch']} | {mark('loss')} | {mark('optimizer')} | "
-                     f"{mark('augment')} | {val} | {ratio} |")
+        parts = ("bare encoder (fwd+bwd only)", "", "") if r.get("swap") == "bare" else \
+            (mark("loss"), mark("optimizer"), mark("augment"))
+        lines.append(f"| {r['model']} | {r['batch']} | {' | '.join(parts)} | {val} | {ratio} |"
+                     + (f" {over} |" if bare else ""))
     return "\n".join(lines)
 
 
@@ -160,6 +180,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, help="timed steps per configuration (default: 3 CPU, 10 GPU)")
     p.add_argument("--workers", type=int, default=2, help="torchvision DataLoader processes")
     p.add_argument("--swaps", nargs="*", help="which swaps, as component=choice (default: all)")
+    p.add_argument("--no-bare", action="store_true", help="leave out the bare-encoder row")
     common.add_output_args(p)
     args = p.parse_args(argv)
     gpu = args.device == "cuda"
@@ -181,6 +202,8 @@ def main(argv=None):
         for b in batches:
             cfg = dict(BASELINE, augment=base_aug)
             configs.append((arch, b, {**cfg, "swap": None}))
+            if not args.no_bare:
+                configs.append((arch, b, dict(BARE)))
             for k, v in swaps:
                 configs.append((arch, b, {**cfg, k: v, "swap": k}))
     rows = [run_config(arch, b, size, device, cfg, steps, args.workers, src)

@@ -6,7 +6,8 @@
 // vectorised loops: online logsumexp in the forward, P_ij / P_ji in the backward.
 //
 // Backward: S is symmetric, so one tile S_IJ gives both P_IJ = exp(S_IJ - lse_I) and
-// P_JI^T = exp(S_IJ - lse_J). Only the tiles with I <= J are computed. Their two gradient
+// P_JI^T = exp(S_IJ - lse_J). The positive pairs are left out of the tiles: their weight
+// -(1 - P_ip) is formed as -Q_i, the sum of the negatives' P (no cancellation when P_ip ~ 1). Only the tiles with I <= J are computed. Their two gradient
 // updates (rows of I and rows of J) are scheduled round-robin: in each round every row block
 // appears in at most one tile, so the tiles of a round run in parallel without locks and the
 // result is bitwise independent of the thread count.
@@ -15,7 +16,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
+#include <initializer_list>
 #include <cstdint>
 #include <limits>
 #include <utility>
@@ -61,12 +64,14 @@ FASTCLR_INLINE double vexp(double x) { return std::exp(x); }
 // dot products u_i . u_j; it is scaled by 1/tau in place, the self column (if in the chunk)
 // masked, and the running max / sum / rank of the row updated. The positive logit is read
 // from the tile itself (pos_col >= 0), so the loss and the rank compare the very same
-// numbers; the caller puts the positive's column in a row's first chunk.
+// numbers; the caller puts the positive's column in a row's first chunk. The rank counts the
+// columns above the positive twice: all of them (rank[0]) and those of the other view alone,
+// chunk columns [cross_lo, cross_hi) (rank[1], google-research/simclr's contrast_acc).
 template <typename acc_t>
 FASTCLR_INLINE void fwd_row_chunk_impl(acc_t* __restrict s, int64_t c, acc_t inv_tau,
                                        int64_t self_col, int64_t pos_col, acc_t* pos_logit,
-                                       bool count_rank, acc_t* run_max, acc_t* run_sum,
-                                       int32_t* rank) {
+                                       bool count_rank, int64_t cross_lo, int64_t cross_hi,
+                                       acc_t* run_max, acc_t* run_sum, int32_t* rank) {
   const acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
   acc_t cmax = kNegInf;
 #pragma omp simd reduction(max : cmax)
@@ -90,41 +95,53 @@ FASTCLR_INLINE void fwd_row_chunk_impl(acc_t* __restrict s, int64_t c, acc_t inv
   *run_max = m_new;
   if (count_rank) {
     const acc_t pos = *pos_logit;  // the positive itself (== pos) and the self (-inf) never count
-    int32_t above = 0;
-#pragma omp simd reduction(+ : above)
-    for (int64_t k = 0; k < c; ++k) above += s[k] > pos ? 1 : 0;
-    *rank += above;
+    int32_t above = 0, above_cross = 0;
+#pragma omp simd reduction(+ : above, above_cross)
+    for (int64_t k = 0; k < c; ++k) {
+      const int32_t hit = s[k] > pos ? 1 : 0;
+      above += hit;
+      above_cross += (k >= cross_lo && k < cross_hi) ? hit : 0;
+    }
+    rank[0] += above;
+    rank[1] += above_cross;
   }
 }
 
 FASTCLR_MULTIVERSION void fwd_row_chunk(float* s, int64_t c, float inv_tau, int64_t self_col,
                                         int64_t pos_col, float* pos_logit, bool count_rank,
-                                        float* run_max, float* run_sum, int32_t* rank) {
-  fwd_row_chunk_impl<float>(s, c, inv_tau, self_col, pos_col, pos_logit, count_rank, run_max,
-                            run_sum, rank);
+                                        int64_t cross_lo, int64_t cross_hi, float* run_max,
+                                        float* run_sum, int32_t* rank) {
+  fwd_row_chunk_impl<float>(s, c, inv_tau, self_col, pos_col, pos_logit, count_rank, cross_lo,
+                            cross_hi, run_max, run_sum, rank);
 }
 void fwd_row_chunk(double* s, int64_t c, double inv_tau, int64_t self_col, int64_t pos_col,
-                   double* pos_logit, bool count_rank, double* run_max, double* run_sum,
-                   int32_t* rank) {
-  fwd_row_chunk_impl<double>(s, c, inv_tau, self_col, pos_col, pos_logit, count_rank, run_max,
-                             run_sum, rank);
+                   double* pos_logit, bool count_rank, int64_t cross_lo, int64_t cross_hi,
+                   double* run_max, double* run_sum, int32_t* rank) {
+  fwd_row_chunk_impl<double>(s, c, inv_tau, self_col, pos_col, pos_logit, count_rank, cross_lo,
+                             cross_hi, run_max, run_sum, rank);
 }
 
 // A_ij = w_i P_ij + w_j P_ji for the columns [b0, b1) of one row of a backward tile, in
-// place over the raw dot products; returns the row's sum of A_ij s_ij.
+// place over the raw dot products; returns the row's sum of A_ij s_ij. Also accumulates the
+// negatives' probability mass: *q_i += sum_b P_ij (this row's), q_col[b] += P_ji (the columns').
 template <typename acc_t>
 FASTCLR_INLINE acc_t bwd_row_span_impl(acc_t* __restrict row, int64_t b0, int64_t b1,
                                        acc_t inv_tau, acc_t lse_i, acc_t w_i,
                                        const acc_t* __restrict lse_j,
-                                       const acc_t* __restrict w_j) {
-  acc_t t = 0;
-#pragma omp simd reduction(+ : t)
+                                       const acc_t* __restrict w_j, acc_t* q_i,
+                                       acc_t* __restrict q_col) {
+  acc_t t = 0, q = 0;
+#pragma omp simd reduction(+ : t, q)
   for (int64_t b = b0; b < b1; ++b) {
     const acc_t x = row[b] * inv_tau;
-    const acc_t v = w_i * vexp(x - lse_i) + w_j[b] * vexp(x - lse_j[b]);
+    const acc_t p_ij = vexp(x - lse_i), p_ji = vexp(x - lse_j[b]);
+    const acc_t v = w_i * p_ij + w_j[b] * p_ji;
     t += v * x;
+    q += p_ij;
+    q_col[b] += p_ji;
     row[b] = v;
   }
+  *q_i += q;
   return t;
 }
 
@@ -132,34 +149,51 @@ FASTCLR_INLINE acc_t bwd_row_span_impl(acc_t* __restrict row, int64_t b0, int64_
 // left the off-diagonal loop scalar.
 FASTCLR_MULTIVERSION float bwd_row_span(float* row, int64_t b0, int64_t b1, float inv_tau,
                                         float lse_i, float w_i, const float* lse_j,
-                                        const float* w_j) {
-  return bwd_row_span_impl<float>(row, b0, b1, inv_tau, lse_i, w_i, lse_j, w_j);
+                                        const float* w_j, float* q_i, float* q_col) {
+  return bwd_row_span_impl<float>(row, b0, b1, inv_tau, lse_i, w_i, lse_j, w_j, q_i, q_col);
 }
 double bwd_row_span(double* row, int64_t b0, int64_t b1, double inv_tau, double lse_i,
-                    double w_i, const double* lse_j, const double* w_j) {
-  return bwd_row_span_impl<double>(row, b0, b1, inv_tau, lse_i, w_i, lse_j, w_j);
+                    double w_i, const double* lse_j, const double* w_j, double* q_i,
+                    double* q_col) {
+  return bwd_row_span_impl<double>(row, b0, b1, inv_tau, lse_i, w_i, lse_j, w_j, q_i, q_col);
 }
 
 // One backward tile, in place: s (r x c, raw dot products of row block i0 with column block
-// j0) becomes A_ij = w_i P_ij + w_j P_ji with P_ij = exp(s_ij / tau - lse_i). On a diagonal
-// tile (i0 == j0) the self entries are skipped (their exp would be huge: s_ii = 1/tau) and set
-// to 0. Returns sum_ij A_ij s_ij / tau over the tile, halved on a diagonal tile, where A
-// already holds both (i, j) and (j, i).
+// j0) becomes A_ij = w_i P_ij + w_j P_ji with P_ij = exp(s_ij / tau - lse_i), over the
+// negatives only: the self entries (their exp would be huge: s_ii = 1/tau) and the positive
+// pairs (j = p(i)) are skipped and set to 0. The positives' weight is formed from q, the
+// negatives' mass Q_i = sum_{j != i, p(i)} P_ij = 1 - P_{i,p(i)}, without the cancellation of
+// 1 - P when P ~ 1 (a saturated batch). q[i] gets this tile's part of Q_i for its rows and, off
+// the diagonal, for its columns (q_col: c scratch values). Returns sum_ij A_ij s_ij / tau over
+// the tile, halved on a diagonal tile, where A already holds both (i, j) and (j, i).
 template <typename acc_t>
-double bwd_tile(acc_t* s, int64_t r, int64_t c, int64_t i0, int64_t j0, acc_t inv_tau,
-                const acc_t* lse, const acc_t* w) {
+double bwd_tile(acc_t* s, int64_t r, int64_t c, int64_t i0, int64_t j0, int64_t n,
+                acc_t inv_tau, const acc_t* lse, const acc_t* w, acc_t* q, acc_t* q_col) {
   const bool diag = i0 == j0;
+  const int64_t m = 2 * n;
+  std::fill(q_col, q_col + c, acc_t(0));
   double total = 0;
   for (int64_t a = 0; a < r; ++a) {
     acc_t* row = s + a * c;
-    const acc_t lse_i = lse[i0 + a], w_i = w[i0 + a];
-    if (diag) {
-      total += bwd_row_span(row, 0, a, inv_tau, lse_i, w_i, lse + j0, w + j0);
-      total += bwd_row_span(row, a + 1, c, inv_tau, lse_i, w_i, lse + j0, w + j0);
-      row[a] = 0;
-    } else {
-      total += bwd_row_span(row, 0, c, inv_tau, lse_i, w_i, lse + j0, w + j0);
+    const int64_t i = i0 + a;
+    const acc_t lse_i = lse[i], w_i = w[i];
+    // the (at most two) excluded columns of this row, in order; c marks "none"
+    int64_t skip0 = diag ? a : c, skip1 = (i + n) % m - j0;
+    if (skip1 < 0 || skip1 >= c) skip1 = c;
+    if (skip1 < skip0) std::swap(skip0, skip1);
+    acc_t q_i = 0;
+    int64_t b0 = 0;
+    for (const int64_t skip : {skip0, skip1}) {
+      if (skip > b0) total += bwd_row_span(row, b0, skip, inv_tau, lse_i, w_i, lse + j0, w + j0,
+                                           &q_i, q_col);
+      if (skip < c) row[skip] = 0;
+      b0 = std::max(b0, skip + 1);
     }
+    if (b0 < c) total += bwd_row_span(row, b0, c, inv_tau, lse_i, w_i, lse + j0, w + j0, &q_i, q_col);
+    q[i] += q_i;
+  }
+  if (!diag) {  // on a diagonal tile the column sums repeat the row sums
+    for (int64_t b = 0; b < c; ++b) q[j0 + b] += q_col[b];
   }
   return diag ? 0.5 * total : total;
 }
@@ -223,7 +257,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nt_xent_forward_cpu(
   at::Tensor norm = at::empty({m}, opts);
   at::Tensor lse = at::empty({m}, opts);
   at::Tensor row_loss = at::empty({m}, opts);
-  at::Tensor rank = compute_accuracy ? at::zeros({m}, z1.options().dtype(at::kInt))
+  // rank: (2, M), #columns above the positive among all others / the other view's alone
+  at::Tensor rank = compute_accuracy ? at::zeros({2, m}, z1.options().dtype(at::kInt))
                                      : at::empty({0}, z1.options().dtype(at::kInt));
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z1.scalar_type(), "nt_xent_forward_cpu", [&] {
@@ -243,12 +278,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nt_xent_forward_cpu(
     at::parallel_for(0, 2 * blocks_per_half, 1, [&](int64_t b_begin, int64_t b_end) {
       at::Tensor buf = at::empty({kFwdRowBlock * cols_per_chunk}, opts);
       std::vector<acc_t> run_max(kFwdRowBlock), run_sum(kFwdRowBlock), pos(kFwdRowBlock);
-      std::vector<int32_t> run_rank(kFwdRowBlock);
+      std::vector<int32_t> run_rank(2 * kFwdRowBlock);
       for (int64_t blk = b_begin; blk < b_end; ++blk) {
         const int64_t half = blk / blocks_per_half;
         const int64_t i0 = half * n + (blk % blocks_per_half) * kFwdRowBlock;
         const int64_t r = std::min(kFwdRowBlock, (half + 1) * n - i0);
         const int64_t start = (i0 + n) % m;
+        const int64_t other_lo = half == 0 ? n : 0;  // the other view's rows: [other_lo, +n)
         std::fill(run_max.begin(), run_max.end(), -std::numeric_limits<acc_t>::infinity());
         std::fill(run_sum.begin(), run_sum.end(), acc_t(0));
         std::fill(run_rank.begin(), run_rank.end(), 0);
@@ -256,6 +292,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nt_xent_forward_cpu(
         for (int64_t done = 0; done < m;) {
           const int64_t j0 = (start + done) % m;
           const int64_t c = std::min({cols_per_chunk, m - done, m - j0});
+          const int64_t cross_lo = std::clamp(other_lo - j0, int64_t(0), c);
+          const int64_t cross_hi = std::clamp(other_lo + n - j0, int64_t(0), c);
           at::Tensor tile = tile_view(buf, r, c);
           at::mm_out(tile, u_rows, u.narrow(0, j0, c).t());
           acc_t* pt = tile.data_ptr<acc_t>();
@@ -264,7 +302,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nt_xent_forward_cpu(
             const int64_t self_col = (i >= j0 && i < j0 + c) ? i - j0 : -1;
             const int64_t pos_col = done == 0 ? a : -1;
             fwd_row_chunk(pt + a * c, c, inv_tau, self_col, pos_col, &pos[a], compute_accuracy,
-                          &run_max[a], &run_sum[a], &run_rank[a]);
+                          cross_lo, cross_hi, &run_max[a], &run_sum[a], &run_rank[2 * a]);
           }
           done += c;
         }
@@ -272,7 +310,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nt_xent_forward_cpu(
           const int64_t i = i0 + a;
           plse[i] = run_max[a] + std::log(run_sum[a]);
           ploss[i] = plse[i] - pos[a];
-          if (prank) prank[i] = run_rank[a];
+          if (prank) {
+            prank[i] = run_rank[2 * a];
+            prank[m + i] = run_rank[2 * a + 1];
+          }
         }
       }
     });
@@ -328,8 +369,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nt_xent_backward_cpu(
     const acc_t* pw = w.const_data_ptr<acc_t>();
     const acc_t* plse = lse.const_data_ptr<acc_t>();
 
-    // G_i = sum_j A_ij u_j, with A_ij = w_i P_ij + w_j P_ji.
+    // G_i = sum_{j != i, p(i)} A_ij u_j, with A_ij = w_i P_ij + w_j P_ji; q_i = Q_i.
     at::Tensor g = at::zeros({m, d}, opts);
+    at::Tensor q = at::zeros({m}, opts);
+    acc_t* pq = q.data_ptr<acc_t>();
     const int64_t nb = (m + kBwdBlock - 1) / kBwdBlock;
     const int64_t bs = std::min(kBwdBlock, m);
     auto rounds = round_robin(nb);
@@ -337,18 +380,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nt_xent_backward_cpu(
     for (int64_t b = 0; b < nb; ++b) diag_round.emplace_back(b, b);
     rounds.push_back(std::move(diag_round));
 
-    double tau_sum = 0;  // sum_ij w_i P_ij s_ij
+    double tau_sum = 0;  // sum_i w_i sum_{j != i, p(i)} P_ij s_ij
     for (const auto& pairs : rounds) {
       std::vector<double> partial(pairs.size(), 0.0);
       at::parallel_for(0, static_cast<int64_t>(pairs.size()), 1, [&](int64_t p_begin, int64_t p_end) {
         at::Tensor buf = at::empty({bs * bs}, opts);
+        std::vector<acc_t> q_col(bs);
         for (int64_t q = p_begin; q < p_end; ++q) {
           const int64_t i0 = pairs[q].first * kBwdBlock, j0 = pairs[q].second * kBwdBlock;
           const int64_t r = std::min(kBwdBlock, m - i0), c = std::min(kBwdBlock, m - j0);
           const at::Tensor u_i = u.narrow(0, i0, r), u_j = u.narrow(0, j0, c);
           at::Tensor tile = tile_view(buf, r, c);
           at::mm_out(tile, u_i, u_j.t());
-          partial[q] = bwd_tile<acc_t>(tile.data_ptr<acc_t>(), r, c, i0, j0, inv_tau, plse, pw);
+          partial[q] = bwd_tile<acc_t>(tile.data_ptr<acc_t>(), r, c, i0, j0, n, inv_tau, plse, pw,
+                                       pq, q_col.data());
           at::Tensor g_i = g.narrow(0, i0, r);
           g_i.addmm_(tile, u_j);
           if (i0 != j0) {
@@ -360,8 +405,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nt_xent_backward_cpu(
       for (double v : partial) tau_sum += v;
     }
 
-    // Positive terms, the 1/tau factor, and the normalisation's Jacobian (F.normalize's:
-    // a clamped norm is a constant, so that row's gradient is simply g / eps).
+    // Positive terms -(w_i Q_i + w_p Q_p) u_p, the 1/tau factor, and the normalisation's
+    // Jacobian (F.normalize's: a clamped norm is a constant, so that row's gradient is simply
+    // g / eps).
     const acc_t* pg = g.const_data_ptr<acc_t>();
     scalar_t* gz1 = grad_z1.data_ptr<scalar_t>();
     scalar_t* gz2 = grad_z2.data_ptr<scalar_t>();
@@ -374,14 +420,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nt_xent_backward_cpu(
         const acc_t* ui = pu + i * d;
         const acc_t* up = pu + p * d;
         const acc_t* gi = pg + i * d;
-        const acc_t wpos = pw[i] + pw[p];
+        const acc_t wpos = pw[i] * pq[i] + pw[p] * pq[p];
         acc_t dot_up = 0, dot_gu = 0;
         for (int64_t k = 0; k < d; ++k) {
           gu[k] = inv_tau * (gi[k] - wpos * up[k]);
           dot_up += ui[k] * up[k];
           dot_gu += ui[k] * gu[k];
         }
-        pos_part[i] = static_cast<double>(pw[i]) * static_cast<double>(dot_up * inv_tau);
+        pos_part[i] = static_cast<double>(pw[i] * pq[i]) * static_cast<double>(dot_up * inv_tau);
         const acc_t den = pnorm[i];
         const bool clamped = den <= eps;
         scalar_t* dst = i < n ? gz1 + i * d : gz2 + (i - n) * d;
@@ -393,7 +439,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nt_xent_backward_cpu(
     });
     double pos_sum = 0;
     for (double v : pos_part) pos_sum += v;
-    // dL/dtau = -(1/tau) * sum_ij dL/ds_ij s_ij
+    // dL/dtau = -(1/tau) * sum_i w_i (sum_{j != i, p(i)} P_ij s_ij - Q_i s_{i,p(i)})
     grad_t.fill_(-static_cast<double>(inv_tau) * (tau_sum - pos_sum));
   });
   return {grad_z1, grad_z2, grad_t};

@@ -70,7 +70,7 @@ if _C is not None:
         torch._check(temperature.dim() == 0, lambda: "temperature must be 0-dim")
         m = 2 * z1.shape[0]
         rows = z1.new_empty((m,), dtype=accumulation_dtype(z1.dtype))
-        rank = z1.new_empty((m if compute_accuracy else 0,), dtype=torch.int32)
+        rank = z1.new_empty((2, m) if compute_accuracy else (0,), dtype=torch.int32)
         return rows, torch.empty_like(rows), torch.empty_like(rows), rank
 
     @torch.library.register_fake("fastclr::nt_xent_backward")

@@ -31,12 +31,16 @@ def similarity_logits(z1: torch.Tensor, z2: torch.Tensor, temperature) -> torch.
 
 
 def positive_rank(s: torch.Tensor) -> torch.Tensor:
-    """#{j not in {i, p(i)} : s_ij > s_{i,p(i)}} per row (int32): top-k correct iff rank < k."""
+    """(2, M) int32: row 0, #{j not in {i, p(i)} : s_ij > s_{i,p(i)}} (top-k correct iff rank < k);
+    row 1, the same count over the other view's rows alone (the cross-view logits_ab of
+    google-research/simclr, whose contrast_acc is rank < 1 on view 1's rows)."""
     m = s.shape[0]
     p = positive_index(m, s.device)
     pos = s[torch.arange(m, device=s.device), p]
-    others = s.masked_fill(F.one_hot(p, m).bool(), float("-inf"))
-    return (others > pos[:, None]).sum(1, dtype=torch.int32)
+    above = s.masked_fill(F.one_hot(p, m).bool(), float("-inf")) > pos[:, None]
+    view = torch.arange(m, device=s.device) >= m // 2
+    cross = view[:, None] != view[None, :]
+    return torch.stack([above.sum(1, dtype=torch.int32), (above & cross).sum(1, dtype=torch.int32)])
 
 
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature=0.5, reduction: str = "mean",
@@ -49,8 +53,16 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature=0.5, reduction: str 
     """
     s = similarity_logits(z1, z2, temperature)
     m = s.shape[0]
-    pos = s[torch.arange(m, device=s.device), positive_index(m, s.device)]
-    rows = torch.logsumexp(s, dim=1) - pos
+    p = positive_index(m, s.device)
+    pos = s[torch.arange(m, device=s.device), p]
+    # The same loss as logsumexp_{j != i} s_ij - s_ip, written log(1 + sum_neg exp(s_ij - s_ip))
+    # over the negatives alone: its gradient then carries the positive's weight 1 - P_ip as the
+    # negatives' mass, which stays accurate when P_ip ~ 1 (1 - P would cancel). Self and positive
+    # are filled with the dtype's lowest finite value, not -inf, so that N = 1 (no negative at
+    # all) gives a loss of 0 with zero gradients rather than NaN.
+    excluded = torch.eye(m, dtype=torch.bool, device=s.device) | F.one_hot(p, m).bool()
+    neg = s.masked_fill(excluded, torch.finfo(s.dtype).min)
+    rows = torch.logaddexp(torch.zeros_like(pos), torch.logsumexp(neg, dim=1) - pos)
     loss = reduce_rows(rows, reduction)
     if not return_accuracy:
         return loss
@@ -67,8 +79,13 @@ def reduce_rows(rows: torch.Tensor, reduction: str) -> torch.Tensor:
 
 
 def accuracy_from_rank(rank: torch.Tensor) -> dict:
-    """Contrastive top-1 / top-5 accuracy (fractions in [0, 1], float32) from per-row ranks."""
-    return {"top1": (rank < 1).float().mean(), "top5": (rank < 5).float().mean()}
+    """Accuracies (fractions in [0, 1], float32) from the (2, M) ranks of :func:`positive_rank`:
+    ``top1`` / ``top5``, every row's positive against all 2N - 2 other rows (fewer than k score
+    above it); ``contrast_acc``, google-research/simclr's metric: view 1's rows, the positive
+    against the N cross-view candidates (the argmax of logits_ab is the positive)."""
+    n = rank.shape[1] // 2
+    return {"top1": (rank[0] < 1).float().mean(), "top5": (rank[0] < 5).float().mean(),
+            "contrast_acc": (rank[1, :n] < 1).float().mean()}
 
 
 def normalized_similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -5,11 +5,14 @@
 //   forward:  per 64-row block (never straddling row N), column tiles of 64 in the rotated
 //             order that starts at the block's positives; S tile = Z_I Z_J^T on tensor cores
 //             (WMMA) from the raw input-dtype rows, 1/||z|| and 1/tau applied to the fp32
-//             tile; online base-2 logsumexp, positive logit and rank from the same tile.
+//             tile; online base-2 logsumexp, positive logit and ranks (all others, the other
+//             view alone) from the same tile.
 //   backward: one CTA per tile pair I <= J (symmetry: one tile gives P_IJ and P_JI):
-//             A = w_i P_ij + w_j P_ji, then G_I += (A rn_J) Z_J and G_J += (A rn_I)^T Z_I on
-//             tensor cores, accumulated with fp32 atomics; the tile's sum A s for dL/dtau.
-//   finish:   grad_u = (G - (w_i + w_p) u_p) / tau, normalisation Jacobian, input dtype out.
+//             A = w_i P_ij + w_j P_ji over the negatives (j != i, p(i)), then G_I += (A rn_J)
+//             Z_J and G_J += (A rn_I)^T Z_I on tensor cores, accumulated with fp32 atomics;
+//             the negatives' mass Q_i = sum_j P_ij and the tile's sum A s for dL/dtau.
+//   finish:   grad_u = (G - (w_i Q_i + w_p Q_p) u_p) / tau, normalisation Jacobian, input dtype
+//             out. Q = 1 - P_{i,p(i)} is summed, never subtracted (no cancellation at P ~ 1).
 // Memory: O(M D) (the fp32 accumulator G). Nothing M x M. Every launch is on the current
 // stream and checked. fp32 inputs use 3xTF32 products (~fp32 accuracy on tensor cores).
 //
@@ -113,7 +116,7 @@ __global__ void __launch_bounds__(kThreads) nt_xent_fwd_kernel(
   const float scale_i = row_ok ? scale / norm[gi] : 0.f;
 
   float run_max = kNegInf, run_sum = 0.f, pos = 0.f;
-  int32_t above = 0;
+  int32_t above = 0, above_cross = 0;  // over all other columns / the other view's alone
   const int64_t n_tiles = (m + kTile - 1) / kTile;
   for (int64_t t = 0; t < n_tiles; ++t) {
     if (threadIdx.x < kTile) {
@@ -142,21 +145,27 @@ __global__ void __launch_bounds__(kThreads) nt_xent_fwd_kernel(
     const float m_new = fmaxf(run_max, tile_max);
     const float m_safe = m_new == kNegInf ? 0.f : m_new;
     float s = 0.f;
-    int32_t cnt = 0;
+    int32_t cnt = 0, cnt_cross = 0;
     for (int c = 0; c < 32; ++c) {
       s += exp2f(x[c] - m_safe);
-      cnt += x[c] > pos ? 1 : 0;
+      const int32_t hit = x[c] > pos ? 1 : 0;
+      cnt += hit;
+      cnt_cross += ((cols_j[my_half * 32 + c] >= n) == (half == 0)) ? hit : 0;
     }
     run_sum = run_sum * exp2f(run_max - m_safe) + pair_sum(s);
     run_max = m_new;
     above += cnt + __shfl_xor_sync(0xffffffffu, cnt, 1);
+    above_cross += cnt_cross + __shfl_xor_sync(0xffffffffu, cnt_cross, 1);
     __syncthreads();  // scores and the column lists are rewritten next tile
   }
   if (row_ok && my_half == 0) {
     const float lse2 = run_max + log2f(run_sum);
     lse[gi] = lse2 * kLn2;
     loss[gi] = (lse2 - pos) * kLn2;
-    if (rank != nullptr) rank[gi] = above;
+    if (rank != nullptr) {
+      rank[gi] = above;
+      rank[m + gi] = above_cross;
+    }
   }
 }
 
@@ -222,7 +231,7 @@ __global__ void __launch_bounds__(kThreads) nt_xent_bwd_kernel(
     const scalar_t* __restrict__ z1, const scalar_t* __restrict__ z2,
     const float* __restrict__ norm, const float* __restrict__ temperature,
     const float* __restrict__ lse, const float* __restrict__ w, float* __restrict__ g,
-    float* __restrict__ tpart, int64_t n, int64_t d) {
+    float* __restrict__ q, float* __restrict__ tpart, int64_t n, int64_t d) {
   using T = MmaTraits<scalar_t>;
   using L = SmemLayout<scalar_t>;
   using storage = typename L::storage;
@@ -237,42 +246,55 @@ __global__ void __launch_bounds__(kThreads) nt_xent_bwd_kernel(
   storage* a_op_j = reinterpret_cast<storage*>(smem + L::kRegion0 + L::kScores);
   storage* a_op_i = a_op_j + L::kOp;
   __shared__ int64_t rows_i[kTile], rows_j[kTile];
-  __shared__ float red[kWarps];
+  __shared__ float red[kWarps], q_col[kTile];
 
   const int64_t m = 2 * n;
   if (threadIdx.x < kTile) {
     const int64_t ri = bi * kTile + threadIdx.x, rj = bj * kTile + threadIdx.x;
     rows_i[threadIdx.x] = ri < m ? ri : -1;
     rows_j[threadIdx.x] = rj < m ? rj : -1;
+    q_col[threadIdx.x] = 0.f;
   }
   __syncthreads();
   score_tile<scalar_t>(scores, a_s, b_s, z1, z2, rows_i, rows_j, n, d);
 
-  // A_ij = w_i P_ij + w_j P_ji; thread t: row t/2, columns (t%2)*32 .. +32. Self entries
-  // and padding are 0 and never go through exp (s_ii = 1/tau would overflow it).
+  // A_ij = w_i P_ij + w_j P_ji over the negatives; thread t: row t/2, columns (t%2)*32 .. +32,
+  // visited in an order rotated by the row, so that the threads of a warp add to different
+  // q_col entries at each step. Self entries, positive pairs and padding are 0 and never go
+  // through exp (s_ii = 1/tau would overflow it).
   const float inv_tau = 1.f / *temperature;
   const int r = threadIdx.x / 2, c0 = (threadIdx.x % 2) * 32;
   const int64_t gi = rows_i[r];
+  const int64_t pi = gi >= 0 ? (gi + n) % m : -1;
   const float rn_i = gi >= 0 ? 1.f / norm[gi] : 0.f;
   const float lse_i = gi >= 0 ? lse[gi] * kLog2e : 0.f, w_i = gi >= 0 ? w[gi] : 0.f;
-  float tsum = 0.f, absmax_j = 0.f, absmax_i = 0.f;
-  for (int c = c0; c < c0 + 32; ++c) {
+  float tsum = 0.f, qsum = 0.f, absmax_j = 0.f, absmax_i = 0.f;
+  for (int k = 0; k < 32; ++k) {
+    const int c = c0 + (k + r) % 32;
     const int64_t gj = rows_j[c];
     float a = 0.f, rn = 0.f;
-    if (gi >= 0 && gj >= 0 && gi != gj) {
+    if (gi >= 0 && gj >= 0 && gi != gj && gj != pi) {
       rn = 1.f / norm[gj];
       const float s = scores[r * kScoreLd + c] * rn_i * inv_tau * rn;
       const float s2 = s * kLog2e;
-      a = w_i * exp2f(s2 - lse_i) + w[gj] * exp2f(s2 - lse[gj] * kLog2e);
+      const float p_ij = exp2f(s2 - lse_i), p_ji = exp2f(s2 - lse[gj] * kLog2e);
+      a = w_i * p_ij + w[gj] * p_ji;
       tsum += a * s;
+      qsum += p_ij;
+      if (bi != bj) atomicAdd(&q_col[c], p_ji);  // on the diagonal the row sums cover it
     }
     scores[r * kScoreLd + c] = a * rn;  // A rn_j: the operand of G_I += (A rn_j) Z_J
     absmax_j = fmaxf(absmax_j, fabsf(a * rn));
     absmax_i = fmaxf(absmax_i, fabsf(a * rn_i));
   }
+  qsum = pair_sum(qsum);
+  if (gi >= 0 && threadIdx.x % 2 == 0) atomicAdd(q + gi, qsum);
   for (int o = 16; o > 0; o /= 2) tsum += __shfl_xor_sync(0xffffffffu, tsum, o);
   if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = tsum;
   __syncthreads();
+  if (bi != bj && threadIdx.x < kTile && rows_j[threadIdx.x] >= 0) {
+    atomicAdd(q + rows_j[threadIdx.x], q_col[threadIdx.x]);
+  }
   if (threadIdx.x == 0) {
     float total = 0.f;
     for (int k = 0; k < kWarps; ++k) total += red[k];
@@ -297,13 +319,14 @@ __global__ void __launch_bounds__(kThreads) nt_xent_bwd_kernel(
   }
 }
 
-// One warp per row: grad_u = (G - (w_i + w_p) u_p) / tau; grad_z = (grad_u - (u . grad_u) u)
-// / norm (grad_u / eps where the norm was clamped); ppart[row] = w_i s_{i,p(i)}.
+// One warp per row: grad_u = (G - (w_i Q_i + w_p Q_p) u_p) / tau; grad_z = (grad_u - (u .
+// grad_u) u) / norm (grad_u / eps where the norm was clamped); ppart[row] = w_i Q_i s_{i,p(i)}.
 template <typename scalar_t>
 __global__ void __launch_bounds__(256) nt_xent_finish_kernel(
     const scalar_t* __restrict__ z1, const scalar_t* __restrict__ z2,
     const float* __restrict__ norm, const float* __restrict__ temperature,
-    const float* __restrict__ w, const float* __restrict__ g, scalar_t* __restrict__ gz1,
+    const float* __restrict__ w, const float* __restrict__ g, const float* __restrict__ q,
+    scalar_t* __restrict__ gz1,
     scalar_t* __restrict__ gz2, float* __restrict__ ppart, int64_t n, int64_t d) {
   const int64_t m = 2 * n;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * 8 + threadIdx.x / 32;
@@ -312,7 +335,7 @@ __global__ void __launch_bounds__(256) nt_xent_finish_kernel(
   const int64_t prow = (row + n) % m;
   const float inv_tau = 1.f / *temperature;
   const float ni = norm[row], rn_i = 1.f / ni, rn_p = 1.f / norm[prow];
-  const float wpos = w[row] + w[prow];
+  const float wq = w[row] * q[row], wpos = wq + w[prow] * q[prow];
   const scalar_t* zi = row_ptr(z1, z2, row, n, d);
   const scalar_t* zp = row_ptr(z1, z2, prow, n, d);
   const float* gi = g + row * d;
@@ -334,7 +357,7 @@ __global__ void __launch_bounds__(256) nt_xent_finish_kernel(
     const float gu = inv_tau * (gi[k] - wpos * up);
     dst[k] = static_cast<scalar_t>((gu - radial * u) * rn_i);
   }
-  if (lane == 0) ppart[row] = w[row] * dot_up * inv_tau;
+  if (lane == 0) ppart[row] = wq * dot_up * inv_tau;
 }
 
 void check_cuda_inputs(const at::Tensor& z1, const at::Tensor& z2, const at::Tensor& temperature) {
@@ -362,7 +385,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nt_xent_forward_cuda(
   const int64_t n = z1.size(0), d = z1.size(1), m = 2 * n;
   const auto fopts = z1.options().dtype(at::kFloat);
   at::Tensor norm = at::empty({m}, fopts), lse = at::empty({m}, fopts), loss = at::empty({m}, fopts);
-  at::Tensor rank = at::empty({compute_accuracy ? m : 0}, z1.options().dtype(at::kInt));
+  // rank: (2, M), #columns above the positive among all others / the other view's alone
+  at::Tensor rank = compute_accuracy ? at::empty({2, m}, z1.options().dtype(at::kInt))
+                                     : at::empty({0}, z1.options().dtype(at::kInt));
   const auto stream = c10::cuda::getCurrentCUDAStream();
   FASTCLR_DISPATCH_FLOAT_HALF_TYPES(z1.scalar_type(), "nt_xent_forward_cuda", [&] {
     nt_xent_norm_kernel<scalar_t><<<(m + 7) / 8, 256, 0, stream>>>(
@@ -396,6 +421,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nt_xent_backward_cuda(
   const auto fopts = z1.options().dtype(at::kFloat);
   const int64_t nb = (m + kTile - 1) / kTile;
   at::Tensor g = at::zeros({m, d}, fopts);
+  at::Tensor q = at::zeros({m}, fopts);
   at::Tensor tpart = at::zeros({nb * nb}, fopts);
   at::Tensor ppart = at::empty({m}, fopts);
   at::Tensor grad_z1 = at::empty_like(z1), grad_z2 = at::empty_like(z2);
@@ -407,15 +433,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nt_xent_backward_cuda(
     nt_xent_bwd_kernel<scalar_t><<<dim3(nb, nb), kThreads, smem, stream>>>(
         z1.const_data_ptr<scalar_t>(), z2.const_data_ptr<scalar_t>(), norm.const_data_ptr<float>(),
         temperature.const_data_ptr<float>(), lse.const_data_ptr<float>(), w.const_data_ptr<float>(),
-        g.data_ptr<float>(), tpart.data_ptr<float>(), n, d);
+        g.data_ptr<float>(), q.data_ptr<float>(), tpart.data_ptr<float>(), n, d);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     nt_xent_finish_kernel<scalar_t><<<(m + 7) / 8, 256, 0, stream>>>(
         z1.const_data_ptr<scalar_t>(), z2.const_data_ptr<scalar_t>(), norm.const_data_ptr<float>(),
         temperature.const_data_ptr<float>(), w.const_data_ptr<float>(), g.const_data_ptr<float>(),
-        grad_z1.data_ptr<scalar_t>(), grad_z2.data_ptr<scalar_t>(), ppart.data_ptr<float>(), n, d);
+        q.const_data_ptr<float>(), grad_z1.data_ptr<scalar_t>(), grad_z2.data_ptr<scalar_t>(), ppart.data_ptr<float>(), n, d);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  // dL/dtau = -(1/tau) (sum_ij w_i P_ij s_ij - sum_i w_i s_{i,p(i)}), on the device: no sync.
+  // dL/dtau = -(1/tau) sum_i w_i (sum_{j != i, p(i)} P_ij s_ij - Q_i s_{i,p(i)}), on the
+  // device: no sync.
   at::Tensor grad_t = -(tpart.sum() - ppart.sum()) / temperature.reshape({});
   return {grad_z1, grad_z2, grad_t};
 }

@@ -1,4 +1,5 @@
 """Checks every NT-Xent backend runs: one body per check, ``impl`` and device as arguments."""
+import numpy as np
 import torch
 
 import fastclr
@@ -104,6 +105,21 @@ def _min_margin(z1, z2, temperature):
     return (s - pos[:, None]).abs().masked_fill(mask, float("inf")).min().item()
 
 
+def google_contrast_acc(z1, z2, tau):
+    """google-research/simclr's contrast_acc, transcribed (tf2/objective.py add_contrastive_loss
+    + tf2/metrics.py): l2-normalised hidden1, hidden2; logits_ab = hidden1 hidden2^T / tau (N x N);
+    labels = one_hot(arange(N), 2N); the mean of argmax(labels) == argmax(logits_ab), where
+    argmax takes the first of equal values. In float64, with numpy."""
+    h1 = z1.double().numpy()
+    h2 = z2.double().numpy()
+    h1 = h1 / np.maximum(np.sqrt((h1 * h1).sum(1, keepdims=True)), 1e-12)
+    h2 = h2 / np.maximum(np.sqrt((h2 * h2).sum(1, keepdims=True)), 1e-12)
+    logits_ab = h1 @ h2.T / tau
+    n = len(h1)
+    labels = np.eye(n, 2 * n)
+    return float(np.mean(np.argmax(labels, 1) == np.argmax(logits_ab, 1)))
+
+
 def check_accuracy(impl, n, d, device="cpu"):
     """top-1/top-5 equal the float64 reference's exactly, on data with no near-ties (where
     float32 rounding could legitimately flip a comparison), plus two known answers."""
@@ -113,10 +129,11 @@ def check_accuracy(impl, n, d, device="cpu"):
             break
     loss, acc = fastclr.nt_xent_fused(z1, z2, 0.1, impl=impl, return_accuracy=True)
     rloss, racc = reference.nt_xent(z1.double(), z2.double(), 0.1, return_accuracy=True)
-    assert set(acc) == {"top1", "top5"}
+    assert set(acc) == {"top1", "top5", "contrast_acc"}
     for k in acc:
         assert acc[k].dtype == torch.float32
         assert acc[k].item() == racc[k].item(), (k, acc[k], racc[k])
+    assert round(acc["contrast_acc"].item() * n) == round(google_contrast_acc(z1.cpu(), z2.cpu(), 0.1) * n)
     assert max_rel(loss, rloss, 0.1 / 0.1) <= 1e-5  # floor as in check_against_reference
     # Identical views: each positive is the best match. Opposite views: the worst.
     _, same = fastclr.nt_xent_fused(z1, z1, 0.5, impl=impl, return_accuracy=True)
@@ -125,6 +142,8 @@ def check_accuracy(impl, n, d, device="cpu"):
     expected_top5 = 1.0 if 2 * n - 2 < 5 else 0.0
     assert opposite["top1"].item() == (1.0 if n == 1 else 0.0)
     assert opposite["top5"].item() == expected_top5
+    assert same["contrast_acc"].item() == 1.0
+    assert opposite["contrast_acc"].item() == (1.0 if n == 1 else 0.0)
 
 
 def chunked_reference64(z1, z2, temperature, w, chunk=2048):

@@ -15,7 +15,7 @@ def direct_nt_xent(z1, z2, tau):
     for row in z:
         norm = max(math.sqrt(sum(v * v for v in row)), 1e-12)
         u.append([v / norm for v in row])
-    losses, ranks = [], []
+    losses, ranks, cross = [], [], []
     for i in range(m):
         p = (i + n) % m
         s = {j: sum(a * b for a, b in zip(u[i], u[j])) / tau for j in range(m) if j != i}
@@ -23,7 +23,8 @@ def direct_nt_xent(z1, z2, tau):
         lse = top + math.log(sum(math.exp(v - top) for v in s.values()))
         losses.append(lse - s[p])
         ranks.append(sum(1 for j, v in s.items() if j != p and v > s[p]))
-    return losses, ranks
+        cross.append(sum(1 for j, v in s.items() if j != p and (j < n) != (i < n) and v > s[p]))
+    return losses, [ranks, cross]
 
 
 @pytest.mark.parametrize("n,d", [(1, 4), (2, 3), (5, 7), (12, 19)])
@@ -38,8 +39,9 @@ def test_reference_matches_direct_formula(seed, n, d, tau):
     s = reference.similarity_logits(z1, z2, tau)
     assert reference.positive_rank(s).tolist() == ranks
     _, acc = reference.nt_xent(z1, z2, tau, return_accuracy=True)
-    assert acc["top1"].item() == pytest.approx(sum(r < 1 for r in ranks) / (2 * n))
-    assert acc["top5"].item() == pytest.approx(sum(r < 5 for r in ranks) / (2 * n))
+    assert acc["top1"].item() == pytest.approx(sum(r < 1 for r in ranks[0]) / (2 * n))
+    assert acc["top5"].item() == pytest.approx(sum(r < 5 for r in ranks[0]) / (2 * n))
+    assert acc["contrast_acc"].item() == pytest.approx(sum(r < 1 for r in ranks[1][:n]) / n)
 
 
 def test_reference_gradient_matches_design_formula(seed):

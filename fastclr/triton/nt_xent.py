@@ -4,15 +4,18 @@ Kernels (formulas of DESIGN.md; z = [z1; z2], M = 2N rows, u = z / max(||z||, 1e
 
 - ``_nt_xent_norm_kernel``: norm_i = max(||z_i||, 1e-12).                    memory O(M)
 - ``_nt_xent_fwd_kernel``: per row block, stream column tiles of s = u u^T / tau with an
-  online logsumexp (base 2); the positive logit and the rank (#negatives above the positive)
-  come from the same tiles. Saves lse (M floats); never anything M x M.
+  online logsumexp (base 2); the positive logit and the ranks (#negatives above the positive,
+  among all and among the other view's rows) come from the same tiles. Saves lse (M floats);
+  never anything M x M.
 - ``_nt_xent_bwd_rows_kernel`` (D <= 256) / ``_nt_xent_bwd_pairs_kernel`` (any D): for the
   tiles I <= J only, recompute S_IJ from raw z and the norms, A_ij = w_i P_ij + w_j P_ji with
-  P = exp(s - lse) -- one tile serves both P_IJ and P_JI -- and accumulate G_I += A_IJ u_J,
-  G_J += A_IJ^T u_I (fp32; the rows kernel keeps G_I in registers, atomics for the rest) and
-  the tile's sum A_ij s_ij for the temperature gradient.                     memory O(M D)
-- ``_nt_xent_finish_kernel``: grad_u_i = (G_i - (w_i + w_p(i)) u_p(i)) / tau, then the
-  normalisation's Jacobian (F.normalize semantics), written in the input dtype.
+  P = exp(s - lse) over the negatives j != i, p(i) -- one tile serves both P_IJ and P_JI --
+  and accumulate G_I += A_IJ u_J, G_J += A_IJ^T u_I (fp32; the rows kernel keeps G_I in
+  registers, atomics for the rest), the negatives' mass Q_i = sum_j P_ij and the tile's sum
+  A_ij s_ij for the temperature gradient.                                    memory O(M D)
+- ``_nt_xent_finish_kernel``: grad_u_i = (G_i - (w_i Q_i + w_p(i) Q_p(i)) u_p(i)) / tau, then
+  the normalisation's Jacobian (F.normalize semantics), written in the input dtype. Q = 1 -
+  P_{i,p(i)} is summed, never subtracted: on a saturated batch (P_ip ~ 1) 1 - P would cancel.
 
 Both products run on tensor cores (tl.dot) from the raw input-dtype rows; the 1/||z||
 scalings are applied to the fp32 tiles, so no normalised copy of z is ever made.
@@ -51,13 +54,32 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 AUTOTUNE = os.environ.get("FASTCLR_AUTOTUNE", "0") == "1" and not INTERPRETED
 
 
+def _launcher(kernel):
+    """wrap_triton(kernel): the launch torch.compile and opcheck can trace. Interpreted kernels
+    that this torch's wrap_triton rejects (torch 2.11 takes only JITFunction / Autotuner, and
+    triton 3.6's interpreter makes neither) are launched directly."""
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.jit import JITFunction
+    if INTERPRETED and not isinstance(kernel, (JITFunction, Autotuner)):
+        return kernel
+    return wrap_triton(kernel)
+
+
+@triton.jit
+def _row_offset(rows, stride):
+    """rows * stride in 64 bits: M x D (or M x K) elements can pass 2^31 (M = 2^21 at D = 1024),
+    where int32 offsets would wrap and address out of bounds."""
+    return rows.to(tl.int64) * stride
+
+
 @triton.jit
 def _load_rows(z1_ptr, z2_ptr, rows, row_mask, offs_d, N, D, stride1, stride2):
     """Rows of z = [z1; z2] (rows < N from z1, the rest from z2), columns offs_d, 0 outside.
     One row pointer per row, chosen between the two tensors, then one load: two masked 2-D
     loads cost twice the pointer registers (and spilled, in sm_90 compiles)."""
     in_z1 = rows < N
-    base = tl.where(in_z1, z1_ptr + rows * stride1, z2_ptr + tl.where(in_z1, 0, rows - N) * stride2)
+    base = tl.where(in_z1, z1_ptr + _row_offset(rows, stride1),
+                    z2_ptr + _row_offset(tl.where(in_z1, 0, rows - N), stride2))
     mask = row_mask[:, None] & (offs_d[None, :] < D)
     return tl.load(base[:, None] + offs_d[None, :], mask=mask, other=0.0)
 
@@ -109,6 +131,17 @@ def _fwd_logits(z1_ptr, z2_ptr, norm_ptr, rows, row_mask, scale_i, p0, t, N, D, 
 
 
 @triton.jit
+def _count_above(x, pos, p0, t, half, N, BLOCK_N: tl.constexpr):
+    """Per row: the columns of tile t scoring above the positive, among all (the self and padding
+    are -inf) and among the other view's rows alone (google-research/simclr's contrast_acc)."""
+    cols = (p0 + t * BLOCK_N + tl.arange(0, BLOCK_N)) % (2 * N)
+    cross = (cols >= N) == (half == 0)
+    hit = x > pos[:, None]
+    return (tl.sum(hit.to(tl.int32), axis=1),
+            tl.sum((hit & cross[None, :]).to(tl.int32), axis=1))
+
+
+@triton.jit
 def _online_update(x, m_i, l_i):
     m_new = tl.maximum(m_i, tl.max(x, axis=1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # padding rows: all -inf
@@ -147,39 +180,50 @@ def _nt_xent_fwd_kernel(z1_ptr, z2_ptr, norm_ptr, temp_ptr, loss_ptr, lse_ptr, r
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     m_i, l_i = _online_update(x, m_i, l_i)
     rank = tl.zeros((BLOCK_M,), dtype=tl.int32)
+    rank_x = tl.zeros((BLOCK_M,), dtype=tl.int32)  # the other view's columns alone
     if COMPUTE_RANK:
-        rank += tl.sum((x > pos[:, None]).to(tl.int32), axis=1)
+        above, above_x = _count_above(x, pos, p0, 0, half, N, BLOCK_N)
+        rank += above
+        rank_x += above_x
     for t in range(1, tl.cdiv(M, BLOCK_N)):
         x = _fwd_logits(z1_ptr, z2_ptr, norm_ptr, rows, row_mask, scale_i, p0, t, N, D,
                         stride1, stride2, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
         m_i, l_i = _online_update(x, m_i, l_i)
         if COMPUTE_RANK:
-            rank += tl.sum((x > pos[:, None]).to(tl.int32), axis=1)
+            above, above_x = _count_above(x, pos, p0, t, half, N, BLOCK_N)
+            rank += above
+            rank_x += above_x
     lse2 = m_i + tl.log2(l_i)
     tl.store(lse_ptr + rows, lse2 * LN2_C, mask=row_mask)
     tl.store(loss_ptr + rows, (lse2 - pos) * LN2_C, mask=row_mask)
     if COMPUTE_RANK:
         tl.store(rank_ptr + rows, rank, mask=row_mask)
+        tl.store(rank_ptr + M + rows, rank_x, mask=row_mask)
 
 
 @triton.jit
-def _bwd_a_tile(acc, bi, bj, rows_i, mask_i, rows_j, mask_j, rn_i, rn_j, inv_tau, lse_ptr, w_ptr):
-    """From the tile (bi, bj) of raw dot products: A_ij = w_i P_ij + w_j P_ji (0 on the
-    diagonal and padding) and the tile's sum of A_ij s_ij (halved on a diagonal tile, where A
-    holds both (i, j) and (j, i))."""
+def _bwd_a_tile(acc, bi, bj, rows_i, mask_i, rows_j, mask_j, rn_i, rn_j, inv_tau, lse_ptr, w_ptr,
+                N):
+    """From the tile (bi, bj) of raw dot products, over the negatives only (0 on the diagonal,
+    the positive pairs and padding): A_ij = w_i P_ij + w_j P_ji; the tile's sum of A_ij s_ij
+    (halved on a diagonal tile, where A holds both (i, j) and (j, i)); and the negatives'
+    probability mass per row, sum_j P_ij, and per column, sum_i P_ji (the tile's parts of
+    Q = 1 - P_{i,p(i)}, formed without that cancellation)."""
     s = acc * (rn_i * inv_tau)[:, None] * rn_j[None, :]
     lse_i = tl.load(lse_ptr + rows_i, mask=mask_i, other=0.0)
     lse_j = tl.load(lse_ptr + rows_j, mask=mask_j, other=0.0)
     w_i = tl.load(w_ptr + rows_i, mask=mask_i, other=0.0)
     w_j = tl.load(w_ptr + rows_j, mask=mask_j, other=0.0)
-    valid = mask_i[:, None] & mask_j[None, :] & (rows_i[:, None] != rows_j[None, :])
+    pos_i = (rows_i + N) % (2 * N)
+    valid = (mask_i[:, None] & mask_j[None, :] & (rows_i[:, None] != rows_j[None, :])
+             & (rows_j[None, :] != pos_i[:, None]))
     # Masked entries go through exp2 at -inf (=> 0), never at s_ii = 1/tau (which overflows).
     s2 = tl.where(valid, s * LOG2E_C, float("-inf"))
-    a = (w_i[:, None] * tl.exp2(s2 - (lse_i * LOG2E_C)[:, None])
-         + w_j[None, :] * tl.exp2(s2 - (lse_j * LOG2E_C)[None, :]))
-    a = tl.where(valid, a, 0.0)
+    p_ij = tl.exp2(s2 - (lse_i * LOG2E_C)[:, None])
+    p_ji = tl.exp2(s2 - (lse_j * LOG2E_C)[None, :])
+    a = tl.where(valid, w_i[:, None] * p_ij + w_j[None, :] * p_ji, 0.0)
     tsum = tl.sum(tl.sum(a * tl.where(valid, s, 0.0), axis=1), axis=0)
-    return a, tl.where(bi == bj, 0.5 * tsum, tsum)
+    return a, tl.where(bi == bj, 0.5 * tsum, tsum), tl.sum(p_ij, axis=1), tl.sum(p_ji, axis=0)
 
 
 @triton.jit
@@ -193,13 +237,14 @@ def _scaled_cast(x, dtype: tl.constexpr):
 
 
 @triton.jit
-def _nt_xent_bwd_rows_kernel(z1_ptr, z2_ptr, norm_ptr, temp_ptr, lse_ptr, w_ptr, g_ptr,
+def _nt_xent_bwd_rows_kernel(z1_ptr, z2_ptr, norm_ptr, temp_ptr, lse_ptr, w_ptr, g_ptr, q_ptr,
                              tpart_ptr, N, D, stride1, stride2, BLOCK: tl.constexpr,
                              BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     """Backward for D <= BLOCK_D (the whole feature dimension in registers). Program I walks the
     tiles J >= I of its block row: its own rows' gradient G_I += A_IJ u_J stays in registers
-    (one atomic add at the end), the other side's G_J += A_IJ^T u_I is an fp32 atomic add. Each
-    row of z is loaded once per tile. Programs are numbered longest-first."""
+    (one atomic add at the end), the other side's G_J += A_IJ^T u_I is an fp32 atomic add; the
+    negatives' mass Q likewise. Each row of z is loaded once per tile. Programs are numbered
+    longest-first."""
     M = 2 * N
     nb = tl.cdiv(M, BLOCK)
     bi = nb - 1 - tl.program_id(0)
@@ -211,6 +256,7 @@ def _nt_xent_bwd_rows_kernel(z1_ptr, z2_ptr, norm_ptr, temp_ptr, lse_ptr, w_ptr,
     rn_i = 1.0 / tl.load(norm_ptr + rows_i, mask=mask_i, other=1.0)
     z_i = _load_rows(z1_ptr, z2_ptr, rows_i, mask_i, offs_d, N, D, stride1, stride2)
     g_i = tl.zeros((BLOCK, BLOCK_D), dtype=tl.float32)
+    q_i = tl.zeros((BLOCK,), dtype=tl.float32)
     total = tl.zeros((), dtype=tl.float32)
     for bj in range(bi, nb):
         rows_j = bj * BLOCK + tl.arange(0, BLOCK)
@@ -218,26 +264,31 @@ def _nt_xent_bwd_rows_kernel(z1_ptr, z2_ptr, norm_ptr, temp_ptr, lse_ptr, w_ptr,
         rn_j = 1.0 / tl.load(norm_ptr + rows_j, mask=mask_j, other=1.0)
         z_j = _load_rows(z1_ptr, z2_ptr, rows_j, mask_j, offs_d, N, D, stride1, stride2)
         acc = tl.dot(z_i, tl.trans(z_j), input_precision=PRECISION)
-        a, tsum = _bwd_a_tile(acc, bi, bj, rows_i, mask_i, rows_j, mask_j, rn_i, rn_j, inv_tau,
-                              lse_ptr, w_ptr)
+        a, tsum, q_row, q_col = _bwd_a_tile(acc, bi, bj, rows_i, mask_i, rows_j, mask_j, rn_i,
+                                            rn_j, inv_tau, lse_ptr, w_ptr, N)
+        q_i += q_row
         if bj != bi:
             a_i, c_i = _scaled_cast(tl.trans(a * rn_i[:, None]), z1_ptr.dtype.element_ty)
             g_j = tl.dot(a_i, z_i, input_precision=PRECISION) / c_i
-            tl.atomic_add(g_ptr + rows_j[:, None] * D + offs_d[None, :], g_j,
+            tl.atomic_add(g_ptr + _row_offset(rows_j, D)[:, None] + offs_d[None, :], g_j,
                           mask=mask_j[:, None] & d_mask)
+            tl.atomic_add(q_ptr + rows_j, q_col, mask=mask_j)
         total += tsum
         a_j, c_j = _scaled_cast(a * rn_j[None, :], z1_ptr.dtype.element_ty)
         g_i += tl.dot(a_j, z_j, input_precision=PRECISION) / c_j
-    tl.atomic_add(g_ptr + rows_i[:, None] * D + offs_d[None, :], g_i, mask=mask_i[:, None] & d_mask)
+    tl.atomic_add(g_ptr + _row_offset(rows_i, D)[:, None] + offs_d[None, :], g_i,
+                  mask=mask_i[:, None] & d_mask)
+    tl.atomic_add(q_ptr + rows_i, q_i, mask=mask_i)
     tl.store(tpart_ptr + bi, total)
 
 
 @triton.jit
-def _nt_xent_bwd_pairs_kernel(z1_ptr, z2_ptr, norm_ptr, temp_ptr, lse_ptr, w_ptr, g_ptr,
+def _nt_xent_bwd_pairs_kernel(z1_ptr, z2_ptr, norm_ptr, temp_ptr, lse_ptr, w_ptr, g_ptr, q_ptr,
                               tpart_ptr, N, D, stride1, stride2, BLOCK: tl.constexpr,
                               BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     """Backward for any D: one program per tile pair (I, J), I <= J, looping over D chunks;
-    G_I += A u_J and (I < J) G_J += A^T u_I as fp32 atomic adds; sum A s to tpart[I, J]."""
+    G_I += A u_J and (I < J) G_J += A^T u_I as fp32 atomic adds, Q likewise; sum A s to
+    tpart[I, J]."""
     bi = tl.program_id(0)
     bj = tl.program_id(1)
     if bi > bj:
@@ -252,9 +303,12 @@ def _nt_xent_bwd_pairs_kernel(z1_ptr, z2_ptr, norm_ptr, temp_ptr, lse_ptr, w_ptr
     rn_j = 1.0 / tl.load(norm_ptr + rows_j, mask=mask_j, other=1.0)
     acc = _dot_tile(z1_ptr, z2_ptr, rows_i, mask_i, rows_j, mask_j, N, D, stride1, stride2,
                     BLOCK, BLOCK, BLOCK_D, PRECISION)
-    a, tsum = _bwd_a_tile(acc, bi, bj, rows_i, mask_i, rows_j, mask_j, rn_i, rn_j, inv_tau,
-                          lse_ptr, w_ptr)
+    a, tsum, q_row, q_col = _bwd_a_tile(acc, bi, bj, rows_i, mask_i, rows_j, mask_j, rn_i, rn_j,
+                                        inv_tau, lse_ptr, w_ptr, N)
     tl.store(tpart_ptr + bi * tl.num_programs(1) + bj, tsum)
+    tl.atomic_add(q_ptr + rows_i, q_row, mask=mask_i)
+    if bi != bj:
+        tl.atomic_add(q_ptr + rows_j, q_col, mask=mask_j)
     a_j, c_j = _scaled_cast(a * rn_j[None, :], z1_ptr.dtype.element_ty)
     a_i, c_i = _scaled_cast(tl.trans(a * rn_i[:, None]), z1_ptr.dtype.element_ty)
     for k0 in range(0, D, BLOCK_D):
@@ -262,33 +316,34 @@ def _nt_xent_bwd_pairs_kernel(z1_ptr, z2_ptr, norm_ptr, temp_ptr, lse_ptr, w_ptr
         d_mask = offs_d[None, :] < D
         z_j = _load_rows(z1_ptr, z2_ptr, rows_j, mask_j, offs_d, N, D, stride1, stride2)
         g_i = tl.dot(a_j, z_j, input_precision=PRECISION) / c_j
-        tl.atomic_add(g_ptr + rows_i[:, None] * D + offs_d[None, :], g_i,
+        tl.atomic_add(g_ptr + _row_offset(rows_i, D)[:, None] + offs_d[None, :], g_i,
                       mask=mask_i[:, None] & d_mask)
         if bi != bj:
             z_i = _load_rows(z1_ptr, z2_ptr, rows_i, mask_i, offs_d, N, D, stride1, stride2)
             g_j = tl.dot(a_i, z_i, input_precision=PRECISION) / c_i
-            tl.atomic_add(g_ptr + rows_j[:, None] * D + offs_d[None, :], g_j,
+            tl.atomic_add(g_ptr + _row_offset(rows_j, D)[:, None] + offs_d[None, :], g_j,
                           mask=mask_j[:, None] & d_mask)
 
 
 @triton.jit
 def _finish_chunk(z1_ptr, z2_ptr, g_ptr, rows, prow, row_mask, offs_d, rn_i, rn_p, wpos, inv_tau,
                   N, D, stride1, stride2):
-    """One feature chunk of u_i, u_p(i) and grad_u_i = (G_i - (w_i + w_p(i)) u_p(i)) / tau."""
+    """One feature chunk of u_i, u_p(i) and grad_u_i = (G_i - wpos_i u_p(i)) / tau."""
     mask = row_mask[:, None] & (offs_d[None, :] < D)
     u_i = _load_rows(z1_ptr, z2_ptr, rows, row_mask, offs_d, N, D, stride1, stride2).to(tl.float32) * rn_i[:, None]
     u_p = _load_rows(z1_ptr, z2_ptr, prow, row_mask, offs_d, N, D, stride1, stride2).to(tl.float32) * rn_p[:, None]
-    g = tl.load(g_ptr + rows[:, None] * D + offs_d[None, :], mask=mask, other=0.0)
+    g = tl.load(g_ptr + _row_offset(rows, D)[:, None] + offs_d[None, :], mask=mask, other=0.0)
     return u_i, u_p, inv_tau * (g - wpos[:, None] * u_p), mask
 
 
 @triton.jit
-def _nt_xent_finish_kernel(z1_ptr, z2_ptr, norm_ptr, temp_ptr, w_ptr, g_ptr, gz1_ptr, gz2_ptr,
-                           ppart_ptr, N, D, stride1, stride2, gstride1, gstride2,
+def _nt_xent_finish_kernel(z1_ptr, z2_ptr, norm_ptr, temp_ptr, w_ptr, g_ptr, q_ptr, gz1_ptr,
+                           gz2_ptr, ppart_ptr, N, D, stride1, stride2, gstride1, gstride2,
                            BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    """grad_u_i = (G_i - (w_i + w_p(i)) u_p(i)) / tau; grad_z_i = (grad_u_i - (u_i . grad_u_i)
-    u_i) / norm_i (or grad_u_i / eps where the norm was clamped, as F.normalize); and the
-    block's sum of w_i s_{i,p(i)} for the temperature gradient."""
+    """grad_u_i = (G_i - (w_i Q_i + w_p(i) Q_p(i)) u_p(i)) / tau, with Q = 1 - P_{i,p(i)} the
+    negatives' mass; grad_z_i = (grad_u_i - (u_i . grad_u_i) u_i) / norm_i (or grad_u_i / eps
+    where the norm was clamped, as F.normalize); and the block's sum of w_i Q_i s_{i,p(i)} for
+    the temperature gradient."""
     M = 2 * N
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < M
@@ -297,8 +352,8 @@ def _nt_xent_finish_kernel(z1_ptr, z2_ptr, norm_ptr, temp_ptr, w_ptr, g_ptr, gz1
     norm_i = tl.load(norm_ptr + rows, mask=row_mask, other=1.0)
     rn_i = 1.0 / norm_i
     rn_p = 1.0 / tl.load(norm_ptr + prow, mask=row_mask, other=1.0)
-    w_i = tl.load(w_ptr + rows, mask=row_mask, other=0.0)
-    wpos = w_i + tl.load(w_ptr + prow, mask=row_mask, other=0.0)
+    wq_i = tl.load(w_ptr + rows, mask=row_mask, other=0.0) * tl.load(q_ptr + rows, mask=row_mask, other=0.0)
+    wpos = wq_i + tl.load(w_ptr + prow, mask=row_mask, other=0.0) * tl.load(q_ptr + prow, mask=row_mask, other=0.0)
     dot_gu = tl.zeros((BLOCK_R,), dtype=tl.float32)
     dot_up = tl.zeros((BLOCK_R,), dtype=tl.float32)
     for k0 in range(0, D, BLOCK_D):
@@ -313,11 +368,11 @@ def _nt_xent_finish_kernel(z1_ptr, z2_ptr, norm_ptr, temp_ptr, w_ptr, g_ptr, gz1
         u_i, _, gu, mask = _finish_chunk(z1_ptr, z2_ptr, g_ptr, rows, prow, row_mask, offs_d, rn_i,
                                          rn_p, wpos, inv_tau, N, D, stride1, stride2)
         gz = ((gu - (keep_radial * dot_gu)[:, None] * u_i) * rn_i[:, None]).to(gz1_ptr.dtype.element_ty)
-        tl.store(gz1_ptr + rows[:, None] * gstride1 + offs_d[None, :], gz,
+        tl.store(gz1_ptr + _row_offset(rows, gstride1)[:, None] + offs_d[None, :], gz,
                  mask=mask & (rows < N)[:, None])
-        tl.store(gz2_ptr + (rows - N)[:, None] * gstride2 + offs_d[None, :], gz,
+        tl.store(gz2_ptr + _row_offset(rows - N, gstride2)[:, None] + offs_d[None, :], gz,
                  mask=mask & (rows >= N)[:, None])
-    tl.store(ppart_ptr + tl.program_id(0), tl.sum(w_i * dot_up * inv_tau, axis=0))
+    tl.store(ppart_ptr + tl.program_id(0), tl.sum(wq_i * dot_up * inv_tau, axis=0))
 
 
 def _pow2_at_least(x: int, lo: int = 16) -> int:
@@ -384,9 +439,9 @@ if AUTOTUNE:
     # The backward accumulates with atomics: every trial starts again from zeros.
     _fwd_tuned = triton.autotune(configs=_tuning_configs("fwd"), key=["N", "D"])(_nt_xent_fwd_kernel)
     _bwd_rows_tuned = triton.autotune(configs=_tuning_configs("rows"), key=["N", "D"],
-                                      reset_to_zero=["g_ptr", "tpart_ptr"])(_nt_xent_bwd_rows_kernel)
+                                      reset_to_zero=["g_ptr", "q_ptr", "tpart_ptr"])(_nt_xent_bwd_rows_kernel)
     _bwd_pairs_tuned = triton.autotune(configs=_tuning_configs("pairs"), key=["N", "D"],
-                                       reset_to_zero=["g_ptr", "tpart_ptr"])(_nt_xent_bwd_pairs_kernel)
+                                       reset_to_zero=["g_ptr", "q_ptr", "tpart_ptr"])(_nt_xent_bwd_pairs_kernel)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -405,16 +460,16 @@ def nt_xent_forward(z1: torch.Tensor, z2: torch.Tensor, temperature: torch.Tenso
     norm = torch.empty(m, device=z1.device, dtype=torch.float32)
     lse = torch.empty_like(norm)
     loss = torch.empty_like(norm)
-    rank = torch.empty(m if compute_accuracy else 0, device=z1.device, dtype=torch.int32)
-    wrap_triton(_nt_xent_norm_kernel)[(triton.cdiv(m, 64),)](
+    rank = torch.empty((2, m) if compute_accuracy else (0,), device=z1.device, dtype=torch.int32)
+    _launcher(_nt_xent_norm_kernel)[(triton.cdiv(m, 64),)](
         z1, z2, norm, n, d, z1.stride(0), z2.stride(0), BLOCK_R=64,
         BLOCK_D=min(128, _pow2_at_least(d)))
     args = (z1, z2, norm, temperature, loss, lse, rank, n, d, z1.stride(0), z2.stride(0))
     if AUTOTUNE:
-        wrap_triton(_fwd_tuned)[lambda meta: (2 * triton.cdiv(n, meta["BLOCK_M"]),)](
+        _launcher(_fwd_tuned)[lambda meta: (2 * triton.cdiv(n, meta["BLOCK_M"]),)](
             *args, COMPUTE_RANK=compute_accuracy, PRECISION=_precision(z1.dtype))
     else:
-        wrap_triton(_nt_xent_fwd_kernel)[(2 * triton.cdiv(n, cfg["BLOCK_M"]),)](
+        _launcher(_nt_xent_fwd_kernel)[(2 * triton.cdiv(n, cfg["BLOCK_M"]),)](
             *args, COMPUTE_RANK=compute_accuracy, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
             BLOCK_D=cfg["BLOCK_D"], PRECISION=_precision(z1.dtype), num_warps=cfg["num_warps"],
             num_stages=cfg["num_stages"])
@@ -432,36 +487,37 @@ def nt_xent_backward(grad_rows: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor
     w = grad_rows.to(torch.float32).contiguous()
     cfg = _config(m, d, z1.dtype, INTERPRETED)
     g = torch.zeros(m, d, device=z1.device, dtype=torch.float32)
+    q = torch.zeros(m, device=z1.device, dtype=torch.float32)
     # Sized for the smallest tile any configuration uses; unused entries stay 0.
     nb_max = triton.cdiv(m, 64 if AUTOTUNE else cfg["BLOCK_BWD"])
     tpart = torch.zeros(nb_max * nb_max, device=z1.device, dtype=torch.float32)
-    args = (z1, z2, norm, temperature, lse, w, g, tpart, n, d, z1.stride(0), z2.stride(0))
+    args = (z1, z2, norm, temperature, lse, w, g, q, tpart, n, d, z1.stride(0), z2.stride(0))
     precision = _precision(z1.dtype)
     if cfg["ROWS_BWD"]:
         if AUTOTUNE:
-            wrap_triton(_bwd_rows_tuned)[lambda meta: (triton.cdiv(m, meta["BLOCK"]),)](
+            _launcher(_bwd_rows_tuned)[lambda meta: (triton.cdiv(m, meta["BLOCK"]),)](
                 *args, BLOCK_D=cfg["BLOCK_D_BWD"], PRECISION=precision)
         else:
-            wrap_triton(_nt_xent_bwd_rows_kernel)[(triton.cdiv(m, cfg["BLOCK_BWD"]),)](
+            _launcher(_nt_xent_bwd_rows_kernel)[(triton.cdiv(m, cfg["BLOCK_BWD"]),)](
                 *args, BLOCK=cfg["BLOCK_BWD"], BLOCK_D=cfg["BLOCK_D_BWD"], PRECISION=precision,
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     elif AUTOTUNE:
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK"]), triton.cdiv(m, meta["BLOCK"]))  # noqa: E731
-        wrap_triton(_bwd_pairs_tuned)[grid](*args, PRECISION=precision)
+        _launcher(_bwd_pairs_tuned)[grid](*args, PRECISION=precision)
     else:
         nb = triton.cdiv(m, cfg["BLOCK_BWD"])
-        wrap_triton(_nt_xent_bwd_pairs_kernel)[(nb, nb)](
+        _launcher(_nt_xent_bwd_pairs_kernel)[(nb, nb)](
             *args, BLOCK=cfg["BLOCK_BWD"], BLOCK_D=cfg["BLOCK_D_BWD"], PRECISION=precision,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     grad_z1 = torch.empty_like(z1)
     grad_z2 = torch.empty_like(z2)
     block_r = 32
     ppart = torch.empty(triton.cdiv(m, block_r), device=z1.device, dtype=torch.float32)
-    wrap_triton(_nt_xent_finish_kernel)[(triton.cdiv(m, block_r),)](
-        z1, z2, norm, temperature, w, g, grad_z1, grad_z2, ppart, n, d, z1.stride(0),
+    _launcher(_nt_xent_finish_kernel)[(triton.cdiv(m, block_r),)](
+        z1, z2, norm, temperature, w, g, q, grad_z1, grad_z2, ppart, n, d, z1.stride(0),
         z2.stride(0), grad_z1.stride(0), grad_z2.stride(0), BLOCK_R=block_r,
         BLOCK_D=min(64, _pow2_at_least(d)))
-    # dL/dtau = -(1/tau) * (sum_ij w_i P_ij s_ij - sum_i w_i s_{i,p(i)})
+    # dL/dtau = -(1/tau) * sum_i w_i (sum_{j != i, p(i)} P_ij s_ij - Q_i s_{i,p(i)})
     grad_t = -(tpart.sum() - ppart.sum()) / temperature.to(torch.float32)
     return grad_z1, grad_z2, grad_t
 

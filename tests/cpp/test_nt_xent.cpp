@@ -55,7 +55,7 @@ bool check_case(int64_t n, int64_t d, double tau, at::ScalarType dtype, double l
   const double e_loss = max_rel(rows, ref.detach()), e1 = max_rel(g1, grads[0]),
                e2 = max_rel(g2, grads[1]), et = max_rel(gt, grads[2]);
   const bool ok = e_loss <= loss_tol && e1 <= grad_tol && e2 <= grad_tol && et <= 100 * grad_tol &&
-                  rank.numel() == 2 * n && rows.scalar_type() == acc && g1.scalar_type() == dtype;
+                  rank.size(0) == 2 && rank.size(1) == 2 * n && rows.scalar_type() == acc && g1.scalar_type() == dtype;
   std::printf("%s n=%ld d=%ld tau=%.2f %s: loss %.2e, grad_z1 %.2e, grad_z2 %.2e, grad_t %.2e\n",
               ok ? "PASS" : "FAIL", (long)n, (long)d, tau, c10::toString(dtype), e_loss, e1, e2, et);
   return ok;

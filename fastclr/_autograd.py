@@ -6,8 +6,30 @@ wires them together, saving only z, the temperature, the norms and the logsumexp
 
 Normalized similarity: every backend's forward (a, b) -> s shares the composite
 ``fastclr::normalized_similarity_backward`` (grad, a, b, s).
+
+Double backward (``create_graph=True``, e.g. a gradient penalty): the fused backward kernels are
+not themselves differentiable, so then the gradient is computed through the pure-PyTorch
+reference formula instead -- differentiable, exact, but with the reference's O(M^2) memory. Plain
+backward never takes that path.
 """
 import torch
+
+from fastclr import reference
+
+
+def _reference_vjp(fn, inputs, needs, grad):
+    """The vector-Jacobian product of the reference ``fn`` at ``inputs`` (the saved tensors,
+    which keep their autograd history), as a graph: create_graph=True gets true second
+    derivatives. None for the inputs that need no gradient."""
+    wanted = [x for x, need in zip(inputs, needs) if need]
+    with torch.enable_grad():
+        out = fn(*inputs)
+        got = iter(torch.autograd.grad(out, wanted, grad, create_graph=True, allow_unused=True))
+    return tuple(next(got) if need else None for need in needs)
+
+
+def _nt_xent_rows(z1, z2, temperature):
+    return reference.nt_xent(z1, z2, temperature, reduction="none")
 
 
 def autograd_formula(backward_op):
@@ -22,6 +44,9 @@ def autograd_formula(backward_op):
         z1, z2, temperature, norm, lse = ctx.saved_tensors
         if grad_rows is None:
             return None, None, None, None
+        if torch.is_grad_enabled():  # create_graph=True: a graph through the gradient
+            return (*_reference_vjp(_nt_xent_rows, (z1, z2, temperature), ctx.needs_input_grad[:3],
+                                    grad_rows), None)
         grad_z1, grad_z2, grad_t = backward_op(grad_rows, z1, z2, temperature, norm, lse)
         grad_t = grad_t.to(temperature.dtype) if ctx.needs_input_grad[2] else None
         return grad_z1, grad_z2, grad_t, None
@@ -35,4 +60,6 @@ def similarity_setup_context(ctx, inputs, output):
 
 def similarity_backward(ctx, grad):
     a, b, out = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True
+        return _reference_vjp(reference.normalized_similarity, (a, b), ctx.needs_input_grad[:2], grad)
     return torch.ops.fastclr.normalized_similarity_backward(grad, a, b, out)

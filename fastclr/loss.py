@@ -59,7 +59,26 @@ def _check_embeddings(z1, z2) -> None:
     check_row_pair("nt_xent_fused", ("z1", "z2"), z1, z2, same_shape=True)
 
 
+def min_temperature(dtype: torch.dtype) -> float:
+    """The smallest temperature the kernels take in accumulation dtype ``dtype``: below it the
+    scaled logits s / tau * log2(e) (|s| <= 1) overflow."""
+    return 2.0 / torch.finfo(dtype).max
+
+
+def check_temperature(fn: str, value: float, dtype: torch.dtype = torch.float32) -> float:
+    """A host-side temperature: finite, > 0, and 1/temperature representable in ``dtype``."""
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{fn}: temperature must be finite and > 0, got {value}")
+    if value < min_temperature(dtype):
+        raise ValueError(f"{fn}: temperature {value:g} is too small: 1/temperature overflows "
+                         f"{str(dtype).replace('torch.', '')} (need >= {min_temperature(dtype):.3g})")
+    return float(value)
+
+
 def _temperature_tensor(temperature, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The temperature as a 0-dim ``dtype`` tensor on ``device``, checked: a float on the host; a
+    CPU tensor on the host in eager code; a CUDA tensor, or any tensor under torch.compile /
+    CUDA graphs, by a device-side assert (no host sync per step, and no check skipped)."""
     if isinstance(temperature, torch.Tensor):
         if temperature.dim() != 0:
             raise ValueError("nt_xent_fused: temperature must be a float or a 0-dim tensor, got "
@@ -67,21 +86,19 @@ def _temperature_tensor(temperature, dtype: torch.dtype, device: torch.device) -
         if not temperature.is_floating_point():
             raise TypeError(f"nt_xent_fused: temperature tensor must be floating point, got "
                             f"{temperature.dtype}")
-        if not torch.compiler.is_compiling():
-            if temperature.device.type == "cpu":
-                value = float(temperature.detach())
-                if not (math.isfinite(value) and value > 0):
-                    raise ValueError(f"nt_xent_fused: temperature must be finite and > 0, got {value}")
-            else:  # no host sync per step on an accelerator: checked on the device
-                torch._assert_async((temperature > 0) & torch.isfinite(temperature),
-                                    "nt_xent_fused: temperature must be finite and > 0")
-        return temperature.to(device=device, dtype=dtype)
+        t = temperature.to(device=device, dtype=dtype)
+        if temperature.device.type == "cpu" and not torch.compiler.is_compiling():
+            check_temperature("nt_xent_fused", float(temperature.detach()), dtype)
+        else:
+            bound = min_temperature(dtype)
+            torch._assert_async((t >= bound) & (t < math.inf),
+                                f"nt_xent_fused: temperature must be finite and >= {bound:.3g} "
+                                "(> 0, with 1/temperature finite)")
+        return t
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
         raise TypeError(f"nt_xent_fused: temperature must be a float or a 0-dim tensor, got "
                         f"{_describe(temperature)}")
-    value = float(temperature)
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"nt_xent_fused: temperature must be finite and > 0, got {value}")
+    value = check_temperature("nt_xent_fused", float(temperature), dtype)
     # torch.full launches a fill on the device; torch.tensor would copy from the host and sync.
     return torch.full((), value, dtype=dtype, device=device)
 
@@ -176,11 +193,14 @@ def nt_xent_fused(z1: torch.Tensor, z2: torch.Tensor, temperature=0.5, *, impl: 
     Args:
         z1, z2: (N, D) tensors, same shape, dtype (float32, bfloat16, float16; float64 on
             CPU) and device.
-        temperature: a float > 0, or a 0-dim tensor (its gradient flows if it requires grad).
+        temperature: a float > 0, or a 0-dim tensor (its gradient flows if it requires grad);
+            1/temperature must be finite in the accumulation dtype (see ``min_temperature``).
         impl: "auto" | "reference" | "cpu" | "triton" | "cuda".
         reduction: "mean" | "sum" | "none" (the 2N per-row losses).
-        return_accuracy: also return ``{"top1", "top5"}``: the fraction of rows whose positive
-            outranks all but fewer than k negatives, computed in the same pass.
+        return_accuracy: also return ``{"top1", "top5", "contrast_acc"}``, computed in the same
+            pass: top-k, the fraction of the 2N rows whose positive is outranked by fewer than k
+            of the 2N - 2 other rows; contrast_acc, google-research/simclr's metric, the fraction
+            of view 1's rows whose positive has the highest of the N cross-view logits.
         process_group: in multi-process training (``torch.distributed`` initialised), the group
             whose ranks' rows form the global batch (``torch.distributed.group.WORLD`` for all).
             Every rank's pairs are gathered, so all of them are negatives for every row; the
@@ -194,6 +214,7 @@ def nt_xent_fused(z1: torch.Tensor, z2: torch.Tensor, temperature=0.5, *, impl: 
         The loss (float32 for half inputs, the input dtype otherwise), or ``(loss, accuracy)``.
     """
     _check_embeddings(z1, z2)
+    _check_process_group("nt_xent_fused", process_group)
     if reduction not in REDUCTIONS:
         raise ValueError(f"nt_xent_fused: reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if process_group is not None and distributed.is_distributed(process_group):
@@ -221,27 +242,35 @@ def nt_xent_fused(z1: torch.Tensor, z2: torch.Tensor, temperature=0.5, *, impl: 
 class NTXentLoss(nn.Module):
     """Module form of :func:`nt_xent_fused`.
 
-    With ``learnable_temperature=True`` the temperature is a parameter, stored as its log so it
-    stays positive (``self.log_temperature``), initialised at ``temperature``.
+    ``temperature`` is a float > 0 or a 0-dim tensor (kept as given, so a tensor that requires
+    grad stays in the graph); it can be set later (``criterion.temperature = 0.2``). With
+    ``learnable_temperature=True`` it is a parameter, stored as its log so it stays positive
+    (``self.log_temperature``), initialised at ``temperature``. ``process_group`` (or lightly's
+    ``gather_distributed=True``, meaning the WORLD group) gathers the global batch across
+    processes, as :func:`nt_xent_fused`'s ``process_group``.
     """
 
-    def __init__(self, temperature: float = 0.5, learnable_temperature: bool = False,
-                 impl: str = "auto", reduction: str = "mean"):
+    def __init__(self, temperature=0.5, learnable_temperature: bool = False,
+                 impl: str = "auto", reduction: str = "mean", process_group=None,
+                 gather_distributed: bool = False):
         super().__init__()
-        if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) \
-                or not math.isfinite(temperature) or temperature <= 0:
-            raise ValueError(f"NTXentLoss: temperature must be a finite float > 0, got {temperature!r}")
         if impl not in IMPLS:
             raise ValueError(f"NTXentLoss: impl must be one of {IMPLS}, got {impl!r}")
         if reduction not in REDUCTIONS:
             raise ValueError(f"NTXentLoss: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        _check_process_group("NTXentLoss", process_group)
+        if gather_distributed and process_group is not None:
+            raise ValueError("NTXentLoss: pass process_group or gather_distributed=True, not both")
         self.impl = impl
         self.reduction = reduction
+        self.process_group = process_group
+        self.gather_distributed = bool(gather_distributed)
         self.learnable_temperature = learnable_temperature
         if learnable_temperature:
-            self.log_temperature = nn.Parameter(torch.tensor(math.log(temperature)))
+            value = _module_temperature(temperature)
+            self.log_temperature = nn.Parameter(torch.tensor(math.log(float(value))))
         else:
-            self._temperature = float(temperature)
+            self._temperature = _module_temperature(temperature)
 
     @property
     def temperature(self):
@@ -249,10 +278,48 @@ class NTXentLoss(nn.Module):
             return self.log_temperature.exp()
         return self._temperature
 
+    @temperature.setter
+    def temperature(self, value):
+        value = _module_temperature(value)
+        if self.learnable_temperature:
+            with torch.no_grad():
+                self.log_temperature.fill_(math.log(float(value)))
+        else:
+            self._temperature = value
+
+    def _group(self):
+        if self.process_group is None and self.gather_distributed and distributed.is_distributed():
+            return torch.distributed.group.WORLD
+        return self.process_group
+
     def forward(self, z1: torch.Tensor, z2: torch.Tensor, return_accuracy: bool = False):
         return nt_xent_fused(z1, z2, self.temperature, impl=self.impl, reduction=self.reduction,
-                             return_accuracy=return_accuracy)
+                             return_accuracy=return_accuracy, process_group=self._group())
 
     def extra_repr(self) -> str:
-        t = float(self.temperature) if not self.learnable_temperature else "learnable"
+        t = "learnable" if self.learnable_temperature else self._temperature
+        if isinstance(t, torch.Tensor):
+            t = f"tensor({float(t.detach()):g})"
         return f"temperature={t}, impl={self.impl!r}, reduction={self.reduction!r}"
+
+
+def _module_temperature(value):
+    """A module's temperature: a float > 0 (checked here) or a 0-dim floating tensor (checked on
+    every call, as nt_xent_fused checks it)."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0 or not value.is_floating_point():
+            raise TypeError(f"NTXentLoss: temperature must be a float or a 0-dim floating tensor, "
+                            f"got {_describe(value)}")
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"NTXentLoss: temperature must be a float or a 0-dim tensor, got "
+                        f"{_describe(value)}")
+    return check_temperature("NTXentLoss", float(value))
+
+
+def _check_process_group(fn: str, group) -> None:
+    if group is None:
+        return
+    if not (torch.distributed.is_available() and isinstance(group, torch.distributed.ProcessGroup)):
+        raise TypeError(f"{fn}: process_group must be a torch.distributed.ProcessGroup (e.g. "
+                        f"torch.distributed.group.WORLD) or None, got {_describe(group)}")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 
 import torch
 from torch import nn
@@ -48,6 +49,13 @@ def lars_param_groups(model: nn.Module, weight_decay: float = 1e-6) -> list:
 
 
 def _check_hyper(name: str, value, *, positive: bool = False) -> float:
+    """A hyper-parameter: a finite number >= 0 (> 0 when ``positive``), or -- as torch.optim
+    takes them -- a 0-dim tensor holding one (a CUDA tensor is read on the host at each step)."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0 or value.is_complex():
+            raise ValueError(f"LARS: {name} must be a number or a 0-dim tensor, got a tensor of "
+                             f"shape {tuple(value.shape)}")
+        value = float(value.detach())
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise ValueError(f"LARS: {name} must be a finite number, got {value!r}")
     if value < 0 or (positive and value == 0):
@@ -61,7 +69,8 @@ class LARS(torch.optim.Optimizer):
     Args:
         params: parameters or param groups (e.g. ``lars_param_groups(model)``); a group may set
             ``exclude=True`` and any of the hyper-parameters below.
-        lr: learning rate (may change between steps: set ``group["lr"]``, e.g. by a scheduler).
+        lr: learning rate, a number or a 0-dim tensor (may change between steps: set
+            ``group["lr"]``, e.g. by a scheduler).
         momentum, weight_decay, trust_coefficient: >= 0.
         nesterov: Nesterov momentum.
         impl: "auto" (cuda for CUDA parameters, cpp for CPU ones when the extension is built,
@@ -70,17 +79,32 @@ class LARS(torch.optim.Optimizer):
 
     def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 1e-6,
                  trust_coefficient: float = 0.001, nesterov: bool = False, impl: str = "auto"):
-        defaults = dict(lr=_check_hyper("lr", lr), momentum=_check_hyper("momentum", momentum),
+        _check_hyper("lr", lr)
+        defaults = dict(lr=lr, momentum=_check_hyper("momentum", momentum),
                         weight_decay=_check_hyper("weight_decay", weight_decay),
                         trust_coefficient=_check_hyper("trust_coefficient", trust_coefficient),
                         nesterov=bool(nesterov), exclude=False)
         if impl not in IMPLS:
             raise ValueError(f"LARS: impl must be one of {IMPLS}, got {impl!r}")
         self.impl = impl
+        self._warned_wd0 = False
         super().__init__(params, defaults)
         for group in self.param_groups:
             for key in ("lr", "momentum", "weight_decay", "trust_coefficient"):
                 _check_hyper(key, group[key])
+
+    def add_param_group(self, param_group: dict) -> None:
+        # lightly's and timm's LARS exclude a group with weight_decay=0 from the trust ratio; this
+        # one (as google-research/simclr's) adapts every group not marked exclude=True. Say so once.
+        wd = param_group.get("weight_decay", self.defaults["weight_decay"])
+        if "exclude" not in param_group and wd == 0 and not self._warned_wd0:
+            self._warned_wd0 = True
+            warnings.warn("LARS: a param group has weight_decay=0 and no 'exclude' key: fastclr "
+                          "still applies the trust ratio to it (google-research/simclr's rule: only "
+                          "exclude=True groups are skipped), while lightly's and timm's LARS would skip "
+                          "it. For their behaviour add 'exclude': True to that group (or build the groups "
+                          "with fastclr.lars_param_groups(model)).", UserWarning, stacklevel=3)
+        super().add_param_group(param_group)
 
     def _backend(self, device: torch.device) -> str:
         if self.impl == "cpp":

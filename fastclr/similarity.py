@@ -8,6 +8,8 @@ memory O((M + K) D + M k) plus one tile.
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from fastclr import ops, reference
@@ -70,14 +72,16 @@ def knn_topk(queries: torch.Tensor, bank: torch.Tensor, k: int, *, impl: str = "
         (M, k) int64 bank row indices.
     """
     check_row_pair("knn_topk", ("queries", "bank"), queries, bank, same_shape=False)
-    if isinstance(k, bool) or not isinstance(k, int):
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
         raise TypeError(f"knn_topk: k must be an int, got {type(k).__name__} {k!r}")
+    k = int(k)  # numpy / other integral types
     if not 1 <= k <= bank.shape[0]:
         raise ValueError(f"knn_topk: k must be between 1 and the number of bank rows "
                          f"({bank.shape[0]}), got k={k}")
     chunk = DEFAULT_CHUNK if chunk is None else chunk
-    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+    if isinstance(chunk, bool) or not isinstance(chunk, numbers.Integral) or chunk < 1:
         raise ValueError(f"knn_topk: chunk must be a positive int, got {chunk!r}")
+    chunk = int(chunk)
     backend = _resolve("knn_topk", impl, queries.device, queries.dtype)
     with torch.no_grad():
         if backend == "reference":

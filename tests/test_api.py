@@ -168,13 +168,19 @@ def test_module_and_learnable_temperature(impl, seed):
     assert param.grad is not None
     assert math.isclose(param.grad.item(), 0.2 * t.grad.item(), rel_tol=1e-4, abs_tol=1e-6)
     _, acc = learn(z1, z2, return_accuracy=True)
-    assert set(acc) == {"top1", "top5"}
+    assert set(acc) == {"top1", "top5", "contrast_acc"}
     assert "learnable" in repr(learn) and "0.2" in repr(fixed)
 
 
-@pytest.mark.parametrize("bad", [0, -1.0, math.nan, "x"])
+@pytest.mark.parametrize("bad", [0, -1.0, math.nan, 1e-39])
 def test_module_rejects_bad_temperature(bad):
     with pytest.raises(ValueError, match="temperature"):
+        fastclr.NTXentLoss(temperature=bad)
+
+
+@pytest.mark.parametrize("bad", ["x", None, torch.ones(2), torch.tensor(1)])
+def test_module_rejects_temperature_of_wrong_type(bad):
+    with pytest.raises(TypeError, match="NTXentLoss: temperature"):
         fastclr.NTXentLoss(temperature=bad)
 
 

@@ -75,5 +75,8 @@ def test_ddp_two_processes_match_single_process(impl, seed):
 def test_single_process_ignores_group():
     z1, z2 = torch.randn(5, 7), torch.randn(5, 7)
     assert not distributed.is_distributed()
-    torch.testing.assert_close(fastclr.nt_xent_fused(z1, z2, process_group=object()),
+    # group.WORLD is None before init_process_group: the loss is then the single-process one
+    torch.testing.assert_close(fastclr.nt_xent_fused(z1, z2, process_group=torch.distributed.group.WORLD),
                                fastclr.nt_xent_fused(z1, z2))
+    with pytest.raises(TypeError, match="process_group"):  # not a group at all: never ignored
+        fastclr.nt_xent_fused(z1, z2, process_group=object())

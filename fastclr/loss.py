@@ -3,56 +3,15 @@ from __future__ import annotations
 
 import math
 import numbers
-import warnings
 
 import torch
 from torch import nn
 
-from fastclr import distributed, ops, reference
+from fastclr import _dispatch, distributed, reference
+from fastclr._dispatch import check_row_pair, describe as _describe
 
-IMPLS = ("auto", "reference", "cpu", "triton", "cuda")
+IMPLS = _dispatch.OPS["nt_xent_fused"].impls
 REDUCTIONS = ("mean", "sum", "none")
-_HALF = (torch.float16, torch.bfloat16)
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-
-_warned_fallback = False
-
-
-def _describe(x) -> str:
-    if isinstance(x, torch.Tensor):
-        return f"a {x.dtype} tensor of shape {tuple(x.shape)} on {x.device}"
-    return f"{type(x).__name__} {x!r}"
-
-
-def check_row_pair(fn: str, names, a, b, *, same_shape: bool) -> None:
-    """The input checks every public op shares: two 2-D float tensors (rows, D) of one dtype and
-    device, D >= 1, float64 only on CPU; the same shape when ``same_shape``, else the same D.
-    Errors name the function and the argument."""
-    rows = "(N, D)" if same_shape else "(rows, D)"
-    for name, x in zip(names, (a, b)):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {_describe(x)}")
-        if x.dim() != 2:
-            raise ValueError(f"{fn}: {name} must be 2-D {rows}, got shape {tuple(x.shape)}")
-        if x.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{fn}: {name} must be float32, bfloat16, float16 or float64, got {x.dtype}")
-    (n1, n2) = names
-    if same_shape and a.shape != b.shape:
-        raise ValueError(f"{fn}: {n1} and {n2} must have the same shape, got {tuple(a.shape)} and "
-                         f"{tuple(b.shape)}")
-    if a.shape[1] != b.shape[1]:
-        raise ValueError(f"{fn}: {n1} and {n2} must have the same number of columns D, got "
-                         f"{tuple(a.shape)} and {tuple(b.shape)}")
-    if a.dtype != b.dtype:
-        raise TypeError(f"{fn}: {n1} and {n2} must have the same dtype, got {a.dtype} and {b.dtype}")
-    if a.device != b.device:
-        raise ValueError(f"{fn}: {n1} and {n2} must be on the same device, got {a.device} and {b.device}")
-    if same_shape and (a.shape[0] < 1 or a.shape[1] < 1):
-        raise ValueError(f"{fn}: need N >= 1 rows and D >= 1 features, got shape {tuple(a.shape)}")
-    if a.shape[1] < 1:
-        raise ValueError(f"{fn}: need D >= 1 columns, got shape {tuple(a.shape)}")
-    if a.dtype == torch.float64 and a.device.type != "cpu":
-        raise TypeError(f"{fn}: float64 is supported on CPU only, got float64 on {a.device}")
 
 
 def _check_embeddings(z1, z2) -> None:
@@ -101,80 +60,6 @@ def _temperature_tensor(temperature, dtype: torch.dtype, device: torch.device) -
     value = check_temperature("nt_xent_fused", float(temperature), dtype)
     # torch.full launches a fill on the device; torch.tensor would copy from the host and sync.
     return torch.full((), value, dtype=dtype, device=device)
-
-
-def check_impl_available(fn: str, impl: str, device: torch.device, dtype: torch.dtype | None) -> None:
-    """Raises, naming ``fn``, when the explicitly requested backend ``impl`` ("cpu", "triton",
-    "cuda") cannot run on tensors of this device and dtype. Shared by the loss and the similarity
-    functions."""
-    if impl == "cpu":
-        if device.type != "cpu":
-            raise ValueError(f"{fn}: impl='cpu' needs CPU tensors, got tensors on {device}")
-        if not ops.extension_available():
-            raise RuntimeError(f"{fn}: impl='cpu' needs the compiled extension: {ops.extension_error()}")
-    elif impl == "triton":
-        if not ops.triton_available():
-            raise RuntimeError(f"{fn}: impl='triton' needs triton: {ops.triton_error()}")
-        if device.type == "cpu" and not ops.triton_interpreting():
-            raise ValueError(f"{fn}: impl='triton' runs on CUDA tensors, or on CPU tensors when "
-                             "TRITON_INTERPRET=1 was set before fastclr was imported; got CPU "
-                             "tensors without it")
-        if device.type not in ("cpu", "cuda"):
-            raise ValueError(f"{fn}: impl='triton' needs CUDA tensors, got tensors on {device}")
-        if dtype == torch.float64:
-            raise TypeError(f"{fn}: impl='triton' supports float32, bfloat16 and float16, got "
-                            "torch.float64 (use impl='cpu' or 'reference')")
-    elif impl == "cuda":
-        if device.type != "cuda":
-            raise ValueError(f"{fn}: impl='cuda' needs CUDA tensors, got tensors on {device}")
-        if not ops.compiled_with_cuda():
-            why = ops.extension_error() or ("fastclr._C was built without its CUDA kernels (no "
-                                            "CUDA toolkit at build time, or FASTCLR_CUDA=0)")
-            raise RuntimeError(f"{fn}: impl='cuda' needs the compiled CUDA kernels: {why}")
-        if dtype == torch.float64:
-            raise TypeError(f"{fn}: impl='cuda' supports float32, bfloat16 and float16, got "
-                            "torch.float64")
-
-
-# Where the hand-written CUDA kernel beat the Triton one, measured fwd+bwd side by side by
-# `python -m benchmarks.bench_loss --device cuda --impls fused cuda` (gpu_suite.sh): dtype ->
-# True. Empty until that benchmark has run on a GPU: until then "auto" picks Triton.
-CUDA_FASTER_THAN_TRITON: dict = {}
-
-
-def _cuda_kernel_is_faster(dtype: torch.dtype | None) -> bool:
-    return bool(CUDA_FASTER_THAN_TRITON.get(dtype, False))
-
-
-def _resolve_impl(impl: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
-    """The backend that will run: see DESIGN.md, Dispatch."""
-    global _warned_fallback
-    if impl not in IMPLS:
-        raise ValueError(f"nt_xent_fused: impl must be one of {IMPLS}, got {impl!r}")
-    if impl != "auto":
-        check_impl_available("nt_xent_fused", impl, device, dtype)
-        return impl
-    # auto
-    if device.type == "cpu" and ops.extension_available():
-        return "cpu"
-    if device.type == "cuda" and dtype != torch.float64:
-        if ops.compiled_with_cuda() and _cuda_kernel_is_faster(dtype):
-            return "cuda"
-        if ops.triton_available():
-            return "triton"
-        if ops.compiled_with_cuda():
-            return "cuda"
-    if not _warned_fallback:
-        _warned_fallback = True
-        if device.type == "cpu":
-            why = ops.extension_error()
-        elif device.type == "cuda":
-            why = f"{ops.triton_error()}; {ops.extension_error() or 'the extension has no CUDA kernels'}"
-        else:
-            why = f"no fused kernel for {device.type} tensors"
-        warnings.warn(f"fastclr: falling back to the reference NT-Xent (O(M^2) memory): {why}",
-                      RuntimeWarning, stacklevel=3)
-    return "reference"
 
 
 # The compiled ops serve CPU and CUDA tensors alike (the dispatcher picks the kernel).
@@ -228,7 +113,7 @@ def nt_xent_fused(z1: torch.Tensor, z2: torch.Tensor, temperature=0.5, *, impl: 
         return (loss, acc) if return_accuracy else loss
     acc_dtype = reference.accumulation_dtype(z1.dtype)
     t = _temperature_tensor(temperature, acc_dtype, z1.device)
-    backend = _resolve_impl(impl, z1.device, z1.dtype)
+    backend = _dispatch.resolve("nt_xent_fused", impl, z1.device, z1.dtype)
     if backend == "reference":
         return reference.nt_xent(z1, z2, t, reduction=reduction, return_accuracy=return_accuracy)
     forward = getattr(torch.ops.fastclr, _FORWARD_OPS[backend])
@@ -254,8 +139,7 @@ class NTXentLoss(nn.Module):
                  impl: str = "auto", reduction: str = "mean", process_group=None,
                  gather_distributed: bool = False):
         super().__init__()
-        if impl not in IMPLS:
-            raise ValueError(f"NTXentLoss: impl must be one of {IMPLS}, got {impl!r}")
+        _dispatch.check_impl("nt_xent_fused", impl)
         if reduction not in REDUCTIONS:
             raise ValueError(f"NTXentLoss: reduction must be one of {REDUCTIONS}, got {reduction!r}")
         _check_process_group("NTXentLoss", process_group)

@@ -1,9 +1,9 @@
 """Loads the compiled extension and registers the fake kernels and autograd of its ops.
 
-This is the one place that imports ``fastclr._C`` (and the Triton ops, when triton is
-installed). If it is missing (not built, or built
-against another torch) the package still imports; ``extension_error()`` says why, and the
-dispatcher in ``fastclr.loss`` falls back to the reference with one warning.
+This is the one place that imports ``fastclr._C`` and (on first use, ``load_triton``) the Triton
+ops. If the extension is missing (not built, or built against another torch) the package still
+imports; ``extension_error()`` says why, and the dispatcher (``fastclr._dispatch``) falls back
+with one warning.
 """
 from __future__ import annotations
 
@@ -21,28 +21,38 @@ else:
     _LOAD_ERROR = None
 
 
-try:  # registers torch.ops.fastclr.*_triton; needs triton, not a GPU
-    from fastclr.triton import nt_xent as _triton_nt_xent  # noqa: F401
-    from fastclr.triton import similarity as _triton_similarity  # noqa: F401
-except ImportError as exc:  # pragma: no cover - exercised only without triton
-    _triton_nt_xent = None
-    _TRITON_ERROR: Exception | None = exc
-else:
-    _TRITON_ERROR = None
+# The Triton ops (torch.ops.fastclr.*_triton) are registered when fastclr.triton is imported,
+# which imports triton (seconds): done on first use, by the dispatcher, never by `import fastclr`.
+_triton_modules: tuple | None = None
+_TRITON_ERROR: Exception | None = None
+
+
+def load_triton() -> bool:
+    """Imports the Triton kernels (registering their ops) once; True when that worked."""
+    global _triton_modules, _TRITON_ERROR
+    if _triton_modules is None and _TRITON_ERROR is None:
+        try:  # needs triton, not a GPU
+            from fastclr.triton import nt_xent, similarity
+        except ImportError as exc:  # pragma: no cover - exercised only without triton
+            _TRITON_ERROR = exc
+        else:
+            _triton_modules = (nt_xent, similarity)
+    return _triton_modules is not None
 
 
 def triton_available() -> bool:
-    return _triton_nt_xent is not None
+    return load_triton()
 
 
 def triton_error() -> str:
     """Why the Triton kernels are unavailable ('' when they are)."""
+    load_triton()
     return "" if _TRITON_ERROR is None else f"triton could not be imported ({_TRITON_ERROR})"
 
 
 def triton_interpreting() -> bool:
     """True when the Triton kernels were defined under TRITON_INTERPRET=1 (CPU tensors)."""
-    return _triton_nt_xent is not None and _triton_nt_xent.INTERPRETED
+    return load_triton() and _triton_modules[0].INTERPRETED
 
 
 def extension_available() -> bool:

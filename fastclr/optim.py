@@ -12,7 +12,7 @@ For each parameter w with gradient g (``p.grad`` is never modified):
 
 Norms and math in float32 (bfloat16/float16 parameters are updated through float32); the
 momentum buffer is float32. Three implementations of the same step, none synchronising with
-the host: "cpp" (one C++ call per group, csrc/lars_cpu.cpp), "cuda" (multi-tensor CUDA kernels,
+the host: "cpu" (one C++ call per group, csrc/lars_cpu.cpp; "cpp" is an alias), "cuda" (multi-tensor CUDA kernels,
 kernels/lars.cu) and "foreach" (torch._foreach_* ops, the fallback without the extension).
 """
 from __future__ import annotations
@@ -24,9 +24,9 @@ import warnings
 import torch
 from torch import nn
 
-from fastclr import ops
+from fastclr import _dispatch
 
-IMPLS = ("auto", "cpp", "cuda", "foreach")
+IMPLS = (*_dispatch.OPS["LARS"].impls, "cpp")  # "cpp": the old name of "cpu", still taken
 _NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
 
 
@@ -73,8 +73,8 @@ class LARS(torch.optim.Optimizer):
             ``group["lr"]``, e.g. by a scheduler).
         momentum, weight_decay, trust_coefficient: >= 0.
         nesterov: Nesterov momentum.
-        impl: "auto" (cuda for CUDA parameters, cpp for CPU ones when the extension is built,
-            else foreach), "cpp", "cuda" or "foreach".
+        impl: "auto" (cuda for CUDA parameters, cpu for CPU ones when the extension is built,
+            else foreach, with one warning), "cpu" (alias "cpp"), "cuda" or "foreach".
     """
 
     def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 1e-6,
@@ -84,8 +84,7 @@ class LARS(torch.optim.Optimizer):
                         weight_decay=_check_hyper("weight_decay", weight_decay),
                         trust_coefficient=_check_hyper("trust_coefficient", trust_coefficient),
                         nesterov=bool(nesterov), exclude=False)
-        if impl not in IMPLS:
-            raise ValueError(f"LARS: impl must be one of {IMPLS}, got {impl!r}")
+        _dispatch.check_impl("LARS", impl)
         self.impl = impl
         self._warned_wd0 = False
         super().__init__(params, defaults)
@@ -106,27 +105,9 @@ class LARS(torch.optim.Optimizer):
                           "with fastclr.lars_param_groups(model)).", UserWarning, stacklevel=3)
         super().add_param_group(param_group)
 
-    def _backend(self, device: torch.device) -> str:
-        if self.impl == "cpp":
-            if device.type != "cpu":
-                raise ValueError(f"LARS: impl='cpp' needs CPU parameters, got parameters on {device}")
-            if not ops.extension_available():
-                raise RuntimeError(f"LARS: impl='cpp' needs the compiled extension: {ops.extension_error()}")
-            return "cpp"
-        if self.impl == "cuda":
-            if device.type != "cuda":
-                raise ValueError(f"LARS: impl='cuda' needs CUDA parameters, got parameters on {device}")
-            if not ops.compiled_with_cuda():
-                raise RuntimeError("LARS: impl='cuda' needs the extension built with its CUDA kernels: "
-                                   f"{ops.extension_error() or 'built without a CUDA toolkit'}")
-            return "cuda"
-        if self.impl == "foreach":
-            return "foreach"
-        if device.type == "cpu" and ops.extension_available():
-            return "cpp"
-        if device.type == "cuda" and ops.compiled_with_cuda():
-            return "cuda"
-        return "foreach"
+    def backend(self, device: torch.device) -> str:
+        """The implementation that steps parameters on ``device`` (fastclr._dispatch)."""
+        return _dispatch.resolve("LARS", self.impl, device)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -159,7 +140,7 @@ class LARS(torch.optim.Optimizer):
                 for lst, x in zip(by_device[p.device], (p, g, b)):
                     lst.append(x)
             for device, (ps, gs, bs) in by_device.items():
-                backend = self._backend(device)
+                backend = self.backend(device)
                 if backend == "foreach":
                     _foreach_step(ps, gs, bs, *hyper)
                 else:  # one compiled call: the CPU or CUDA kernel, by the dispatcher

@@ -12,24 +12,11 @@ import numbers
 
 import torch
 
-from fastclr import ops, reference
-from fastclr.loss import check_impl_available, check_row_pair
+from fastclr import _dispatch, reference
+from fastclr._dispatch import check_row_pair
 
-IMPLS = ("auto", "reference", "cpu", "triton", "cuda")
+IMPLS = _dispatch.OPS["normalized_similarity"].impls
 DEFAULT_CHUNK = 4096
-
-
-def _resolve(fn: str, impl: str, device: torch.device, dtype: torch.dtype) -> str:
-    if impl not in IMPLS:
-        raise ValueError(f"{fn}: impl must be one of {IMPLS}, got {impl!r}")
-    if impl == "auto":
-        if device.type == "cpu" and ops.extension_available():
-            return "cpu"
-        if device.type == "cuda" and ops.triton_available() and not ops.triton_interpreting():
-            return "triton"
-        return "reference"
-    check_impl_available(fn, impl, device, dtype)
-    return impl
 
 
 def normalized_similarity(a: torch.Tensor, b: torch.Tensor, *, impl: str = "auto") -> torch.Tensor:
@@ -37,15 +24,16 @@ def normalized_similarity(a: torch.Tensor, b: torch.Tensor, *, impl: str = "auto
 
     Args:
         a: (M, D), b: (K, D); same dtype (float32, bfloat16, float16; float64 on CPU) and device.
-        impl: "auto" (the C++ kernel on CPU, Triton on CUDA) | "reference" | "cpu" | "triton" |
-            "cuda" (the hand-written CUDA kernel, kernels/similarity.cu).
+        impl: "auto" (fastclr._dispatch's rule: the C++ kernel on CPU; on CUDA Triton or the
+            CUDA kernel, by the measured table) | "reference" | "cpu" | "triton" | "cuda" (the
+            hand-written CUDA kernel, kernels/similarity.cu).
 
     Returns:
         (M, K), float32 for half inputs (float32 accumulation), the input dtype otherwise.
         Differentiable in a and b (through the normalisation, F.normalize semantics).
     """
     check_row_pair("normalized_similarity", ("a", "b"), a, b, same_shape=False)
-    backend = _resolve("normalized_similarity", impl, a.device, a.dtype)
+    backend = _dispatch.resolve("normalized_similarity", impl, a.device, a.dtype)
     if backend == "reference":
         return reference.normalized_similarity(a, b)
     if backend in ("cpu", "cuda"):  # one op, a kernel per device
@@ -82,7 +70,7 @@ def knn_topk(queries: torch.Tensor, bank: torch.Tensor, k: int, *, impl: str = "
     if isinstance(chunk, bool) or not isinstance(chunk, numbers.Integral) or chunk < 1:
         raise ValueError(f"knn_topk: chunk must be a positive int, got {chunk!r}")
     chunk = int(chunk)
-    backend = _resolve("knn_topk", impl, queries.device, queries.dtype)
+    backend = _dispatch.resolve("knn_topk", impl, queries.device, queries.dtype)
     with torch.no_grad():
         if backend == "reference":
             return reference.knn_topk(queries, bank, k)

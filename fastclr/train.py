@@ -445,7 +445,7 @@ def _train(args, device, rank, world) -> dict:
         print(f"fastclr {fastclr.__version__}: SimCLR on {args.dataset} ({steps_per_epoch} steps/epoch "
               f"of {args.batch_size} images, {args.epochs} epochs), {args.backbone} width {args.width}, "
               f"{world} process(es) on {device}, loss impl {args.loss_impl}, LARS impl "
-              f"{optimizer._backend(device)}, augmentation {'DALI' if use_dali else 'torch'}, "
+              f"{optimizer.backend(device)}, augmentation {'DALI' if use_dali else 'torch'}, "
               f"{'bf16' if amp_dtype else 'fp32'}; out {args.out}"
               + (f"; resumed at epoch {start_epoch} step {step}" if resume else ""), flush=True)
 

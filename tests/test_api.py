@@ -11,7 +11,7 @@ import torch
 
 import fastclr
 from fastclr import loss as loss_module
-from fastclr import ops, reference
+from fastclr import _dispatch, ops, reference
 from nt_xent_checks import make_inputs
 
 needs_ext = pytest.mark.skipif(not fastclr.extension_available(),
@@ -59,22 +59,23 @@ def test_cuda_impl_input_checks(monkeypatch):
         fastclr.nt_xent_fused(torch.randn(3, 2), torch.randn(3, 2), impl="cuda")
     monkeypatch.setattr(ops, "compiled_with_cuda", lambda: False)
     with pytest.raises(RuntimeError, match="impl='cuda' needs the compiled CUDA kernels"):
-        loss_module._resolve_impl("cuda", torch.device("cuda"), torch.float32)
+        _dispatch.resolve("nt_xent_fused", "cuda", torch.device("cuda"), torch.float32)
     monkeypatch.setattr(ops, "compiled_with_cuda", lambda: True)
     with pytest.raises(TypeError, match="impl='cuda' supports float32.*float64"):
-        loss_module._resolve_impl("cuda", torch.device("cuda"), torch.float64)
+        _dispatch.resolve("nt_xent_fused", "cuda", torch.device("cuda"), torch.float64)
 
 
 def test_auto_between_cuda_and_triton_follows_the_measured_table(monkeypatch):
     monkeypatch.setattr(ops, "compiled_with_cuda", lambda: True)
     monkeypatch.setattr(ops, "triton_available", lambda: True)
-    monkeypatch.setattr(loss_module, "CUDA_FASTER_THAN_TRITON", {})
-    assert loss_module._resolve_impl("auto", torch.device("cuda"), torch.bfloat16) == "triton"
-    monkeypatch.setattr(loss_module, "CUDA_FASTER_THAN_TRITON", {torch.bfloat16: True})
-    assert loss_module._resolve_impl("auto", torch.device("cuda"), torch.bfloat16) == "cuda"
-    assert loss_module._resolve_impl("auto", torch.device("cuda"), torch.float16) == "triton"
+    op = _dispatch.OPS["nt_xent_fused"]
+    monkeypatch.setattr(op, "cuda_faster", {})
+    assert _dispatch.resolve("nt_xent_fused", "auto", torch.device("cuda"), torch.bfloat16) == "triton"
+    monkeypatch.setattr(op, "cuda_faster", {torch.bfloat16: True})
+    assert _dispatch.resolve("nt_xent_fused", "auto", torch.device("cuda"), torch.bfloat16) == "cuda"
+    assert _dispatch.resolve("nt_xent_fused", "auto", torch.device("cuda"), torch.float16) == "triton"
     monkeypatch.setattr(ops, "triton_available", lambda: False)
-    assert loss_module._resolve_impl("auto", torch.device("cuda"), torch.float16) == "cuda"
+    assert _dispatch.resolve("nt_xent_fused", "auto", torch.device("cuda"), torch.float16) == "cuda"
 
 
 def test_triton_impl_input_checks(monkeypatch):
@@ -96,12 +97,12 @@ def test_triton_impl_input_checks(monkeypatch):
 def test_auto_picks_triton_for_cuda_tensors(monkeypatch):
     monkeypatch.setattr(ops, "compiled_with_cuda", lambda: False)
     monkeypatch.setattr(ops, "triton_available", lambda: True)
-    assert loss_module._resolve_impl("auto", torch.device("cuda"), torch.float32) == "triton"
-    assert loss_module._resolve_impl("auto", torch.device("cuda", 1), torch.bfloat16) == "triton"
+    assert _dispatch.resolve("nt_xent_fused", "auto", torch.device("cuda"), torch.float32) == "triton"
+    assert _dispatch.resolve("nt_xent_fused", "auto", torch.device("cuda", 1), torch.bfloat16) == "triton"
     monkeypatch.setattr(ops, "triton_available", lambda: False)
-    monkeypatch.setattr(loss_module, "_warned_fallback", False)
+    monkeypatch.setattr(_dispatch.OPS["nt_xent_fused"], "warned", False)
     with pytest.warns(RuntimeWarning, match="falling back"):
-        assert loss_module._resolve_impl("auto", torch.device("cuda"), torch.float32) == "reference"
+        assert _dispatch.resolve("nt_xent_fused", "auto", torch.device("cuda"), torch.float32) == "reference"
 
 
 @needs_ext
@@ -112,9 +113,9 @@ def test_cpu_impl_rejects_other_devices():
 
 
 def test_fallback_without_extension_warns_once(monkeypatch):
-    monkeypatch.setattr(loss_module.ops, "extension_available", lambda: False)
-    monkeypatch.setattr(loss_module.ops, "extension_error", lambda: "fastclr._C missing (test)")
-    monkeypatch.setattr(loss_module, "_warned_fallback", False)
+    monkeypatch.setattr(ops, "extension_available", lambda: False)
+    monkeypatch.setattr(ops, "extension_error", lambda: "fastclr._C missing (test)")
+    monkeypatch.setattr(_dispatch.OPS["nt_xent_fused"], "warned", False)
     z1, z2 = make_inputs(5, 4)
     with pytest.warns(RuntimeWarning, match="falling back to the reference.*_C missing"):
         a = fastclr.nt_xent_fused(z1, z2)
@@ -129,7 +130,7 @@ def test_fallback_without_extension_warns_once(monkeypatch):
 
 @needs_ext
 def test_auto_picks_cpu_kernel_on_cpu(monkeypatch):
-    assert loss_module._resolve_impl("auto", torch.device("cpu")) == "cpu"
+    assert _dispatch.resolve("nt_xent_fused", "auto", torch.device("cpu")) == "cpu"
     calls = []
     real = torch.ops.fastclr.nt_xent_forward
     monkeypatch.setattr(loss_module.torch.ops.fastclr, "nt_xent_forward",

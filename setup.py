@@ -1,9 +1,11 @@
 """Builds fastclr._C: the C++ ops of csrc/ and, when a CUDA toolkit is present, kernels/*.cu.
 
-Sources come from csrc/sources.txt, the list CMakeLists.txt reads too.
-Environment: FASTCLR_CUDA=0 skips the CUDA sources; TORCH_CUDA_ARCH_LIST picks the archs
-(default "8.0;9.0"); CUDA_HOME is found next to nvcc when unset; MAX_JOBS bounds ninja.
+Sources, flags, defines and the default archs come from csrc/build.txt, the one build definition
+that CMakeLists.txt and the CUDA compile test read too. Environment: FASTCLR_CUDA=0 skips the
+CUDA sources; TORCH_CUDA_ARCH_LIST picks the archs (default: build.txt's); CUDA_HOME is found
+next to nvcc when unset; MAX_JOBS bounds ninja.
 """
+import importlib.util
 import os
 import shutil
 from pathlib import Path
@@ -13,15 +15,11 @@ from setuptools import setup
 ROOT = Path(__file__).resolve().parent
 
 
-def read_sources():
-    sources = {"cpu": [], "cuda": []}
-    for raw in (ROOT / "csrc" / "sources.txt").read_text().splitlines():
-        line = raw.split("#", 1)[0].strip()
-        if not line:
-            continue
-        kind, _, path = line.partition(":")
-        sources[kind.strip()].append(path.strip())
-    return sources
+def build_definition():
+    spec = importlib.util.spec_from_file_location("build_definition", ROOT / "csrc" / "build_definition.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def guess_cuda_home():
@@ -41,27 +39,25 @@ def guess_cuda_home():
 
 def extensions():
     guess_cuda_home()
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    bd = build_definition()
+    build = bd.read()
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", bd.arch_list(build))
     from torch.utils import cpp_extension
 
-    sources = read_sources()
-    want_cuda = os.environ.get("FASTCLR_CUDA", "1") != "0" and bool(sources["cuda"])
+    want_cuda = os.environ.get("FASTCLR_CUDA", "1") != "0" and bool(build["cuda"])
     with_cuda = want_cuda and cpp_extension.CUDA_HOME is not None
-    cxx = ["-O3", "-fopenmp", "-Wall", "-Wno-unknown-pragmas"]
     kwargs = dict(
         name="fastclr._C",
-        sources=sources["cpu"] + ["csrc/bindings.cpp"],
-        extra_compile_args={"cxx": cxx},
-        extra_link_args=["-fopenmp"],
+        sources=build["cpu"] + ["csrc/bindings.cpp"],
+        extra_compile_args={"cxx": build["cxx-flags"]},
+        extra_link_args=build["link-flags"],
     )
-    if with_cuda:
-        kwargs["sources"] += sources["cuda"]
-        kwargs["define_macros"] = [("FASTCLR_WITH_CUDA", None)]
-        kwargs["extra_compile_args"]["cxx"].append("-DFASTCLR_WITH_CUDA")
-        kwargs["extra_compile_args"]["nvcc"] = ["-O3", "--use_fast_math", "-lineinfo",
-                                                "-DFASTCLR_WITH_CUDA"]
-        return [cpp_extension.CUDAExtension(**kwargs)], cpp_extension.BuildExtension
-    return [cpp_extension.CppExtension(**kwargs)], cpp_extension.BuildExtension
+    if not with_cuda:
+        return [cpp_extension.CppExtension(**kwargs)], cpp_extension.BuildExtension
+    kwargs["sources"] += build["cuda"]
+    kwargs["define_macros"] = [(name, None) for name in build["cuda-defines"]]  # .cpp and .cu alike
+    kwargs["extra_compile_args"]["nvcc"] = build["nvcc-flags"]
+    return [cpp_extension.CUDAExtension(**kwargs)], cpp_extension.BuildExtension
 
 
 ext_modules, BuildExtension = extensions()

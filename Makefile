@@ -1,6 +1,6 @@
 # Two commands set everything up on a fresh machine and then do the work:
 #   make train   - venv + install (editable) + build, then `python -m fastclr.train`
-#   make test    - the same set-up, then the whole test suite
+#   make test    - the same set-up, then the whole test suite (and the benchmarks' smoke test)
 # On a machine already set up they start their real work at once: the install is redone only
 # when pyproject.toml or setup.py change, the extension only when its sources change (ninja).
 SHELL := /bin/bash
@@ -15,15 +15,16 @@ export MAX_JOBS ?= 2
 
 INSTALL_STAMP := $(VENV)/.fastclr-installed
 EXT_STAMP := build/.fastclr-ext
-EXT_SOURCES := setup.py csrc/sources.txt $(wildcard csrc/*.cpp csrc/*.h kernels/*.cu kernels/*.cuh)
+EXT_SOURCES := setup.py csrc/build.txt csrc/build_definition.py $(wildcard csrc/*.cpp csrc/*.h kernels/*.cu kernels/*.cuh)
 
 .PHONY: train test build bench install clean
 
 train: $(EXT_STAMP)
 	$(PY) -m fastclr.train
 
+# the tests, and every bench_* entry point once (a smoke test, not a timing)
 test: $(EXT_STAMP)
-	$(PY) -m pytest tests $(PYTEST_ARGS)
+	$(PY) -m pytest tests benchmarks/test_benchmarks.py --benchmark-disable $(PYTEST_ARGS)
 
 build: $(EXT_STAMP)
 

@@ -24,7 +24,7 @@ PARTS = {
               "--timeout", "600"],
              ["--sizes", "4096", "16384", "65536", "--dims", "128", "--sweep-dims", "64", "512",
               "--sweep-m", "16384", "--repeats", "10", "--budget-mb", "16384",
-              "--impls", "fused", "cuda", "naive", "lightly", "pml", "infcl"]),
+              "--impls", "triton", "cuda", "naive", "lightly", "pml", "infcl"]),
     "lars": ("benchmarks.bench_lars", ["--repeats", "20"], ["--repeats", "50"]),
     "augment": ("benchmarks.bench_augment", [], []),
     "train": ("benchmarks.bench_train", [], []),

@@ -55,7 +55,7 @@ def main(argv=None):
     p.add_argument("--impl", default="cpu")
     p.add_argument("--dtype", default="float32")
     args = p.parse_args(argv)
-    print(f"| M | D | old fwd+bwd (s) | new fwd+bwd (s) | new / old |\n|---:|---:|---:|---:|---:|")
+    print("| M | D | old fwd+bwd (s) | new fwd+bwd (s) | new / old |\n|---:|---:|---:|---:|---:|")
     for m in args.sizes:
         times = {"old": [], "new": []}
         for _ in range(args.rounds):

@@ -19,7 +19,7 @@ import torch
 
 from benchmarks import common
 
-OPTIMIZERS = ("fastclr-cpp", "fastclr-cuda", "fastclr-foreach", "lightly", "timm", "sgd-foreach",
+OPTIMIZERS = ("fastclr-cpu", "fastclr-cuda", "fastclr-foreach", "lightly", "timm", "sgd-foreach",
               "sgd-fused")
 
 
@@ -115,7 +115,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     names = args.optimizers or [n for n in OPTIMIZERS
                                 if not (args.device == "cpu" and n == "fastclr-cuda")
-                                and not (args.device == "cuda" and n == "fastclr-cpp")]
+                                and not (args.device == "cuda" and n == "fastclr-cpu")]
     rows = []
     for arch in args.models:
         rows += bench_model(arch, names, args.device, args.repeats, args.warmup)

@@ -1,7 +1,7 @@
 """NT-Xent: fastclr's fused kernels against the reference, naive PyTorch, lightly (and inf-cl).
 
     python -m benchmarks.bench_loss                      # CPU: M = 2048, 8192, 16384; D = 128
-    python -m benchmarks.bench_loss --sizes 4096 --impls fused naive --repeats 3
+    python -m benchmarks.bench_loss --sizes 4096 --impls cpu naive --repeats 3
     python -m benchmarks.bench_loss --device cuda        # GPU: M = 4096 .. 65536, bfloat16
 
 Each (implementation, M) runs in its own process. CPU: peak extra memory is the rise of the
@@ -14,7 +14,9 @@ does; on a GPU they are also read against the dense matrix product's TFLOP/s in 
 measured in the same run (8192^3). An implementation that runs out of memory is recorded as such. Results go to
 benchmarks/results/loss-<device>-<date>.json (or --out-dir) and a markdown table is printed.
 
-"fused" is impl="cpu" on the CPU and impl="triton" on a GPU. "infcl" is inf-cl's
+fastclr's rows are named by backend, as ``impl=`` names them: "cpu" (the C++ kernel), "triton",
+"cuda" (the hand-written CUDA kernel), "reference". (Results files written before this naming
+call the device's default backend "fused": read as "cpu" on a CPU, "triton" on a GPU.) "infcl" is inf-cl's
 cal_inf_loss, a CLIP-style loss: with q = z1, k = z2 it scores N x N logits, a quarter of
 NT-Xent's M x M, so its TFLOP/s column is computed on its own N^2 products.
 """
@@ -27,10 +29,11 @@ import sys
 
 from benchmarks import common
 
-IMPLS = ("fused", "cuda", "reference", "naive", "lightly", "pml", "infcl")
+IMPLS = ("cpu", "triton", "cuda", "reference", "naive", "lightly", "pml", "infcl")
 PEERS = {"naive": "normalize, z @ z.T, mask diagonal, cross_entropy (plain PyTorch)",
          "reference": "fastclr.reference.nt_xent (the spec, O(M^2))",
-         "fused": "fastclr.nt_xent_fused(impl='cpu' on CPU, 'triton' on GPU)",
+         "cpu": "fastclr.nt_xent_fused(impl='cpu'): the C++ kernel",
+         "triton": "fastclr.nt_xent_fused(impl='triton'): the Triton kernels",
          "cuda": "fastclr.nt_xent_fused(impl='cuda'): the hand-written CUDA kernel",
          "lightly": "lightly.loss.NTXentLoss",
          "pml": "pytorch_metric_learning.losses.NTXentLoss",
@@ -47,13 +50,9 @@ def make_loss(impl: str, temperature: float, device: str):
     import torch
     import torch.nn.functional as F
 
-    if impl == "fused":
+    if impl in ("cpu", "triton", "cuda"):
         import fastclr
-        backend = "cpu" if device == "cpu" else "triton"
-        return lambda a, b: fastclr.nt_xent_fused(a, b, temperature, impl=backend)
-    if impl == "cuda":
-        import fastclr
-        return lambda a, b: fastclr.nt_xent_fused(a, b, temperature, impl="cuda")
+        return lambda a, b: fastclr.nt_xent_fused(a, b, temperature, impl=impl)
     if impl == "reference":
         from fastclr import reference
         return lambda a, b: reference.nt_xent(a, b, temperature)
@@ -199,10 +198,17 @@ def matmul_peak_tflops(dtype_name: str, n: int = 8192, repeats: int = 10) -> flo
     return 2 * n**3 / seconds / 1e12
 
 
+def legacy_name(row: dict) -> dict:
+    """Rows of results files from before the backend naming: "fused" was the device's default."""
+    if row.get("impl") == "fused":
+        return {**row, "impl": "triton" if row.get("device") == "cuda" else "cpu"}
+    return row
+
+
 def fit_table(fits: list) -> str:
     lines = ["| implementation | largest M within budget | its peak extra memory (MiB) | search stopped by |",
              "|---|---:|---:|---|"]
-    for f in fits:
+    for f in map(legacy_name, fits):
         m = f"{f['largest_M']}" + ("+" if f["stopped_by"] == "search cap" else "") if f["largest_M"] else "< 1024"
         mem = f"{f['peak_extra_mb']:.0f}" if f["peak_extra_mb"] is not None else ""
         lines.append(f"| {f['impl']} | {m} | {mem} | {f['stopped_by']} |")
@@ -223,6 +229,7 @@ def tables(rows: list, peak_tflops: float | None = None) -> str:
 def table(rows: list, peak_tflops: float | None = None) -> str:
     """Markdown: one line per (M, impl); times in s, memory in MiB, ratio to naive; on a GPU the
     achieved TFLOP/s and, given the measured matmul peak, their share of it."""
+    rows = [legacy_name(r) for r in rows]
     # skipped configurations (pml beyond its CPU limit) stay in the results file, not the table
     rows = [r for r in rows if r.get("kind") != "largest_batch" and r.get("status") != "skipped"]
     naive = {(r["M"], r["D"]): r for r in rows if r["impl"] == "naive" and r.get("status") == "ok"}
@@ -280,8 +287,8 @@ def main(argv=None):
     gpu = args.device == "cuda"
     sizes = args.sizes or ([4096, 16384, 65536] if gpu else [2048, 8192, 16384])
     dtype = args.dtype or ("bf16" if gpu else "float32")
-    impls = args.impls or (["fused", "cuda", "naive", "lightly", "pml", "infcl"] if gpu
-                           else ["fused", "reference", "naive", "lightly", "pml"])
+    impls = args.impls or (["triton", "cuda", "naive", "lightly", "pml", "infcl"] if gpu
+                           else ["cpu", "reference", "naive", "lightly", "pml"])
     if any(m < 2 or m % 2 for m in sizes):
         p.error("--sizes must be even and >= 2 (M = 2N rows)")
 

@@ -79,7 +79,7 @@ def stages() -> list:
         Stage("loss", "headline loss: bf16, D=128, M=16384/65536/262144, Triton/CUDA vs peers", 80, 150,
               [_bench("benchmarks.bench_loss", "--sizes", "16384", "65536", "262144", "--dims", "128",
                       "--dtype", "bf16", "--repeats", "10", "--timeout", "60",
-                      "--impls", "fused", "cuda", "naive", "lightly", "infcl")],
+                      "--impls", "triton", "cuda", "naive", "lightly", "infcl")],
               results=("loss",)),
         Stage("lars-knn", "LARS on ResNet-50's parameters; knn_topk 20000 x 200000", 40, 90,
               [_bench("benchmarks.bench_lars", "--models", "resnet50", "--repeats", "50"),

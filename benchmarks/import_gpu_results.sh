@@ -6,7 +6,7 @@
 #
 # The results JSON files go to benchmarks/results/ (where python -m benchmarks.report reads
 # them); summary.md and the unpacked logs of results.tar.gz go to benchmarks/results/gpu-<date>/.
-# Then it prints the Triton-vs-CUDA comparison that CUDA_FASTER_THAN_TRITON (fastclr/loss.py) is
+# Then it prints the Triton-vs-CUDA comparison that OPS[op].cuda_faster (fastclr/_dispatch.py) is
 # filled from.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,13 +31,13 @@ files = sorted(pathlib.Path("benchmarks/results").glob("loss-cuda-*.json"))
 if files:
     rows = [r for r in json.loads(files[-1].read_text())["rows"] if r.get("status") == "ok"]
     by = {(r["impl"], r["dtype"], r["M"], r["D"]): r["fwd_bwd_s"] for r in rows if "fwd_bwd_s" in r}
-    print(f"\nTriton ('fused') vs CUDA, forward+backward, {files[-1].name}:")
+    print(f"\nTriton vs CUDA, forward+backward, {files[-1].name}:")
     for (impl, dtype, m, d), t in sorted(by.items()):
-        if impl == "cuda" and ("fused", dtype, m, d) in by:
-            tri = by[("fused", dtype, m, d)]
+        if impl == "cuda" and ("triton", dtype, m, d) in by:
+            tri = by[("triton", dtype, m, d)]
             print(f"  {dtype} M={m} D={d}: triton {tri:.4f} s, cuda {t:.4f} s -> "
                   f"{'cuda' if t < tri else 'triton'} faster ({tri / t:.2f}x)")
-    print("fill CUDA_FASTER_THAN_TRITON in fastclr/loss.py from these lines")
+    print("fill OPS['nt_xent_fused'].cuda_faster in fastclr/_dispatch.py from these lines")
 PYEOF
 if [ "${2:-}" != "--no-commit" ]; then
   git add benchmarks/results README.md benchmarks/report

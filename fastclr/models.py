@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torchvision.models import resnet as tv_resnet
 
-# name -> (block, blocks per stage)
+# name -> (torchvision block class, blocks per stage). torchvision.models is imported when a
+# backbone is built (it takes seconds; `python -m fastclr.train --help` need not wait for it).
 BACKBONES = {
-    "resnet18": (tv_resnet.BasicBlock, (2, 2, 2, 2)),
-    "resnet34": (tv_resnet.BasicBlock, (3, 4, 6, 3)),
-    "resnet50": (tv_resnet.Bottleneck, (3, 4, 6, 3)),
+    "resnet18": ("BasicBlock", (2, 2, 2, 2)),
+    "resnet34": ("BasicBlock", (3, 4, 6, 3)),
+    "resnet50": ("Bottleneck", (3, 4, 6, 3)),
 }
 
 
@@ -30,7 +30,9 @@ def resnet_backbone(name: str = "resnet18", *, width: int = 64, cifar_stem: bool
         raise ValueError(f"resnet_backbone: name must be one of {sorted(BACKBONES)}, got {name!r}")
     if not isinstance(width, int) or width < 1:
         raise ValueError(f"resnet_backbone: width must be a positive int, got {width!r}")
-    block, layers = BACKBONES[name]
+    from torchvision.models import resnet as tv_resnet
+    block_name, layers = BACKBONES[name]
+    block = getattr(tv_resnet, block_name)
     net = tv_resnet.ResNet(block, list(layers))
     if width != 64 or cifar_stem:
         # torchvision fixes the stage widths at 64..512; rebuild the stages at `width` with its

@@ -30,10 +30,10 @@ def _single(seed, n, impl, tau):
     x1, x2 = _batch(seed, n)
     loss, acc = fastclr.nt_xent_fused(model(x1), model(x2), tau, impl=impl, return_accuracy=True)
     loss.backward()
-    return loss.detach(), acc["top1"], [p.grad for p in model.parameters()]
+    return loss.detach(), acc, [p.grad for p in model.parameters()]
 
 
-def _worker(rank, port, seed, n, impl, tau, results):
+def _worker(rank, port, seed, n, impl, tau, via, results):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
@@ -42,12 +42,16 @@ def _worker(rank, port, seed, n, impl, tau, results):
         x1, x2 = _batch(seed, n)
         b = n // WORLD
         sl = slice(rank * b, (rank + 1) * b)
-        loss, acc = fastclr.nt_xent_fused(model(x1[sl]), model(x2[sl]), tau, impl=impl,
-                                          return_accuracy=True, process_group=dist.group.WORLD)
+        if via == "module":  # lightly's spelling: NTXentLoss(gather_distributed=True)
+            criterion = fastclr.NTXentLoss(tau, impl=impl, gather_distributed=True)
+            loss, acc = criterion(model(x1[sl]), model(x2[sl]), return_accuracy=True)
+        else:
+            loss, acc = fastclr.nt_xent_fused(model(x1[sl]), model(x2[sl]), tau, impl=impl,
+                                              return_accuracy=True, process_group=dist.group.WORLD)
         loss.backward()
         mean_loss = loss.detach().clone()
         dist.all_reduce(mean_loss)
-        results[rank] = (mean_loss / WORLD, acc["top1"], [p.grad.clone() for p in model.parameters()])
+        results[rank] = (mean_loss / WORLD, dict(acc), [p.grad.clone() for p in model.parameters()])
     finally:
         dist.destroy_process_group()
 
@@ -58,16 +62,18 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("impl", ["cpu", "reference"])
-def test_ddp_two_processes_match_single_process(impl, seed):
+@pytest.mark.parametrize("impl,via", [("cpu", "function"), ("reference", "function"), ("cpu", "module")])
+def test_ddp_two_processes_match_single_process(impl, via, seed):
     n, tau = 26, 0.3
     results = mp.Manager().dict()
-    mp.spawn(_worker, args=(_free_port(), seed, n, impl, tau, results), nprocs=WORLD, join=True)
-    loss, top1, grads = _single(seed, n, impl, tau)
+    mp.spawn(_worker, args=(_free_port(), seed, n, impl, tau, via, results), nprocs=WORLD, join=True)
+    loss, acc, grads = _single(seed, n, impl, tau)
     for rank in range(WORLD):
         dl, dacc, dgrads = results[rank]
         torch.testing.assert_close(dl, loss, rtol=1e-5, atol=1e-7)
-        torch.testing.assert_close(dacc, top1)
+        assert set(dacc) == set(acc)
+        for key in acc:  # the global batch's accuracies, contrast_acc included
+            torch.testing.assert_close(dacc[key], acc[key])
         for g, dg in zip(grads, dgrads):
             torch.testing.assert_close(dg, g, rtol=1e-5, atol=1e-7)
 

@@ -34,6 +34,8 @@ import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
+from triton.runtime.autotuner import Autotuner
+from triton.runtime.jit import JITFunction
 
 from fastclr._autograd import autograd_formula
 
@@ -58,8 +60,6 @@ def _launcher(kernel):
     """wrap_triton(kernel): the launch torch.compile and opcheck can trace. Interpreted kernels
     that this torch's wrap_triton rejects (torch 2.11 takes only JITFunction / Autotuner, and
     triton 3.6's interpreter makes neither) are launched directly."""
-    from triton.runtime.autotuner import Autotuner
-    from triton.runtime.jit import JITFunction
     if INTERPRETED and not isinstance(kernel, (JITFunction, Autotuner)):
         return kernel
     return wrap_triton(kernel)

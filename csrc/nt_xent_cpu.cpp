@@ -60,11 +60,11 @@ FASTCLR_INLINE float vexp(float x) {
 }
 FASTCLR_INLINE double vexp(double x) { return std::exp(x); }
 
-// One column chunk of the forward's online logsumexp for one row: s (length c) holds raw
-// dot products u_i . u_j; it is scaled by 1/tau in place, the self column (if in the chunk)
-// masked, and the running max / sum / rank of the row updated. The positive logit is read
-// from the tile itself (pos_col >= 0), so the loss and the rank compare the very same
-// numbers; the caller puts the positive's column in a row's first chunk. The rank counts the
+// One column chunk of the forward's online logsumexp over the negatives of one row: s (length
+// c) holds raw dot products u_i . u_j; it is scaled by 1/tau in place, the self column and the
+// positive's (when in the chunk) masked, and the running max / sum / rank of the row updated.
+// The positive logit is read from the tile itself (pos_col >= 0), so the loss and the rank
+// compare the very same numbers; the caller puts the positive's column in a row's first chunk. The rank counts the
 // columns above the positive twice: all of them (rank[0]) and those of the other view alone,
 // chunk columns [cross_lo, cross_hi) (rank[1], google-research/simclr's contrast_acc).
 template <typename acc_t>
@@ -79,22 +79,23 @@ FASTCLR_INLINE void fwd_row_chunk_impl(acc_t* __restrict s, int64_t c, acc_t inv
     s[k] *= inv_tau;
     cmax = s[k] > cmax ? s[k] : cmax;
   }
-  if (self_col >= 0) {
-    s[self_col] = kNegInf;
+  if (pos_col >= 0) *pos_logit = s[pos_col];
+  if (self_col >= 0 || pos_col >= 0) {
+    if (self_col >= 0) s[self_col] = kNegInf;
+    if (pos_col >= 0) s[pos_col] = kNegInf;
     cmax = kNegInf;
 #pragma omp simd reduction(max : cmax)
     for (int64_t k = 0; k < c; ++k) cmax = s[k] > cmax ? s[k] : cmax;
   }
-  if (pos_col >= 0) *pos_logit = s[pos_col];
   const acc_t m_new = std::fmax(*run_max, cmax);
-  if (m_new == kNegInf) return;  // a chunk holding only the self column (M = 2, c = 1)
+  if (m_new == kNegInf) return;  // a chunk holding no negative (only self / positive)
   acc_t sum = 0;
 #pragma omp simd reduction(+ : sum)
   for (int64_t k = 0; k < c; ++k) sum += vexp(s[k] - m_new);
   *run_sum = *run_sum * vexp(*run_max - m_new) + sum;
   *run_max = m_new;
   if (count_rank) {
-    const acc_t pos = *pos_logit;  // the positive itself (== pos) and the self (-inf) never count
+    const acc_t pos = *pos_logit;  // the positive and the self are -inf here: they never count
     int32_t above = 0, above_cross = 0;
 #pragma omp simd reduction(+ : above, above_cross)
     for (int64_t k = 0; k < c; ++k) {
@@ -308,8 +309,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nt_xent_forward_cpu(
         }
         for (int64_t a = 0; a < r; ++a) {
           const int64_t i = i0 + a;
-          plse[i] = run_max[a] + std::log(run_sum[a]);
-          ploss[i] = plse[i] - pos[a];
+          // loss_i = log(1 + exp(lse_neg - s_ip)), lse_i = logaddexp(lse_neg, s_ip): no
+          // cancellation of lse_i - s_ip when the positive dominates (low loss); exactly 0
+          // without negatives (N = 1).
+          const acc_t lse_neg = run_max[a] == -std::numeric_limits<acc_t>::infinity()
+                                    ? run_max[a] : run_max[a] + std::log(run_sum[a]);
+          const acc_t x = lse_neg - pos[a];
+          ploss[i] = std::max(x, acc_t(0)) + std::log1p(std::exp(-std::fabs(x)));
+          plse[i] = pos[a] + ploss[i];
           if (prank) {
             prank[i] = run_rank[2 * a];
             prank[m + i] = run_rank[2 * a + 1];

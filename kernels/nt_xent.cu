@@ -5,8 +5,9 @@
 //   forward:  per 64-row block (never straddling row N), column tiles of 64 in the rotated
 //             order that starts at the block's positives; S tile = Z_I Z_J^T on tensor cores
 //             (WMMA) from the raw input-dtype rows, 1/||z|| and 1/tau applied to the fp32
-//             tile; online base-2 logsumexp, positive logit and ranks (all others, the other
-//             view alone) from the same tile.
+//             tile; online base-2 logsumexp over the negatives, positive logit and ranks
+//             (all others, the other view alone) from the same tile; loss = log(1 +
+//             exp(lse_neg - s_ip)), lse = s_ip + loss (no cancellation at low loss).
 //   backward: one CTA per tile pair I <= J (symmetry: one tile gives P_IJ and P_JI):
 //             A = w_i P_ij + w_j P_ji over the negatives (j != i, p(i)), then G_I += (A rn_J)
 //             Z_J and G_J += (A rn_I)^T Z_I on tensor cores, accumulated with fp32 atomics;
@@ -140,6 +141,12 @@ __global__ void __launch_bounds__(kThreads) nt_xent_fwd_kernel(
       float mine = 0.f;
       for (int c = 0; c < 32; ++c) mine += (my_half * 32 + c == my_row) ? x[c] : 0.f;
       pos = pair_sum(mine);
+      // the logsumexp runs over the negatives alone: mask the positive
+      tile_max = kNegInf;
+      for (int c = 0; c < 32; ++c) {
+        if (my_half * 32 + c == my_row) x[c] = kNegInf;
+        tile_max = fmaxf(tile_max, x[c]);
+      }
     }
     tile_max = pair_max(tile_max);
     const float m_new = fmaxf(run_max, tile_max);
@@ -159,9 +166,12 @@ __global__ void __launch_bounds__(kThreads) nt_xent_fwd_kernel(
     __syncthreads();  // scores and the column lists are rewritten next tile
   }
   if (row_ok && my_half == 0) {
-    const float lse2 = run_max + log2f(run_sum);
-    lse[gi] = lse2 * kLn2;
-    loss[gi] = (lse2 - pos) * kLn2;
+    // loss = log(1 + 2^(lse2_neg - pos)), lse = pos + loss: no cancellation of lse - pos when
+    // the positive dominates (low loss); exactly 0 without negatives (N = 1).
+    const float x2 = (run_max == kNegInf ? kNegInf : run_max + log2f(run_sum)) - pos;
+    const float l = fmaxf(x2, 0.f) * kLn2 + log1pf(exp2f(-fabsf(x2)));
+    lse[gi] = pos * kLn2 + l;
+    loss[gi] = l;
     if (rank != nullptr) {
       rank[gi] = above;
       rank[m + gi] = above_cross;

@@ -131,6 +131,14 @@ def _fwd_logits(z1_ptr, z2_ptr, norm_ptr, rows, row_mask, scale_i, p0, t, N, D, 
 
 
 @triton.jit
+def _log1p(y):
+    """log(1 + y) accurate for small y (y >= 0): log(u) * y / (u - 1) with u = 1 + y rounded, which
+    cancels u's rounding error (Goldberg's trick); y itself where u rounds to 1."""
+    u = 1.0 + y
+    return tl.where(u == 1.0, y, tl.log(u) * (y / (u - 1.0)))
+
+
+@triton.jit
 def _count_above(x, pos, p0, t, half, N, BLOCK_N: tl.constexpr):
     """Per row: the columns of tile t scoring above the positive, among all (the self and padding
     are -inf) and among the other view's rows alone (google-research/simclr's contrast_acc)."""
@@ -154,7 +162,8 @@ def _nt_xent_fwd_kernel(z1_ptr, z2_ptr, norm_ptr, temp_ptr, loss_ptr, lse_ptr, r
                         N, D, stride1, stride2, COMPUTE_RANK: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                         PRECISION: tl.constexpr):
-    """Per row block: loss_i = lse_i - s_{i,p(i)} with lse over j != i (online, base 2).
+    """Per row block: loss_i = lse_i - s_{i,p(i)} with lse over j != i, formed from the online
+    logsumexp over the negatives alone (base 2) as log(1 + exp(lse_neg - s_ip)).
 
     Row blocks never straddle row N and walk the columns starting at their positives
     p(i0) = i0 + N mod M, so (BLOCK_N >= BLOCK_M) every positive sits in the first tile, on
@@ -176,6 +185,7 @@ def _nt_xent_fwd_kernel(z1_ptr, z2_ptr, norm_ptr, temp_ptr, loss_ptr, lse_ptr, r
                     stride2, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
     on_diag = offs_m[:, None] == tl.arange(0, BLOCK_N)[None, :]
     pos = tl.sum(tl.where(on_diag, x, 0.0), axis=1)
+    x = tl.where(on_diag, float("-inf"), x)  # the logsumexp runs over the negatives alone
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     m_i, l_i = _online_update(x, m_i, l_i)
@@ -193,9 +203,12 @@ def _nt_xent_fwd_kernel(z1_ptr, z2_ptr, norm_ptr, temp_ptr, loss_ptr, lse_ptr, r
             above, above_x = _count_above(x, pos, p0, t, half, N, BLOCK_N)
             rank += above
             rank_x += above_x
-    lse2 = m_i + tl.log2(l_i)
-    tl.store(lse_ptr + rows, lse2 * LN2_C, mask=row_mask)
-    tl.store(loss_ptr + rows, (lse2 - pos) * LN2_C, mask=row_mask)
+    # loss = log(1 + 2^(lse2_neg - pos)) and lse = pos + loss, without the cancellation of
+    # lse - pos when the positive dominates; 0 when there is no negative (N = 1).
+    x2 = tl.where(m_i == float("-inf"), float("-inf"), m_i + tl.log2(l_i)) - pos
+    loss = tl.maximum(x2, 0.0) * LN2_C + _log1p(tl.exp2(-tl.abs(x2)))
+    tl.store(lse_ptr + rows, pos * LN2_C + loss, mask=row_mask)
+    tl.store(loss_ptr + rows, loss, mask=row_mask)
     if COMPUTE_RANK:
         tl.store(rank_ptr + rows, rank, mask=row_mask)
         tl.store(rank_ptr + M + rows, rank_x, mask=row_mask)

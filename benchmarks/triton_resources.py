@@ -1,4 +1,4 @@
-"""Registers, spills and shared memory of the Triton NT-Xent kernels, without a GPU.
+"""Registers, spills and shared memory of the Triton NT-Xent / SupCon kernels, without a GPU.
 
     TRITON_INTERPRET=0 python -m benchmarks.triton_resources [--arch 90] [--dim 128]
 
@@ -26,30 +26,37 @@ _TY = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def jobs(dtype: torch.dtype, d: int):
-    """(kernel, signature, constexprs, options) for every kernel as fastclr launches it."""
+    """(kernel, signature, constexprs, options) for every kernel as fastclr launches it; the
+    forward and backward in both modes (paired NT-Xent, labels SupCon)."""
     cfg = K._config(65536, d, dtype, interpret=False)
     prec, ty = K._precision(dtype), _TY[dtype]
     z = dict(z1_ptr="*" + ty, z2_ptr="*" + ty)
-    i32 = dict(N="i32", D="i32", stride1="i32", stride2="i32")
+    i32 = dict(N="i32", M="i32", D="i32", stride1="i32", stride2="i32")
     f = lambda *n: {k: "*fp32" for k in n}  # noqa: E731
     c = lambda *n: {k: "constexpr" for k in n}  # noqa: E731
     opts = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
     bwd = K._nt_xent_bwd_rows_kernel if cfg["ROWS_BWD"] else K._nt_xent_bwd_pairs_kernel
-    return [
-        (K._nt_xent_norm_kernel, {**z, **f("norm_ptr"), **i32, **c("BLOCK_R", "BLOCK_D")},
-         dict(BLOCK_R=64, BLOCK_D=min(128, K._pow2_at_least(d))), {"num_warps": 4, "num_stages": 3}),
-        (K._nt_xent_fwd_kernel, {**z, **f("norm_ptr", "temp_ptr", "loss_ptr", "lse_ptr"), "rank_ptr": "*i32",
-                                 **i32, **c("COMPUTE_RANK", "BLOCK_M", "BLOCK_N", "BLOCK_D", "PRECISION")},
-         dict(COMPUTE_RANK=True, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
-              PRECISION=prec), opts),
-        (bwd, {**z, **f("norm_ptr", "temp_ptr", "lse_ptr", "w_ptr", "g_ptr", "q_ptr", "tpart_ptr"), **i32,
-               **c("BLOCK", "BLOCK_D", "PRECISION")},
-         dict(BLOCK=cfg["BLOCK_BWD"], BLOCK_D=cfg["BLOCK_D_BWD"], PRECISION=prec), opts),
-        (K._nt_xent_finish_kernel, {**z, **f("norm_ptr", "temp_ptr", "w_ptr", "g_ptr", "q_ptr"), "gz1_ptr": "*" + ty,
-                                    "gz2_ptr": "*" + ty, **f("ppart_ptr"), **i32, "gstride1": "i32",
-                                    "gstride2": "i32", **c("BLOCK_R", "BLOCK_D")},
-         dict(BLOCK_R=32, BLOCK_D=min(64, K._pow2_at_least(d))), {"num_warps": 4, "num_stages": 3}),
-    ]
+    out = [(K._nt_xent_norm_kernel, {**z, **f("norm_ptr"), **i32, **c("BLOCK_R", "BLOCK_D")},
+            dict(BLOCK_R=64, BLOCK_D=min(128, K._pow2_at_least(d))), {"num_warps": 4, "num_stages": 3})]
+    for labels in (False, True):
+        lab = {"labels_ptr": "*i64" if labels else "*" + ty}
+        out += [
+            (K._nt_xent_fwd_kernel, {**z, **lab, **f("norm_ptr", "temp_ptr", "loss_ptr", "stats_ptr"),
+                                     "rank_ptr": "*i32", **i32,
+                                     **c("LABELS", "MEAN", "COMPUTE_RANK", "BLOCK_M", "BLOCK_N", "BLOCK_D",
+                                         "PRECISION")},
+             dict(LABELS=labels, MEAN=labels, COMPUTE_RANK=True, BLOCK_M=cfg["BLOCK_M"],
+                  BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"], PRECISION=prec), opts),
+            (bwd, {**z, **lab, **f("norm_ptr", "temp_ptr", "stats_ptr", "w_ptr", "g_ptr", "tpart_ptr"),
+                   **i32, **c("LABELS", "MEAN", "BLOCK", "BLOCK_D", "PRECISION")},
+             dict(LABELS=labels, MEAN=labels, BLOCK=cfg["BLOCK_BWD"], BLOCK_D=cfg["BLOCK_D_BWD"],
+                  PRECISION=prec), opts),
+        ]
+    out.append((K._nt_xent_finish_kernel, {**z, **f("norm_ptr", "temp_ptr", "g_ptr"), "gz1_ptr": "*" + ty,
+                                           "gz2_ptr": "*" + ty, **i32, "gstride1": "i32",
+                                           "gstride2": "i32", **c("BLOCK_R", "BLOCK_D")},
+                dict(BLOCK_R=32, BLOCK_D=min(64, K._pow2_at_least(d))), {"num_warps": 4, "num_stages": 3}))
+    return out
 
 
 def compile_for(arch: int, fn, sig, cex, opts):
@@ -80,7 +87,8 @@ def main(argv=None):
                                      capture_output=True, text=True).stderr
             regs = re.search(r"Used (\d+) registers", err)
             spill = re.search(r"(\d+) bytes spill stores", err)
-            print(f"| {_TY[dtype]} | {fn.__name__} | {regs.group(1) if regs else '?'} | "
+            mode = "" if "LABELS" not in cex else (" (labels)" if cex["LABELS"] else " (paired)")
+            print(f"| {_TY[dtype]} | {fn.__name__}{mode} | {regs.group(1) if regs else '?'} | "
                   f"{spill.group(1) if spill else '?'} | {k.metadata.shared} |")
 
 

@@ -1,16 +1,27 @@
-// CPU kernels of fastclr::nt_xent_forward / nt_xent_backward.
+// CPU kernels of fastclr::nt_xent_forward / nt_xent_backward: NT-Xent and its label-defined
+// family (SupCon, multi-view SimCLR), one body for both.
+//
+// Rows z = [z1; z2] (M rows). Positives of row i: paired mode (labels undefined, NT-Xent),
+// p(i) = (i + N) mod M; labels mode, every j != i with labels_j = labels_i. The kernels keep
+// the online logsumexp of the negatives and that of the positives apart (plus the positives'
+// sum and count), so that the loss of either form is formed without cancellation:
+//   x_i = lse_neg_i - lse_pos_i,  loss_sum_i = log(1 + e^x_i),
+//   loss_mean_i = loss_sum_i + (lse_pos_i - mean_pos_i),  Q_i = sigmoid(x_i) (negatives' mass).
+// In paired mode lse_pos_i = s_{i,p(i)} exactly and both forms are NT-Xent.
 //
 // Memory: O(M*D). The rows are normalised once into a float32 (float64 for float64 input)
 // workspace U; the similarity matrix is only ever seen as tiles (a few hundred KiB per
 // thread) produced by BLAS (at::mm on tile views) and consumed at once by fused,
-// vectorised loops: online logsumexp in the forward, P_ij / P_ji in the backward.
+// vectorised loops: online logsumexps in the forward, the gradient coefficients in the backward.
 //
-// Backward: S is symmetric, so one tile S_IJ gives both P_IJ = exp(S_IJ - lse_I) and
-// P_JI^T = exp(S_IJ - lse_J). The positive pairs are left out of the tiles: their weight
-// -(1 - P_ip) is formed as -Q_i, the sum of the negatives' P (no cancellation when P_ip ~ 1). Only the tiles with I <= J are computed. Their two gradient
-// updates (rows of I and rows of J) are scheduled round-robin: in each round every row block
-// appears in at most one tile, so the tiles of a round run in parallel without locks and the
-// result is bitwise independent of the thread count.
+// Backward: S is symmetric, so one tile S_IJ gives the coefficients of both rows and columns:
+// A_ij = w_i c_ij + w_j c_ji with c_ij = P_ij = exp(s_ij - lse_i) for a negative and, for a
+// positive, c_ij = -Q_i R_ij [+ (R_ij - 1/|P(i)|) for "mean"], R_ij = exp(s_ij - lse_pos_i):
+// that is P_ij - dT_i/ds_ij rewritten so that nothing cancels when the positives dominate
+// (Q_i ~ 0). Only the tiles with I <= J are computed. Their two gradient updates (rows of I and
+// rows of J) are scheduled round-robin: in each round every row block appears in at most one
+// tile, so the tiles of a round run in parallel without locks and the result is bitwise
+// independent of the thread count.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -18,9 +29,10 @@
 
 #include <algorithm>
 #include <cmath>
-#include <initializer_list>
 #include <cstdint>
+#include <initializer_list>
 #include <limits>
+#include <optional>
 #include <utility>
 #include <vector>
 
@@ -38,7 +50,7 @@ constexpr int64_t kBwdBlock = 256;
 // exp(x) without branches or calls, so the loops around it vectorise: x = n ln2 + r,
 // |r| <= ln2/2, a degree-6 polynomial for e^r (Cephes' expf coefficients, ~1 ulp), and 2^n
 // built in the exponent bits. x below -87.3 gives 0 (exp(-inf) = 0 masks the diagonal); NaN
-// stays NaN, so a non-finite input can never turn into a finite loss.
+// stays NaN, so a non-finite input can never turn into a finite loss. vexp(0) = 1 exactly.
 FASTCLR_INLINE float vexp(float x) {
   // Ternaries rather than std::fmin/fmax: those are libm calls in some clones.
   const float xl = x < -87.3f ? -87.3f : x;
@@ -60,18 +72,35 @@ FASTCLR_INLINE float vexp(float x) {
 }
 FASTCLR_INLINE double vexp(double x) { return std::exp(x); }
 
-// One column chunk of the forward's online logsumexp over the negatives of one row: s (length
-// c) holds raw dot products u_i . u_j; it is scaled by 1/tau in place, the self column and the
-// positive's (when in the chunk) masked, and the running max / sum / rank of the row updated.
-// The positive logit is read from the tile itself (pos_col >= 0), so the loss and the rank
-// compare the very same numbers; the caller puts the positive's column in a row's first chunk. The rank counts the
-// columns above the positive twice: all of them (rank[0]) and those of the other view alone,
-// chunk columns [cross_lo, cross_hi) (rank[1], google-research/simclr's contrast_acc).
+// The running state of one row in the forward: the online logsumexps (max, sum of exp) of
+// its negatives and of its positives, the positives' logit sum and count, and the ranks.
 template <typename acc_t>
-FASTCLR_INLINE void fwd_row_chunk_impl(acc_t* __restrict s, int64_t c, acc_t inv_tau,
-                                       int64_t self_col, int64_t pos_col, acc_t* pos_logit,
-                                       bool count_rank, int64_t cross_lo, int64_t cross_hi,
-                                       acc_t* run_max, acc_t* run_sum, int32_t* rank) {
+struct RowState {
+  acc_t m_neg, l_neg, m_pos, l_pos, sum_pos, cnt;
+  int32_t rank[2];
+  void reset() {
+    m_neg = m_pos = -std::numeric_limits<acc_t>::infinity();
+    l_neg = l_pos = sum_pos = cnt = 0;
+    rank[0] = rank[1] = 0;
+  }
+};
+
+// Folds a chunk's (max, sum of exp(x - max)) into a running logsumexp; a chunk without
+// entries of that kind (cmax = -inf) changes nothing.
+template <typename acc_t>
+FASTCLR_INLINE void fold(acc_t* run_max, acc_t* run_sum, acc_t m_new, acc_t sum) {
+  if (m_new == -std::numeric_limits<acc_t>::infinity()) return;
+  *run_sum = *run_sum * vexp(*run_max - m_new) + sum;
+  *run_max = m_new;
+}
+
+// Paired mode, one column chunk of one row: s (length c) holds raw dot products u_i . u_j; it
+// is scaled by 1/tau in place, the self column and the positive's (pos_col >= 0: it is in the
+// row's first chunk) set to -inf, and the negatives' running logsumexp updated. The positive
+// logit is read from the tile itself, so the loss and the rank compare the very same numbers.
+template <typename acc_t>
+FASTCLR_INLINE void fwd_paired_chunk_impl(acc_t* __restrict s, int64_t c, acc_t inv_tau,
+                                          int64_t self_col, int64_t pos_col, RowState<acc_t>* st) {
   const acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
   acc_t cmax = kNegInf;
 #pragma omp simd reduction(max : cmax)
@@ -79,7 +108,10 @@ FASTCLR_INLINE void fwd_row_chunk_impl(acc_t* __restrict s, int64_t c, acc_t inv
     s[k] *= inv_tau;
     cmax = s[k] > cmax ? s[k] : cmax;
   }
-  if (pos_col >= 0) *pos_logit = s[pos_col];
+  if (pos_col >= 0) {
+    st->m_pos = st->sum_pos = s[pos_col];
+    st->l_pos = st->cnt = 1;
+  }
   if (self_col >= 0 || pos_col >= 0) {
     if (self_col >= 0) s[self_col] = kNegInf;
     if (pos_col >= 0) s[pos_col] = kNegInf;
@@ -87,125 +119,272 @@ FASTCLR_INLINE void fwd_row_chunk_impl(acc_t* __restrict s, int64_t c, acc_t inv
 #pragma omp simd reduction(max : cmax)
     for (int64_t k = 0; k < c; ++k) cmax = s[k] > cmax ? s[k] : cmax;
   }
-  const acc_t m_new = std::fmax(*run_max, cmax);
+  const acc_t m_new = std::fmax(st->m_neg, cmax);
   if (m_new == kNegInf) return;  // a chunk holding no negative (only self / positive)
   acc_t sum = 0;
 #pragma omp simd reduction(+ : sum)
   for (int64_t k = 0; k < c; ++k) sum += vexp(s[k] - m_new);
-  *run_sum = *run_sum * vexp(*run_max - m_new) + sum;
-  *run_max = m_new;
-  if (count_rank) {
-    const acc_t pos = *pos_logit;  // the positive and the self are -inf here: they never count
-    int32_t above = 0, above_cross = 0;
+  fold(&st->m_neg, &st->l_neg, m_new, sum);
+}
+
+// Labels mode, one column chunk of one row: positives are the columns of equal label (the
+// self column, set to -inf, is neither). Both running logsumexps, the positives' sum and count.
+template <typename acc_t>
+FASTCLR_INLINE void fwd_labels_chunk_impl(acc_t* __restrict s, int64_t c, acc_t inv_tau,
+                                          int64_t self_col, int64_t lab_i,
+                                          const int64_t* __restrict lab_j, RowState<acc_t>* st) {
+  const acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  acc_t mneg = kNegInf, mpos = kNegInf;
+#pragma omp simd reduction(max : mneg, mpos)
+  for (int64_t k = 0; k < c; ++k) {
+    const acc_t x = k == self_col ? kNegInf : s[k] * inv_tau;
+    s[k] = x;
+    const bool pos = lab_j[k] == lab_i && k != self_col;
+    mneg = !pos && x > mneg ? x : mneg;
+    mpos = pos && x > mpos ? x : mpos;
+  }
+  const acc_t mn = std::fmax(st->m_neg, mneg), mp = std::fmax(st->m_pos, mpos);
+  const acc_t mn_s = mn == kNegInf ? acc_t(0) : mn, mp_s = mp == kNegInf ? acc_t(0) : mp;
+  acc_t ln = 0, lp = 0, sp = 0, cp = 0;
+#pragma omp simd reduction(+ : ln, lp, sp, cp)
+  for (int64_t k = 0; k < c; ++k) {
+    const bool pos = lab_j[k] == lab_i && k != self_col;
+    const acc_t x = s[k];
+    const acc_t e = vexp(x - (pos ? mp_s : mn_s));
+    ln += pos ? acc_t(0) : e;
+    lp += pos ? e : acc_t(0);
+    sp += pos ? x : acc_t(0);
+    cp += pos ? acc_t(1) : acc_t(0);
+  }
+  fold(&st->m_neg, &st->l_neg, mn, ln);
+  fold(&st->m_pos, &st->l_pos, mp, lp);
+  st->sum_pos += sp;
+  st->cnt += cp;
+}
+
+// The negatives of a chunk scoring above `thresh` (the row's best positive): all of them and
+// those in columns [cross_lo, cross_hi) (paired mode: the other view, google-research/simclr's
+// contrast_acc). s holds raw products times `scale` = the logits (paired mode passes the chunk
+// already scaled, self and positive at -inf, with scale 1 and no labels).
+template <typename acc_t>
+FASTCLR_INLINE void count_above_impl(const acc_t* __restrict s, int64_t c, acc_t scale,
+                                     int64_t self_col, acc_t thresh, int64_t lab_i,
+                                     const int64_t* __restrict lab_j, int64_t cross_lo,
+                                     int64_t cross_hi, int32_t* rank) {
+  int32_t above = 0, above_cross = 0;
+  if (lab_j == nullptr) {
 #pragma omp simd reduction(+ : above, above_cross)
     for (int64_t k = 0; k < c; ++k) {
-      const int32_t hit = s[k] > pos ? 1 : 0;
+      const int32_t hit = s[k] * scale > thresh ? 1 : 0;
       above += hit;
       above_cross += (k >= cross_lo && k < cross_hi) ? hit : 0;
     }
-    rank[0] += above;
-    rank[1] += above_cross;
+  } else {
+#pragma omp simd reduction(+ : above, above_cross)
+    for (int64_t k = 0; k < c; ++k) {
+      const int32_t hit = (s[k] * scale > thresh && lab_j[k] != lab_i && k != self_col) ? 1 : 0;
+      above += hit;
+      above_cross += (k >= cross_lo && k < cross_hi) ? hit : 0;
+    }
   }
+  rank[0] += above;
+  rank[1] += above_cross;
 }
 
-FASTCLR_MULTIVERSION void fwd_row_chunk(float* s, int64_t c, float inv_tau, int64_t self_col,
-                                        int64_t pos_col, float* pos_logit, bool count_rank,
-                                        int64_t cross_lo, int64_t cross_hi, float* run_max,
-                                        float* run_sum, int32_t* rank) {
-  fwd_row_chunk_impl<float>(s, c, inv_tau, self_col, pos_col, pos_logit, count_rank, cross_lo,
-                            cross_hi, run_max, run_sum, rank);
+FASTCLR_MULTIVERSION void fwd_paired_chunk(float* s, int64_t c, float inv_tau, int64_t self_col,
+                                           int64_t pos_col, RowState<float>* st) {
+  fwd_paired_chunk_impl<float>(s, c, inv_tau, self_col, pos_col, st);
 }
-void fwd_row_chunk(double* s, int64_t c, double inv_tau, int64_t self_col, int64_t pos_col,
-                   double* pos_logit, bool count_rank, int64_t cross_lo, int64_t cross_hi,
-                   double* run_max, double* run_sum, int32_t* rank) {
-  fwd_row_chunk_impl<double>(s, c, inv_tau, self_col, pos_col, pos_logit, count_rank, cross_lo,
-                             cross_hi, run_max, run_sum, rank);
+void fwd_paired_chunk(double* s, int64_t c, double inv_tau, int64_t self_col, int64_t pos_col,
+                      RowState<double>* st) {
+  fwd_paired_chunk_impl<double>(s, c, inv_tau, self_col, pos_col, st);
+}
+FASTCLR_MULTIVERSION void fwd_labels_chunk(float* s, int64_t c, float inv_tau, int64_t self_col,
+                                           int64_t lab_i, const int64_t* lab_j,
+                                           RowState<float>* st) {
+  fwd_labels_chunk_impl<float>(s, c, inv_tau, self_col, lab_i, lab_j, st);
+}
+void fwd_labels_chunk(double* s, int64_t c, double inv_tau, int64_t self_col, int64_t lab_i,
+                      const int64_t* lab_j, RowState<double>* st) {
+  fwd_labels_chunk_impl<double>(s, c, inv_tau, self_col, lab_i, lab_j, st);
+}
+FASTCLR_MULTIVERSION void count_above(const float* s, int64_t c, float scale, int64_t self_col,
+                                      float thresh, int64_t lab_i, const int64_t* lab_j,
+                                      int64_t cross_lo, int64_t cross_hi, int32_t* rank) {
+  count_above_impl<float>(s, c, scale, self_col, thresh, lab_i, lab_j, cross_lo, cross_hi, rank);
+}
+void count_above(const double* s, int64_t c, double scale, int64_t self_col, double thresh,
+                 int64_t lab_i, const int64_t* lab_j, int64_t cross_lo, int64_t cross_hi,
+                 int32_t* rank) {
+  count_above_impl<double>(s, c, scale, self_col, thresh, lab_i, lab_j, cross_lo, cross_hi, rank);
 }
 
-// A_ij = w_i P_ij + w_j P_ji for the columns [b0, b1) of one row of a backward tile, in
-// place over the raw dot products; returns the row's sum of A_ij s_ij. Also accumulates the
-// negatives' probability mass: *q_i += sum_b P_ij (this row's), q_col[b] += P_ji (the columns').
+// The saved per-row statistics of the forward (the rows of its (4, M) `stats` output).
+enum Stat : int64_t { kLse = 0, kLsePos = 1, kQ = 2, kCount = 3, kNumStats = 4 };
+
+// A row's loss and saved statistics from its final state: lse over j != i, lse_pos, the
+// negatives' mass Q = sigmoid(lse_neg - lse_pos), |P(i)|. A row without a positive has loss 0.
 template <typename acc_t>
-FASTCLR_INLINE acc_t bwd_row_span_impl(acc_t* __restrict row, int64_t b0, int64_t b1,
-                                       acc_t inv_tau, acc_t lse_i, acc_t w_i,
-                                       const acc_t* __restrict lse_j,
-                                       const acc_t* __restrict w_j, acc_t* q_i,
-                                       acc_t* __restrict q_col) {
-  acc_t t = 0, q = 0;
-#pragma omp simd reduction(+ : t, q)
-  for (int64_t b = b0; b < b1; ++b) {
-    const acc_t x = row[b] * inv_tau;
-    const acc_t p_ij = vexp(x - lse_i), p_ji = vexp(x - lse_j[b]);
-    const acc_t v = w_i * p_ij + w_j[b] * p_ji;
-    t += v * x;
-    q += p_ij;
-    q_col[b] += p_ji;
-    row[b] = v;
+acc_t finish_row(const RowState<acc_t>& st, bool mean, acc_t* stats, int64_t m, int64_t i) {
+  const acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  const acc_t lse_neg = st.m_neg == kNegInf ? kNegInf : st.m_neg + std::log(st.l_neg);
+  stats[kCount * m + i] = st.cnt;
+  if (st.cnt == 0) {
+    stats[kLse * m + i] = lse_neg;
+    stats[kLsePos * m + i] = kNegInf;
+    stats[kQ * m + i] = 1;
+    return 0;
   }
-  *q_i += q;
+  const acc_t lse_pos = st.m_pos + std::log(st.l_pos);
+  const acc_t x = lse_neg - lse_pos;  // -inf without negatives: loss log(1 + 0) = 0, Q = 0
+  const acc_t softplus = std::max(x, acc_t(0)) + std::log1p(std::exp(-std::fabs(x)));
+  const acc_t ex = std::exp(-std::fabs(x));
+  stats[kLse * m + i] = lse_pos + softplus;
+  stats[kLsePos * m + i] = lse_pos;
+  stats[kQ * m + i] = x >= 0 ? 1 / (1 + ex) : ex / (1 + ex);
+  return mean ? softplus + (lse_pos - st.sum_pos / st.cnt) : softplus;
+}
+
+// What the backward's coefficient loops read of rows: the saved statistics, 1/|P(i)| and
+// the upstream weights (0 for a row without a positive: it contributes nothing).
+template <typename acc_t>
+struct RowCoefs {
+  const acc_t *lse, *lse_pos, *q, *inv_cnt, *w;
+};
+
+// A positive entry's coefficient: -Q R + (R - 1/|P|) for "mean" (mean = 1) or -Q R for "sum".
+template <typename acc_t>
+FASTCLR_INLINE acc_t pos_coef(acc_t r, acc_t q, acc_t inv_cnt, acc_t mean) {
+  return mean * (r - inv_cnt) - q * r;
+}
+
+// A_ij = w_i c_ij + w_j c_ji for the columns [b0, b1) of one row of a backward tile, in place
+// over the raw dot products; returns the row's sum of A_ij s_ij. Without labels every column
+// of the span is a negative (the caller leaves the positive out of the spans).
+template <typename acc_t, bool kLabels>
+FASTCLR_INLINE acc_t bwd_row_span_impl(acc_t* __restrict row, int64_t b0, int64_t b1,
+                                       acc_t inv_tau, int64_t i, RowCoefs<acc_t> rc, int64_t j0,
+                                       const int64_t* __restrict labels, acc_t mean) {
+  const acc_t lse_i = rc.lse[i], lpos_i = rc.lse_pos[i], q_i = rc.q[i], inv_i = rc.inv_cnt[i];
+  const acc_t w_i = rc.w[i];
+  const acc_t* __restrict lse_j = rc.lse + j0;
+  const acc_t* __restrict lpos_j = rc.lse_pos + j0;
+  const acc_t* __restrict q_j = rc.q + j0;
+  const acc_t* __restrict inv_j = rc.inv_cnt + j0;
+  const acc_t* __restrict w_j = rc.w + j0;
+  acc_t t = 0;
+  if constexpr (kLabels) {
+    const int64_t lab_i = labels[i];
+    const int64_t* __restrict lab_j = labels + j0;
+#pragma omp simd reduction(+ : t)
+    for (int64_t b = b0; b < b1; ++b) {
+      const acc_t x = row[b] * inv_tau;
+      const bool pos = lab_j[b] == lab_i;
+      const acc_t e_i = vexp(x - (pos ? lpos_i : lse_i)), e_j = vexp(x - (pos ? lpos_j[b] : lse_j[b]));
+      const acc_t c_ij = pos ? pos_coef(e_i, q_i, inv_i, mean) : e_i;
+      const acc_t c_ji = pos ? pos_coef(e_j, q_j[b], inv_j[b], mean) : e_j;
+      const acc_t v = w_i * c_ij + w_j[b] * c_ji;
+      t += v * x;
+      row[b] = v;
+    }
+  } else {
+#pragma omp simd reduction(+ : t)
+    for (int64_t b = b0; b < b1; ++b) {
+      const acc_t x = row[b] * inv_tau;
+      const acc_t v = w_i * vexp(x - lse_i) + w_j[b] * vexp(x - lse_j[b]);
+      t += v * x;
+      row[b] = v;
+    }
+  }
   return t;
 }
 
 // Multiversioned per row span rather than per tile: inlined into the tile's branches, GCC
 // left the off-diagonal loop scalar.
+template <bool kLabels>
 FASTCLR_MULTIVERSION float bwd_row_span(float* row, int64_t b0, int64_t b1, float inv_tau,
-                                        float lse_i, float w_i, const float* lse_j,
-                                        const float* w_j, float* q_i, float* q_col) {
-  return bwd_row_span_impl<float>(row, b0, b1, inv_tau, lse_i, w_i, lse_j, w_j, q_i, q_col);
+                                        int64_t i, RowCoefs<float> rc, int64_t j0,
+                                        const int64_t* labels, float mean) {
+  return bwd_row_span_impl<float, kLabels>(row, b0, b1, inv_tau, i, rc, j0, labels, mean);
 }
-double bwd_row_span(double* row, int64_t b0, int64_t b1, double inv_tau, double lse_i,
-                    double w_i, const double* lse_j, const double* w_j, double* q_i,
-                    double* q_col) {
-  return bwd_row_span_impl<double>(row, b0, b1, inv_tau, lse_i, w_i, lse_j, w_j, q_i, q_col);
+template <bool kLabels>
+double bwd_row_span(double* row, int64_t b0, int64_t b1, double inv_tau, int64_t i,
+                    RowCoefs<double> rc, int64_t j0, const int64_t* labels, double mean) {
+  return bwd_row_span_impl<double, kLabels>(row, b0, b1, inv_tau, i, rc, j0, labels, mean);
 }
 
 // One backward tile, in place: s (r x c, raw dot products of row block i0 with column block
-// j0) becomes A_ij = w_i P_ij + w_j P_ji with P_ij = exp(s_ij / tau - lse_i), over the
-// negatives only: the self entries (their exp would be huge: s_ii = 1/tau) and the positive
-// pairs (j = p(i)) are skipped and set to 0. The positives' weight is formed from q, the
-// negatives' mass Q_i = sum_{j != i, p(i)} P_ij = 1 - P_{i,p(i)}, without the cancellation of
-// 1 - P when P ~ 1 (a saturated batch). q[i] gets this tile's part of Q_i for its rows and, off
-// the diagonal, for its columns (q_col: c scratch values). Returns sum_ij A_ij s_ij / tau over
-// the tile, halved on a diagonal tile, where A already holds both (i, j) and (j, i).
+// j0) becomes A_ij = w_i c_ij + w_j c_ji. The self entries (their exp would be huge: s_ii =
+// 1/tau) are skipped and set to 0. In paired mode the positive pair (at most one column per
+// row) is left out of the vectorised spans and done on its own: |P| = 1, so R = 1 and c = -Q.
+// Returns sum_ij A_ij s_ij over the tile, halved on a diagonal tile, where A already holds
+// both (i, j) and (j, i).
 template <typename acc_t>
-double bwd_tile(acc_t* s, int64_t r, int64_t c, int64_t i0, int64_t j0, int64_t n,
-                acc_t inv_tau, const acc_t* lse, const acc_t* w, acc_t* q, acc_t* q_col) {
+double bwd_tile(acc_t* s, int64_t r, int64_t c, int64_t i0, int64_t j0, int64_t n, int64_t m,
+                acc_t inv_tau, RowCoefs<acc_t> rc, const int64_t* labels, acc_t mean) {
   const bool diag = i0 == j0;
-  const int64_t m = 2 * n;
-  std::fill(q_col, q_col + c, acc_t(0));
   double total = 0;
   for (int64_t a = 0; a < r; ++a) {
     acc_t* row = s + a * c;
     const int64_t i = i0 + a;
-    const acc_t lse_i = lse[i], w_i = w[i];
     // the (at most two) excluded columns of this row, in order; c marks "none"
-    int64_t skip0 = diag ? a : c, skip1 = (i + n) % m - j0;
-    if (skip1 < 0 || skip1 >= c) skip1 = c;
-    if (skip1 < skip0) std::swap(skip0, skip1);
-    acc_t q_i = 0;
+    int64_t skip0 = diag ? a : c, skip1 = c;
+    if (labels == nullptr) {
+      skip1 = (i + n) % m - j0;
+      if (skip1 < 0 || skip1 >= c) skip1 = c;
+      if (skip1 < skip0) std::swap(skip0, skip1);
+    }
     int64_t b0 = 0;
     for (const int64_t skip : {skip0, skip1}) {
-      if (skip > b0) total += bwd_row_span(row, b0, skip, inv_tau, lse_i, w_i, lse + j0, w + j0,
-                                           &q_i, q_col);
-      if (skip < c) row[skip] = 0;
+      if (skip > b0) {
+        total += labels ? bwd_row_span<true>(row, b0, skip, inv_tau, i, rc, j0, labels, mean)
+                        : bwd_row_span<false>(row, b0, skip, inv_tau, i, rc, j0, labels, mean);
+      }
+      if (skip < c) {
+        const int64_t j = j0 + skip;
+        acc_t v = 0;
+        if (j != i) {  // the positive pair of paired mode
+          const acc_t x = row[skip] * inv_tau;
+          v = rc.w[i] * pos_coef(acc_t(1), rc.q[i], acc_t(1), mean) +
+              rc.w[j] * pos_coef(acc_t(1), rc.q[j], acc_t(1), mean);
+          total += v * x;
+        }
+        row[skip] = v;
+      }
       b0 = std::max(b0, skip + 1);
     }
-    if (b0 < c) total += bwd_row_span(row, b0, c, inv_tau, lse_i, w_i, lse + j0, w + j0, &q_i, q_col);
-    q[i] += q_i;
-  }
-  if (!diag) {  // on a diagonal tile the column sums repeat the row sums
-    for (int64_t b = 0; b < c; ++b) q[j0 + b] += q_col[b];
+    if (b0 < c) {
+      total += labels ? bwd_row_span<true>(row, b0, c, inv_tau, i, rc, j0, labels, mean)
+                      : bwd_row_span<false>(row, b0, c, inv_tau, i, rc, j0, labels, mean);
+    }
   }
   return diag ? 0.5 * total : total;
 }
 
-void check_pair(const at::Tensor& z1, const at::Tensor& z2) {
+// The rows (n1 of z1, then z2's) and their positives. Paired mode: labels undefined, z1 and z2
+// of one shape. Labels mode: labels of z1.size(0) + z2.size(0) integers on the inputs' device.
+int64_t check_inputs(const at::Tensor& z1, const at::Tensor& z2,
+                     const std::optional<at::Tensor>& labels) {
   TORCH_CHECK(z1.dim() == 2 && z2.dim() == 2, "fastclr: z1 and z2 must be 2-D (N, D), got ",
               z1.sizes(), " and ", z2.sizes());
-  TORCH_CHECK(z1.sizes() == z2.sizes(), "fastclr: z1 and z2 must have the same shape, got ",
-              z1.sizes(), " and ", z2.sizes());
   TORCH_CHECK(z1.scalar_type() == z2.scalar_type(), "fastclr: z1 and z2 must share a dtype");
-  TORCH_CHECK(z1.size(0) >= 1 && z1.size(1) >= 1, "fastclr: need N >= 1 and D >= 1");
+  TORCH_CHECK(z1.size(1) == z2.size(1) && z1.size(1) >= 1,
+              "fastclr: z1 and z2 need the same D >= 1, got ", z1.sizes(), " and ", z2.sizes());
+  const int64_t m = z1.size(0) + z2.size(0);
+  if (labels.has_value()) {
+    TORCH_CHECK(m >= 1, "fastclr: need at least one row");
+    TORCH_CHECK(labels->dim() == 1 && labels->numel() == m, "fastclr: labels must be (", m,
+                ",), got ", labels->sizes());
+    TORCH_CHECK(!at::isFloatingType(labels->scalar_type()) && labels->scalar_type() != at::kBool &&
+                    !at::isComplexType(labels->scalar_type()),
+                "fastclr: labels must be an integer tensor, got ", labels->scalar_type());
+    TORCH_CHECK(labels->device() == z1.device(), "fastclr: labels must be on z1's device");
+  } else {
+    TORCH_CHECK(z1.sizes() == z2.sizes() && z1.size(0) >= 1,
+                "fastclr: z1 and z2 must have the same shape (N >= 1), got ", z1.sizes(),
+                " and ", z2.sizes());
+  }
+  return m;
 }
 
 at::ScalarType acc_type_of(at::ScalarType t) {
@@ -219,12 +398,12 @@ at::ScalarType acc_type_of(at::ScalarType t) {
 template <typename scalar_t, typename acc_t>
 void normalize_rows(const at::Tensor& z1, const at::Tensor& z2, acc_t* u, acc_t* norm,
                     bool have_norm) {
-  const int64_t n = z1.size(0), d = z1.size(1);
+  const int64_t n1 = z1.size(0), m = n1 + z2.size(0), d = z1.size(1);
   const scalar_t* p1 = z1.const_data_ptr<scalar_t>();
   const scalar_t* p2 = z2.const_data_ptr<scalar_t>();
-  at::parallel_for(0, 2 * n, 64, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, m, 64, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      const scalar_t* src = i < n ? p1 + i * d : p2 + (i - n) * d;
+      const scalar_t* src = i < n1 ? p1 + i * d : p2 + (i - n1) * d;
       if (!have_norm) {
         double sq = 0;
         for (int64_t k = 0; k < d; ++k) {
@@ -245,87 +424,108 @@ at::Tensor tile_view(const at::Tensor& flat, int64_t rows, int64_t cols) {
   return flat.narrow(0, 0, rows * cols).view({rows, cols});
 }
 
+at::Tensor labels_int64(const std::optional<at::Tensor>& labels) {
+  return labels.has_value() ? labels->to(at::kLong).contiguous() : at::Tensor();
+}
+
+// One row block's forward: every column chunk of the block (the product U_I U_J^T by BLAS),
+// each row's state updated by the paired or the labels chunk loop. Paired mode: the block never
+// straddles row N and walks the columns from its positives p(i0) on (wrapping round), which puts
+// every positive in its row's first chunk, where its logit -- the rank's threshold -- is read.
+// Labels mode: the best positive is known only after the sweep, so a second sweep counts ranks.
+template <typename acc_t>
+void forward_block(const at::Tensor& u, const int64_t* labels, int64_t i0, int64_t r, int64_t n,
+                   int64_t m, acc_t inv_tau, bool compute_accuracy, at::Tensor& buf,
+                   std::vector<RowState<acc_t>>& st) {
+  const bool paired = labels == nullptr;
+  const int64_t cols_per_chunk = std::min(kFwdColBlock, m);
+  const int64_t start = paired ? (i0 + n) % m : 0;
+  const int64_t other_lo = paired ? (i0 < n ? n : 0) : 0;  // the other view: [other_lo, +n)
+  const int64_t other_len = paired ? n : m;
+  for (int64_t a = 0; a < r; ++a) st[a].reset();
+  const at::Tensor u_rows = u.narrow(0, i0, r);
+  const int sweeps = (!paired && compute_accuracy) ? 2 : 1;
+  for (int sweep = 0; sweep < sweeps; ++sweep) {
+    for (int64_t done = 0; done < m;) {
+      const int64_t j0 = (start + done) % m;
+      const int64_t c = std::min({cols_per_chunk, m - done, m - j0});
+      const int64_t cross_lo = std::clamp(other_lo - j0, int64_t(0), c);
+      const int64_t cross_hi = std::clamp(other_lo + other_len - j0, int64_t(0), c);
+      at::Tensor tile = tile_view(buf, r, c);
+      at::mm_out(tile, u_rows, u.narrow(0, j0, c).t());
+      acc_t* pt = tile.data_ptr<acc_t>();
+      for (int64_t a = 0; a < r; ++a) {
+        const int64_t i = i0 + a;
+        const int64_t self_col = (i >= j0 && i < j0 + c) ? i - j0 : -1;
+        acc_t* row = pt + a * c;
+        if (paired) {
+          fwd_paired_chunk(row, c, inv_tau, self_col, done == 0 ? a : -1, &st[a]);
+          if (compute_accuracy) {
+            count_above(row, c, acc_t(1), -1, st[a].m_pos, 0, nullptr, cross_lo, cross_hi,
+                        st[a].rank);
+          }
+        } else if (sweep == 0) {
+          fwd_labels_chunk(row, c, inv_tau, self_col, labels[i], labels + j0, &st[a]);
+        } else {
+          count_above(row, c, inv_tau, self_col, st[a].m_pos, labels[i], labels + j0, cross_lo,
+                      cross_hi, st[a].rank);
+        }
+      }
+      done += c;
+    }
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nt_xent_forward_cpu(
-    const at::Tensor& z1_in, const at::Tensor& z2_in, const at::Tensor& temperature,
-    bool compute_accuracy) {
-  check_pair(z1_in, z2_in);
+    const at::Tensor& z1_in, const at::Tensor& z2_in, const std::optional<at::Tensor>& labels_in,
+    const at::Tensor& temperature, bool mean_positives, bool compute_accuracy) {
+  const int64_t m = check_inputs(z1_in, z2_in, labels_in);
   const at::Tensor z1 = z1_in.contiguous(), z2 = z2_in.contiguous();
-  const int64_t n = z1.size(0), d = z1.size(1), m = 2 * n;
+  const at::Tensor labels = labels_int64(labels_in);
+  const int64_t n = z1.size(0), d = z1.size(1);
   const auto acc_type = acc_type_of(z1.scalar_type());
   const auto opts = z1.options().dtype(acc_type);
 
   at::Tensor u = at::empty({m, d}, opts);
   at::Tensor norm = at::empty({m}, opts);
-  at::Tensor lse = at::empty({m}, opts);
+  at::Tensor stats = at::empty({kNumStats, m}, opts);
   at::Tensor row_loss = at::empty({m}, opts);
-  // rank: (2, M), #columns above the positive among all others / the other view's alone
+  // rank: (2, M), #negatives above the best positive, among all / the other view's alone
   at::Tensor rank = compute_accuracy ? at::zeros({2, m}, z1.options().dtype(at::kInt))
                                      : at::empty({0}, z1.options().dtype(at::kInt));
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z1.scalar_type(), "nt_xent_forward_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const acc_t inv_tau = static_cast<acc_t>(1.0 / temperature.item<double>());
-    acc_t* pu = u.data_ptr<acc_t>();
-    normalize_rows<scalar_t, acc_t>(z1, z2, pu, norm.data_ptr<acc_t>(), false);
-    acc_t* plse = lse.data_ptr<acc_t>();
+    normalize_rows<scalar_t, acc_t>(z1, z2, u.data_ptr<acc_t>(), norm.data_ptr<acc_t>(), false);
+    acc_t* pstats = stats.data_ptr<acc_t>();
     acc_t* ploss = row_loss.data_ptr<acc_t>();
     int32_t* prank = compute_accuracy ? rank.data_ptr<int32_t>() : nullptr;
-
-    // Row blocks never straddle row N, so a block's positives form one contiguous range
-    // p(i0) .. p(i0) + r - 1; each block walks the columns starting there (wrapping round),
-    // which puts every positive in its row's first chunk.
-    const int64_t blocks_per_half = (n + kFwdRowBlock - 1) / kFwdRowBlock;
-    const int64_t cols_per_chunk = std::min(kFwdColBlock, m);
-    at::parallel_for(0, 2 * blocks_per_half, 1, [&](int64_t b_begin, int64_t b_end) {
-      at::Tensor buf = at::empty({kFwdRowBlock * cols_per_chunk}, opts);
-      std::vector<acc_t> run_max(kFwdRowBlock), run_sum(kFwdRowBlock), pos(kFwdRowBlock);
-      std::vector<int32_t> run_rank(2 * kFwdRowBlock);
+    const int64_t* plab = labels.defined() ? labels.const_data_ptr<int64_t>() : nullptr;
+    // Row blocks: paired mode, never straddling row N; labels mode, over all M rows.
+    const int64_t span = plab ? m : n;
+    const int64_t blocks_per_span = (span + kFwdRowBlock - 1) / kFwdRowBlock;
+    const int64_t n_blocks = plab ? blocks_per_span : 2 * blocks_per_span;
+    at::parallel_for(0, n_blocks, 1, [&](int64_t b_begin, int64_t b_end) {
+      at::Tensor buf = at::empty({kFwdRowBlock * std::min(kFwdColBlock, m)}, opts);
+      std::vector<RowState<acc_t>> st(kFwdRowBlock);
       for (int64_t blk = b_begin; blk < b_end; ++blk) {
-        const int64_t half = blk / blocks_per_half;
-        const int64_t i0 = half * n + (blk % blocks_per_half) * kFwdRowBlock;
-        const int64_t r = std::min(kFwdRowBlock, (half + 1) * n - i0);
-        const int64_t start = (i0 + n) % m;
-        const int64_t other_lo = half == 0 ? n : 0;  // the other view's rows: [other_lo, +n)
-        std::fill(run_max.begin(), run_max.end(), -std::numeric_limits<acc_t>::infinity());
-        std::fill(run_sum.begin(), run_sum.end(), acc_t(0));
-        std::fill(run_rank.begin(), run_rank.end(), 0);
-        const at::Tensor u_rows = u.narrow(0, i0, r);
-        for (int64_t done = 0; done < m;) {
-          const int64_t j0 = (start + done) % m;
-          const int64_t c = std::min({cols_per_chunk, m - done, m - j0});
-          const int64_t cross_lo = std::clamp(other_lo - j0, int64_t(0), c);
-          const int64_t cross_hi = std::clamp(other_lo + n - j0, int64_t(0), c);
-          at::Tensor tile = tile_view(buf, r, c);
-          at::mm_out(tile, u_rows, u.narrow(0, j0, c).t());
-          acc_t* pt = tile.data_ptr<acc_t>();
-          for (int64_t a = 0; a < r; ++a) {
-            const int64_t i = i0 + a;
-            const int64_t self_col = (i >= j0 && i < j0 + c) ? i - j0 : -1;
-            const int64_t pos_col = done == 0 ? a : -1;
-            fwd_row_chunk(pt + a * c, c, inv_tau, self_col, pos_col, &pos[a], compute_accuracy,
-                          cross_lo, cross_hi, &run_max[a], &run_sum[a], &run_rank[2 * a]);
-          }
-          done += c;
-        }
+        const int64_t part = blk / blocks_per_span;
+        const int64_t i0 = part * span + (blk % blocks_per_span) * kFwdRowBlock;
+        const int64_t r = std::min(kFwdRowBlock, (part + 1) * span - i0);
+        forward_block<acc_t>(u, plab, i0, r, n, m, inv_tau, compute_accuracy, buf, st);
         for (int64_t a = 0; a < r; ++a) {
           const int64_t i = i0 + a;
-          // loss_i = log(1 + exp(lse_neg - s_ip)), lse_i = logaddexp(lse_neg, s_ip): no
-          // cancellation of lse_i - s_ip when the positive dominates (low loss); exactly 0
-          // without negatives (N = 1).
-          const acc_t lse_neg = run_max[a] == -std::numeric_limits<acc_t>::infinity()
-                                    ? run_max[a] : run_max[a] + std::log(run_sum[a]);
-          const acc_t x = lse_neg - pos[a];
-          ploss[i] = std::max(x, acc_t(0)) + std::log1p(std::exp(-std::fabs(x)));
-          plse[i] = pos[a] + ploss[i];
+          ploss[i] = finish_row(st[a], mean_positives, pstats, m, i);
           if (prank) {
-            prank[i] = run_rank[2 * a];
-            prank[m + i] = run_rank[2 * a + 1];
+            prank[i] = st[a].rank[0];
+            prank[m + i] = st[a].rank[1];
           }
         }
       }
     });
   });
-  return {row_loss, lse, norm, rank};
+  return {row_loss, stats, norm, rank};
 }
 
 // Pairs (I, J), I < J, of nb blocks in nb - 1 (nb even) or nb (nb odd) rounds, each block at
@@ -347,20 +547,58 @@ std::vector<std::vector<std::pair<int64_t, int64_t>>> round_robin(int64_t nb) {
   return rounds;
 }
 
+// G_i = sum_{j != i} A_ij u_j over the tiles I <= J, round by round; returns sum A s.
+template <typename acc_t>
+double accumulate_tiles(const at::Tensor& u, at::Tensor& g, int64_t n, int64_t m, acc_t inv_tau,
+                        RowCoefs<acc_t> rc, const int64_t* labels, acc_t mean) {
+  const int64_t nb = (m + kBwdBlock - 1) / kBwdBlock;
+  const int64_t bs = std::min(kBwdBlock, m);
+  auto rounds = round_robin(nb);
+  std::vector<std::pair<int64_t, int64_t>> diag_round;
+  for (int64_t b = 0; b < nb; ++b) diag_round.emplace_back(b, b);
+  rounds.push_back(std::move(diag_round));
+  double tau_sum = 0;
+  for (const auto& pairs : rounds) {
+    std::vector<double> partial(pairs.size(), 0.0);
+    at::parallel_for(0, static_cast<int64_t>(pairs.size()), 1, [&](int64_t p_begin, int64_t p_end) {
+      at::Tensor buf = at::empty({bs * bs}, u.options());
+      for (int64_t q = p_begin; q < p_end; ++q) {
+        const int64_t i0 = pairs[q].first * kBwdBlock, j0 = pairs[q].second * kBwdBlock;
+        const int64_t r = std::min(kBwdBlock, m - i0), c = std::min(kBwdBlock, m - j0);
+        const at::Tensor u_i = u.narrow(0, i0, r), u_j = u.narrow(0, j0, c);
+        at::Tensor tile = tile_view(buf, r, c);
+        at::mm_out(tile, u_i, u_j.t());
+        partial[q] = bwd_tile<acc_t>(tile.data_ptr<acc_t>(), r, c, i0, j0, n, m, inv_tau, rc,
+                                     labels, mean);
+        g.narrow(0, i0, r).addmm_(tile, u_j);
+        if (i0 != j0) g.narrow(0, j0, c).addmm_(tile.t(), u_i);
+      }
+    });
+    for (double v : partial) tau_sum += v;
+  }
+  return tau_sum;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> nt_xent_backward_cpu(
     const at::Tensor& grad_rows, const at::Tensor& z1_in, const at::Tensor& z2_in,
-    const at::Tensor& temperature, const at::Tensor& norm_in, const at::Tensor& lse_in) {
-  check_pair(z1_in, z2_in);
+    const std::optional<at::Tensor>& labels_in, const at::Tensor& temperature,
+    bool mean_positives, const at::Tensor& norm_in, const at::Tensor& stats_in) {
+  const int64_t m = check_inputs(z1_in, z2_in, labels_in);
   const at::Tensor z1 = z1_in.contiguous(), z2 = z2_in.contiguous();
-  const int64_t n = z1.size(0), d = z1.size(1), m = 2 * n;
+  const at::Tensor labels = labels_int64(labels_in);
+  const int64_t n = z1.size(0), d = z1.size(1);
   const auto acc_type = acc_type_of(z1.scalar_type());
   const auto opts = z1.options().dtype(acc_type);
-  TORCH_CHECK(grad_rows.numel() == m && norm_in.numel() == m && lse_in.numel() == m,
-              "fastclr: nt_xent_backward expects grad_rows, norm and lse of ", m,
-              " elements");
-  const at::Tensor w = grad_rows.to(acc_type).contiguous();
+  TORCH_CHECK(grad_rows.numel() == m && norm_in.numel() == m,
+              "fastclr: nt_xent_backward expects grad_rows and norm of ", m, " elements");
+  TORCH_CHECK(stats_in.dim() == 2 && stats_in.size(0) == kNumStats && stats_in.size(1) == m,
+              "fastclr: nt_xent_backward expects stats of shape (", kNumStats, ", ", m, ")");
   const at::Tensor norm = norm_in.to(acc_type).contiguous();
-  const at::Tensor lse = lse_in.to(acc_type).contiguous();
+  const at::Tensor stats = stats_in.to(acc_type).contiguous();
+  const at::Tensor count = stats[kCount];
+  // rows without a positive contribute nothing: their weight is 0
+  const at::Tensor w = at::where(count > 0, grad_rows.to(acc_type), 0).contiguous();
+  const at::Tensor inv_cnt = count.clamp_min(1).reciprocal().contiguous();
 
   at::Tensor grad_z1 = at::empty_like(z1);
   at::Tensor grad_z2 = at::empty_like(z2);
@@ -373,81 +611,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nt_xent_backward_cpu(
     acc_t* pu = u.data_ptr<acc_t>();
     const acc_t* pnorm = norm.const_data_ptr<acc_t>();
     normalize_rows<scalar_t, acc_t>(z1, z2, pu, const_cast<acc_t*>(pnorm), true);
-    const acc_t* pw = w.const_data_ptr<acc_t>();
-    const acc_t* plse = lse.const_data_ptr<acc_t>();
+    const acc_t* pstats = stats.const_data_ptr<acc_t>();
+    const RowCoefs<acc_t> rc{pstats + kLse * m, pstats + kLsePos * m, pstats + kQ * m,
+                             inv_cnt.const_data_ptr<acc_t>(), w.const_data_ptr<acc_t>()};
+    const int64_t* plab = labels.defined() ? labels.const_data_ptr<int64_t>() : nullptr;
 
-    // G_i = sum_{j != i, p(i)} A_ij u_j, with A_ij = w_i P_ij + w_j P_ji; q_i = Q_i.
     at::Tensor g = at::zeros({m, d}, opts);
-    at::Tensor q = at::zeros({m}, opts);
-    acc_t* pq = q.data_ptr<acc_t>();
-    const int64_t nb = (m + kBwdBlock - 1) / kBwdBlock;
-    const int64_t bs = std::min(kBwdBlock, m);
-    auto rounds = round_robin(nb);
-    std::vector<std::pair<int64_t, int64_t>> diag_round;
-    for (int64_t b = 0; b < nb; ++b) diag_round.emplace_back(b, b);
-    rounds.push_back(std::move(diag_round));
+    const double tau_sum = accumulate_tiles<acc_t>(u, g, n, m, inv_tau, rc, plab,
+                                                   mean_positives ? acc_t(1) : acc_t(0));
 
-    double tau_sum = 0;  // sum_i w_i sum_{j != i, p(i)} P_ij s_ij
-    for (const auto& pairs : rounds) {
-      std::vector<double> partial(pairs.size(), 0.0);
-      at::parallel_for(0, static_cast<int64_t>(pairs.size()), 1, [&](int64_t p_begin, int64_t p_end) {
-        at::Tensor buf = at::empty({bs * bs}, opts);
-        std::vector<acc_t> q_col(bs);
-        for (int64_t q = p_begin; q < p_end; ++q) {
-          const int64_t i0 = pairs[q].first * kBwdBlock, j0 = pairs[q].second * kBwdBlock;
-          const int64_t r = std::min(kBwdBlock, m - i0), c = std::min(kBwdBlock, m - j0);
-          const at::Tensor u_i = u.narrow(0, i0, r), u_j = u.narrow(0, j0, c);
-          at::Tensor tile = tile_view(buf, r, c);
-          at::mm_out(tile, u_i, u_j.t());
-          partial[q] = bwd_tile<acc_t>(tile.data_ptr<acc_t>(), r, c, i0, j0, n, inv_tau, plse, pw,
-                                       pq, q_col.data());
-          at::Tensor g_i = g.narrow(0, i0, r);
-          g_i.addmm_(tile, u_j);
-          if (i0 != j0) {
-            at::Tensor g_j = g.narrow(0, j0, c);
-            g_j.addmm_(tile.t(), u_i);
-          }
-        }
-      });
-      for (double v : partial) tau_sum += v;
-    }
-
-    // Positive terms -(w_i Q_i + w_p Q_p) u_p, the 1/tau factor, and the normalisation's
-    // Jacobian (F.normalize's: a clamped norm is a constant, so that row's gradient is simply
-    // g / eps).
+    // grad_u = G / tau, then the normalisation's Jacobian (F.normalize's: a clamped norm is a
+    // constant, so that row's gradient is simply grad_u / eps).
     const acc_t* pg = g.const_data_ptr<acc_t>();
     scalar_t* gz1 = grad_z1.data_ptr<scalar_t>();
     scalar_t* gz2 = grad_z2.data_ptr<scalar_t>();
     const acc_t eps = static_cast<acc_t>(kNormEps);
-    std::vector<double> pos_part(m);
     at::parallel_for(0, m, 64, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> gu(d);
       for (int64_t i = begin; i < end; ++i) {
-        const int64_t p = (i + n) % m;
         const acc_t* ui = pu + i * d;
-        const acc_t* up = pu + p * d;
         const acc_t* gi = pg + i * d;
-        const acc_t wpos = pw[i] * pq[i] + pw[p] * pq[p];
-        acc_t dot_up = 0, dot_gu = 0;
-        for (int64_t k = 0; k < d; ++k) {
-          gu[k] = inv_tau * (gi[k] - wpos * up[k]);
-          dot_up += ui[k] * up[k];
-          dot_gu += ui[k] * gu[k];
-        }
-        pos_part[i] = static_cast<double>(pw[i] * pq[i]) * static_cast<double>(dot_up * inv_tau);
+        acc_t dot_gu = 0;
+        for (int64_t k = 0; k < d; ++k) dot_gu += ui[k] * (inv_tau * gi[k]);
         const acc_t den = pnorm[i];
         const bool clamped = den <= eps;
         scalar_t* dst = i < n ? gz1 + i * d : gz2 + (i - n) * d;
         for (int64_t k = 0; k < d; ++k) {
-          const acc_t v = clamped ? gu[k] : gu[k] - dot_gu * ui[k];
+          const acc_t gu = inv_tau * gi[k];
+          const acc_t v = clamped ? gu : gu - dot_gu * ui[k];
           dst[k] = static_cast<scalar_t>(v / den);
         }
       }
     });
-    double pos_sum = 0;
-    for (double v : pos_part) pos_sum += v;
-    // dL/dtau = -(1/tau) * sum_i w_i (sum_{j != i, p(i)} P_ij s_ij - Q_i s_{i,p(i)})
-    grad_t.fill_(-static_cast<double>(inv_tau) * (tau_sum - pos_sum));
+    // dL/dtau = -(1/tau) * sum_i w_i sum_{j != i} c_ij s_ij
+    grad_t.fill_(-static_cast<double>(inv_tau) * tau_sum);
   });
   return {grad_z1, grad_z2, grad_t};
 }

@@ -4,22 +4,30 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(fastclr, m) {
-  // Forward of NT-Xent on z = [z1; z2] (M = 2N rows), normalisation fused.
-  // Returns (row_loss[M], lse[M], norm[M], rank[M] or rank[0]):
-  //   row_loss_i = logsumexp_{j != i} s_ij - s_{i,p(i)}, in float32 (float64 for float64 input);
-  //   lse_i      = logsumexp_{j != i} s_ij, saved for the backward;
+  // Forward of NT-Xent and its label-defined family (SupCon, multi-view SimCLR) on the rows
+  // z = [z1; z2] (M rows), normalisation fused. Positives of row i: without labels (paired
+  // mode: z1, z2 of one shape (N, D), M = 2N), p(i) = (i + N) mod M; with labels (M,) integers,
+  // every j != i of equal label. The denominator runs over every j != i.
+  // Returns (row_loss[M], stats[4, M], norm[M], rank[2, M] or rank[0]), float32 (float64 for
+  // float64 input) but rank:
+  //   row_loss_i = logsumexp_{j != i} s_ij - mean_{p in P(i)} s_ip (mean_positives) or
+  //                - logsumexp_{p in P(i)} s_ip; 0 for a row without a positive;
+  //   stats      = (lse_i over j != i, lse_pos_i over P(i), Q_i = the negatives' share of the
+  //                 softmax mass, |P(i)|), saved for the backward;
   //   norm_i     = max(||z_i||, 1e-12), saved for the backward (u_i = z_i / norm_i);
-  //   rank_i     = #{j not in {i, p(i)} : s_ij > s_{i,p(i)}} (int32), only if compute_accuracy.
+  //   rank       = (#negatives above the best positive, the same among the other view's rows
+  //                 alone (paired mode; labels mode repeats row 0)), int32, if compute_accuracy.
   // temperature is a 0-dim tensor of the accumulation dtype.
   m.def(
-      "nt_xent_forward(Tensor z1, Tensor z2, Tensor temperature, bool compute_accuracy) "
-      "-> (Tensor, Tensor, Tensor, Tensor)");
+      "nt_xent_forward(Tensor z1, Tensor z2, Tensor? labels, Tensor temperature, "
+      "bool mean_positives, bool compute_accuracy) -> (Tensor, Tensor, Tensor, Tensor)");
   // Backward from the per-row upstream gradient grad_rows[M] (any reduction reduces to it).
-  // Recomputes the similarity tiles from z, norm and lse; never holds anything M x M.
+  // Recomputes the similarity tiles from z, norm and stats; never holds anything M x M.
   // Returns (grad_z1, grad_z2, grad_temperature).
   m.def(
-      "nt_xent_backward(Tensor grad_rows, Tensor z1, Tensor z2, Tensor temperature, "
-      "Tensor norm, Tensor lse) -> (Tensor, Tensor, Tensor)");
+      "nt_xent_backward(Tensor grad_rows, Tensor z1, Tensor z2, Tensor? labels, "
+      "Tensor temperature, bool mean_positives, Tensor norm, Tensor stats) "
+      "-> (Tensor, Tensor, Tensor)");
   // Cosine similarities s_ij = a_i . b_j / (max(||a_i||, eps) max(||b_j||, eps)), (M, K), in
   // float32 (float64 for float64 input); the normalisation is fused, no normalised copies.
   m.def("normalized_similarity(Tensor a, Tensor b) -> Tensor");

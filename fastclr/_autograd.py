@@ -1,8 +1,10 @@
 """The autograd formulas shared by every backend's forward ops.
 
-NT-Xent: each backend registers a forward op returning (row_loss, lse, norm, rank) and a backward
-op (grad_rows, z1, z2, temperature, norm, lse) -> (grad_z1, grad_z2, grad_temperature); this
-wires them together, saving only z, the temperature, the norms and the logsumexps.
+NT-Xent and SupCon (one op pair): each backend registers a forward op (z1, z2, labels,
+temperature, mean_positives, compute_accuracy) -> (row_loss, stats, norm, rank) and a backward op
+(grad_rows, z1, z2, labels, temperature, mean_positives, norm, stats) -> (grad_z1, grad_z2,
+grad_temperature); this wires them together, saving only z, the labels, the temperature, the
+norms and the (4, M) per-row statistics.
 
 Normalized similarity: every backend's forward (a, b) -> s shares the composite
 ``fastclr::normalized_similarity_backward`` (grad, a, b, s).
@@ -28,28 +30,37 @@ def _reference_vjp(fn, inputs, needs, grad):
     return tuple(next(got) if need else None for need in needs)
 
 
-def _nt_xent_rows(z1, z2, temperature):
-    return reference.nt_xent(z1, z2, temperature, reduction="none")
+def _reference_rows(labels, mean_positives):
+    """The reference's per-row losses as a function of (z1, z2, temperature)."""
+    if labels is None:
+        return lambda z1, z2, t: reference.nt_xent(z1, z2, t, reduction="none")
+    positives = "mean" if mean_positives else "sum"
+    return lambda z1, z2, t: reference.supcon(torch.cat([z1, z2]), labels, t, positives,
+                                              reduction="none")
 
 
 def autograd_formula(backward_op):
     """(backward, setup_context) for torch.library.register_autograd."""
 
     def setup_context(ctx, inputs, output):
-        z1, z2, temperature, _ = inputs
-        _, lse, norm, _ = output
-        ctx.save_for_backward(z1, z2, temperature, norm, lse)
+        z1, z2, labels, temperature, mean_positives, _ = inputs
+        _, stats, norm, _ = output
+        ctx.save_for_backward(z1, z2, labels, temperature, norm, stats)
+        ctx.mean_positives = mean_positives
 
-    def backward(ctx, grad_rows, _grad_lse, _grad_norm, _grad_rank):
-        z1, z2, temperature, norm, lse = ctx.saved_tensors
+    def backward(ctx, grad_rows, _grad_stats, _grad_norm, _grad_rank):
+        z1, z2, labels, temperature, norm, stats = ctx.saved_tensors
         if grad_rows is None:
-            return None, None, None, None
+            return None, None, None, None, None, None
+        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[3])
         if torch.is_grad_enabled():  # create_graph=True: a graph through the gradient
-            return (*_reference_vjp(_nt_xent_rows, (z1, z2, temperature), ctx.needs_input_grad[:3],
-                                    grad_rows), None)
-        grad_z1, grad_z2, grad_t = backward_op(grad_rows, z1, z2, temperature, norm, lse)
-        grad_t = grad_t.to(temperature.dtype) if ctx.needs_input_grad[2] else None
-        return grad_z1, grad_z2, grad_t, None
+            g1, g2, gt = _reference_vjp(_reference_rows(labels, ctx.mean_positives),
+                                        (z1, z2, temperature), needs, grad_rows)
+            return g1, g2, None, gt, None, None
+        grad_z1, grad_z2, grad_t = backward_op(grad_rows, z1, z2, labels, temperature,
+                                               ctx.mean_positives, norm, stats)
+        grad_t = grad_t.to(temperature.dtype) if needs[2] else None
+        return grad_z1, grad_z2, None, grad_t, None, None
 
     return backward, setup_context
 

@@ -49,6 +49,7 @@ class Op:
 _FUSED = ("reference", "cpu", "triton", "cuda")
 OPS = {
     "nt_xent_fused": Op("nt_xent_fused", _FUSED, "reference", "the reference NT-Xent (O(M^2) memory)"),
+    "supcon_fused": Op("supcon_fused", _FUSED, "reference", "the reference SupCon (O(M^2) memory)"),
     "normalized_similarity": Op("normalized_similarity", _FUSED, "reference",
                                 "the reference normalized_similarity (normalised copies of a and b)"),
     "knn_topk": Op("knn_topk", _FUSED, "reference", "the reference knn_topk (the whole M x K matrix)"),

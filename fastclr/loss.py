@@ -1,4 +1,6 @@
-"""``nt_xent_fused`` and ``NTXentLoss``: input checks, backend dispatch, reductions."""
+"""``nt_xent_fused`` / ``NTXentLoss`` and ``supcon_fused`` / ``SupConLoss``: input checks,
+backend dispatch, reductions. Both run the same kernels (``fastclr::nt_xent_forward`` and its
+Triton twin): NT-Xent is the member of the family whose positives are the pairs (i, i + N)."""
 from __future__ import annotations
 
 import math
@@ -12,6 +14,7 @@ from fastclr._dispatch import check_row_pair, describe as _describe
 
 IMPLS = _dispatch.OPS["nt_xent_fused"].impls
 REDUCTIONS = ("mean", "sum", "none")
+POSITIVES = reference.POSITIVES
 
 
 def _check_embeddings(z1, z2) -> None:
@@ -34,30 +37,31 @@ def check_temperature(fn: str, value: float, dtype: torch.dtype = torch.float32)
     return float(value)
 
 
-def _temperature_tensor(temperature, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def _temperature_tensor(temperature, dtype: torch.dtype, device: torch.device,
+                        fn: str = "nt_xent_fused") -> torch.Tensor:
     """The temperature as a 0-dim ``dtype`` tensor on ``device``, checked: a float on the host; a
     CPU tensor on the host in eager code; a CUDA tensor, or any tensor under torch.compile /
     CUDA graphs, by a device-side assert (no host sync per step, and no check skipped)."""
     if isinstance(temperature, torch.Tensor):
         if temperature.dim() != 0:
-            raise ValueError("nt_xent_fused: temperature must be a float or a 0-dim tensor, got "
+            raise ValueError(f"{fn}: temperature must be a float or a 0-dim tensor, got "
                              f"shape {tuple(temperature.shape)}")
         if not temperature.is_floating_point():
-            raise TypeError(f"nt_xent_fused: temperature tensor must be floating point, got "
+            raise TypeError(f"{fn}: temperature tensor must be floating point, got "
                             f"{temperature.dtype}")
         t = temperature.to(device=device, dtype=dtype)
         if temperature.device.type == "cpu" and not torch.compiler.is_compiling():
-            check_temperature("nt_xent_fused", float(temperature.detach()), dtype)
+            check_temperature(fn, float(temperature.detach()), dtype)
         else:
             bound = min_temperature(dtype)
             torch._assert_async((t >= bound) & (t < math.inf),
-                                f"nt_xent_fused: temperature must be finite and >= {bound:.3g} "
+                                f"{fn}: temperature must be finite and >= {bound:.3g} "
                                 "(> 0, with 1/temperature finite)")
         return t
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
-        raise TypeError(f"nt_xent_fused: temperature must be a float or a 0-dim tensor, got "
+        raise TypeError(f"{fn}: temperature must be a float or a 0-dim tensor, got "
                         f"{_describe(temperature)}")
-    value = check_temperature("nt_xent_fused", float(temperature), dtype)
+    value = check_temperature(fn, float(temperature), dtype)
     # torch.full launches a fill on the device; torch.tensor would copy from the host and sync.
     return torch.full((), value, dtype=dtype, device=device)
 
@@ -117,44 +121,119 @@ def nt_xent_fused(z1: torch.Tensor, z2: torch.Tensor, temperature=0.5, *, impl: 
     if backend == "reference":
         return reference.nt_xent(z1, z2, t, reduction=reduction, return_accuracy=return_accuracy)
     forward = getattr(torch.ops.fastclr, _FORWARD_OPS[backend])
-    rows, _, _, rank = forward(z1, z2, t, bool(return_accuracy))
+    # paired positives (no labels); with one positive per row both forms are NT-Xent
+    rows, _, _, rank = forward(z1, z2, None, t, False, bool(return_accuracy))
     loss = reference.reduce_rows(rows, reduction)
     if not return_accuracy:
         return loss
     return loss, reference.accuracy_from_rank(rank)
 
 
-class NTXentLoss(nn.Module):
-    """Module form of :func:`nt_xent_fused`.
+def _check_labels(fn: str, labels, z: torch.Tensor) -> None:
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"{fn}: labels must be a torch.Tensor of integers, got {_describe(labels)}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"{fn}: labels must be an integer tensor, got {labels.dtype}")
+    if labels.dim() != 1 or labels.shape[0] != z.shape[0]:
+        raise ValueError(f"{fn}: labels must be 1-D with one label per row of z ({z.shape[0]},), "
+                         f"got shape {tuple(labels.shape)}")
+    if labels.device != z.device:
+        raise ValueError(f"{fn}: labels must be on z's device {z.device}, got {labels.device}")
 
-    ``temperature`` is a float > 0 or a 0-dim tensor (kept as given, so a tensor that requires
-    grad stays in the graph); it can be set later (``criterion.temperature = 0.2``). With
-    ``learnable_temperature=True`` it is a parameter, stored as its log so it stays positive
-    (``self.log_temperature``), initialised at ``temperature``. ``process_group`` (or lightly's
-    ``gather_distributed=True``, meaning the WORLD group) gathers the global batch across
-    processes, as :func:`nt_xent_fused`'s ``process_group``.
+
+def supcon_fused(z: torch.Tensor, labels: torch.Tensor, temperature=0.1, *,
+                 positives: str = "mean", impl: str = "auto", reduction: str = "mean",
+                 return_accuracy: bool = False, process_group=None):
+    """Supervised contrastive loss (Khosla et al. 2020) and multi-view SimCLR, fused.
+
+    Rows of equal label are positives of each other: P(i) = {j != i : labels_j = labels_i};
+    the denominator runs over every j != i (positives included), u = z / max(||z||, 1e-12),
+    s_ij = u_i . u_j / tau. The fused paths never build the M x M matrix.
+
+    - ``positives="mean"`` (SupCon's L_out; the official SupContrast code and
+      pytorch-metric-learning's ``SupConLoss``): loss_i = logsumexp_{j != i} s_ij - mean_{p in P(i)} s_ip.
+    - ``positives="sum"`` (L_in; solo-learn's and VISSL's multi-positive SimCLR):
+      loss_i = logsumexp_{j != i} s_ij - logsumexp_{p in P(i)} s_ip.
+
+    V views of N images stacked as ``z = torch.cat(views)`` with ``labels = torch.arange(N).repeat(V)``
+    are multi-view SimCLR; for V = 2 both forms equal ``nt_xent_fused(z1, z2)``.
+
+    Args:
+        z: (M, D) float32, bfloat16, float16 (float64 on CPU).
+        labels: (M,) integer tensor on z's device.
+        temperature: a float > 0, or a 0-dim tensor (its gradient flows if it requires grad).
+        positives: "mean" | "sum".
+        impl: "auto" | "reference" | "cpu" | "triton" | "cuda".
+        reduction: "mean" over the rows that have a positive (a batch without any gives a 0
+            that back-propagates zero gradients) | "sum" | "none" (M rows; 0 for a row without
+            a positive).
+        return_accuracy: also return ``{"top1", "top5"}``: the fraction of rows with a positive
+            whose best positive is outranked by fewer than k negatives. Labels' positives are
+            known only after a full sweep, so the fused kernels then sweep the columns twice.
+        process_group: in multi-process training, the group whose ranks' rows (and labels) form
+            the global batch; this rank's share of the loss ("mean": W times its rows' sum over
+            the global count of rows with a positive, so that the mean over ranks is the
+            single-process loss, and DDP-averaged gradients equal the single-process ones).
+
+    Returns:
+        The loss (float32 for half inputs, the input dtype otherwise), or ``(loss, accuracy)``.
     """
+    fn = "supcon_fused"
+    check_row_pair(fn, ("z", "z"), z, z, same_shape=True)
+    _check_labels(fn, labels, z)
+    _check_process_group(fn, process_group)
+    if positives not in POSITIVES:
+        raise ValueError(f"{fn}: positives must be one of {POSITIVES}, got {positives!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{fn}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    world, lo = 1, 0
+    if process_group is not None and distributed.is_distributed(process_group):
+        world = torch.distributed.get_world_size(process_group)
+        lo = torch.distributed.get_rank(process_group) * z.shape[0]
+        z = distributed.all_gather_with_grad(z, process_group)
+        labels = distributed.all_gather_with_grad(labels, process_group)
+    rows, count, acc = _supcon_rows(z, labels, temperature, positives, impl, return_accuracy)
+    local = rows.narrow(0, lo, rows.shape[0] // world)
+    if reduction == "mean":
+        loss = local.sum() * world / (count > 0).sum().clamp_min(1)
+    else:
+        loss = reference.reduce_rows(local, reduction)
+    return (loss, acc) if return_accuracy else loss
 
-    def __init__(self, temperature=0.5, learnable_temperature: bool = False,
-                 impl: str = "auto", reduction: str = "mean", process_group=None,
-                 gather_distributed: bool = False):
+
+def _supcon_rows(z, labels, temperature, positives, impl, return_accuracy):
+    """(per-row losses, |P(i)| per row, accuracy or None) of the whole batch."""
+    t = _temperature_tensor(temperature, reference.accumulation_dtype(z.dtype), z.device,
+                            "supcon_fused")
+    backend = _dispatch.resolve("supcon_fused", impl, z.device, z.dtype)
+    if backend == "reference":
+        out = reference.supcon(z, labels, t, positives, reduction="none",
+                               return_accuracy=return_accuracy)
+        rows, acc = out if return_accuracy else (out, None)
+        same = labels[:, None] == labels[None, :]
+        return rows, same.sum(1) - 1, acc
+    forward = getattr(torch.ops.fastclr, _FORWARD_OPS[backend])
+    # all rows in "z1", none in "z2": the kernels' row source is [z1; z2]
+    rows, stats, _, rank = forward(z, z[:0], labels, t, positives == "mean", bool(return_accuracy))
+    count = stats[3]
+    acc = reference.supcon_accuracy(rank, count) if return_accuracy else None
+    return rows, count, acc
+
+
+class _TemperatureModule(nn.Module):
+    """A loss module's temperature: a float > 0 or a 0-dim tensor (kept as given, so a tensor
+    that requires grad stays in the graph), settable later (``criterion.temperature = 0.2``);
+    with ``learnable_temperature=True`` a parameter stored as its log (``self.log_temperature``)
+    so it stays positive, initialised at ``temperature``."""
+
+    def __init__(self, temperature, learnable_temperature: bool):
         super().__init__()
-        _dispatch.check_impl("nt_xent_fused", impl)
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"NTXentLoss: reduction must be one of {REDUCTIONS}, got {reduction!r}")
-        _check_process_group("NTXentLoss", process_group)
-        if gather_distributed and process_group is not None:
-            raise ValueError("NTXentLoss: pass process_group or gather_distributed=True, not both")
-        self.impl = impl
-        self.reduction = reduction
-        self.process_group = process_group
-        self.gather_distributed = bool(gather_distributed)
         self.learnable_temperature = learnable_temperature
         if learnable_temperature:
-            value = _module_temperature(temperature)
+            value = _module_temperature(temperature, type(self).__name__)
             self.log_temperature = nn.Parameter(torch.tensor(math.log(float(value))))
         else:
-            self._temperature = _module_temperature(temperature)
+            self._temperature = _module_temperature(temperature, type(self).__name__)
 
     @property
     def temperature(self):
@@ -164,12 +243,43 @@ class NTXentLoss(nn.Module):
 
     @temperature.setter
     def temperature(self, value):
-        value = _module_temperature(value)
+        value = _module_temperature(value, type(self).__name__)
         if self.learnable_temperature:
             with torch.no_grad():
                 self.log_temperature.fill_(math.log(float(value)))
         else:
             self._temperature = value
+
+    def _temperature_repr(self) -> str:
+        t = "learnable" if self.learnable_temperature else self._temperature
+        if isinstance(t, torch.Tensor):
+            t = f"tensor({float(t.detach()):g})"
+        return f"temperature={t}"
+
+
+class NTXentLoss(_TemperatureModule):
+    """Module form of :func:`nt_xent_fused`.
+
+    ``temperature``: see ``_TemperatureModule`` (a float, a 0-dim tensor, or with
+    ``learnable_temperature=True`` a parameter, ``self.log_temperature``). ``process_group`` (or
+    lightly's ``gather_distributed=True``, meaning the WORLD group) gathers the global batch
+    across processes, as :func:`nt_xent_fused`'s ``process_group``.
+    """
+
+    def __init__(self, temperature=0.5, learnable_temperature: bool = False,
+                 impl: str = "auto", reduction: str = "mean", process_group=None,
+                 gather_distributed: bool = False):
+        _dispatch.check_impl("nt_xent_fused", impl)
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"NTXentLoss: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        _check_process_group("NTXentLoss", process_group)
+        if gather_distributed and process_group is not None:
+            raise ValueError("NTXentLoss: pass process_group or gather_distributed=True, not both")
+        super().__init__(temperature, learnable_temperature)
+        self.impl = impl
+        self.reduction = reduction
+        self.process_group = process_group
+        self.gather_distributed = bool(gather_distributed)
 
     def _group(self):
         if self.process_group is None and self.gather_distributed and distributed.is_distributed():
@@ -181,24 +291,50 @@ class NTXentLoss(nn.Module):
                              return_accuracy=return_accuracy, process_group=self._group())
 
     def extra_repr(self) -> str:
-        t = "learnable" if self.learnable_temperature else self._temperature
-        if isinstance(t, torch.Tensor):
-            t = f"tensor({float(t.detach()):g})"
-        return f"temperature={t}, impl={self.impl!r}, reduction={self.reduction!r}"
+        return f"{self._temperature_repr()}, impl={self.impl!r}, reduction={self.reduction!r}"
 
 
-def _module_temperature(value):
+class SupConLoss(_TemperatureModule):
+    """Module form of :func:`supcon_fused`: ``criterion(z, labels)``, as pytorch-metric-learning's
+    ``SupConLoss(temperature)(embeddings, labels)``. ``temperature`` as :class:`NTXentLoss`'s."""
+
+    def __init__(self, temperature=0.1, positives: str = "mean",
+                 learnable_temperature: bool = False, impl: str = "auto",
+                 reduction: str = "mean", process_group=None):
+        _dispatch.check_impl("supcon_fused", impl)
+        if positives not in POSITIVES:
+            raise ValueError(f"SupConLoss: positives must be one of {POSITIVES}, got {positives!r}")
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"SupConLoss: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        _check_process_group("SupConLoss", process_group)
+        super().__init__(temperature, learnable_temperature)
+        self.positives = positives
+        self.impl = impl
+        self.reduction = reduction
+        self.process_group = process_group
+
+    def forward(self, z: torch.Tensor, labels: torch.Tensor, return_accuracy: bool = False):
+        return supcon_fused(z, labels, self.temperature, positives=self.positives, impl=self.impl,
+                            reduction=self.reduction, return_accuracy=return_accuracy,
+                            process_group=self.process_group)
+
+    def extra_repr(self) -> str:
+        return (f"{self._temperature_repr()}, positives={self.positives!r}, impl={self.impl!r}, "
+                f"reduction={self.reduction!r}")
+
+
+def _module_temperature(value, fn: str = "NTXentLoss"):
     """A module's temperature: a float > 0 (checked here) or a 0-dim floating tensor (checked on
-    every call, as nt_xent_fused checks it)."""
+    every call, as the functions check it)."""
     if isinstance(value, torch.Tensor):
         if value.dim() != 0 or not value.is_floating_point():
-            raise TypeError(f"NTXentLoss: temperature must be a float or a 0-dim floating tensor, "
+            raise TypeError(f"{fn}: temperature must be a float or a 0-dim floating tensor, "
                             f"got {_describe(value)}")
         return value
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"NTXentLoss: temperature must be a float or a 0-dim tensor, got "
+        raise TypeError(f"{fn}: temperature must be a float or a 0-dim tensor, got "
                         f"{_describe(value)}")
-    return check_temperature("NTXentLoss", float(value))
+    return check_temperature(fn, float(value))
 
 
 def _check_process_group(fn: str, group) -> None:

@@ -71,24 +71,45 @@ def compiled_with_cuda() -> bool:
     return _C is not None and _C.compiled_with_cuda()
 
 
+def _check_rows(z1, z2, labels):
+    """M, the rows of [z1; z2]: paired mode (no labels) needs one shape, labels mode M labels."""
+    torch._check(z1.dim() == 2 and z2.dim() == 2 and z1.shape[1] == z2.shape[1],
+                 lambda: "z1, z2: 2-D with the same D")
+    torch._check(z1.dtype == z2.dtype, lambda: "z1, z2: same dtype")
+    m = z1.shape[0] + z2.shape[0]
+    if labels is None:
+        torch._check(z1.shape == z2.shape, lambda: "z1, z2: same (N, D) without labels")
+    else:
+        torch._check(labels.dim() == 1 and labels.shape[0] == m, lambda: "labels: (M,)")
+    return m
+
+
+def nt_xent_forward_fake(z1, z2, labels, temperature, compute_accuracy):
+    """The fake (meta) kernel of every backend's forward: (row_loss[M], stats[4, M], norm[M],
+    rank[2, M] or rank[0])."""
+    m = _check_rows(z1, z2, labels)
+    torch._check(temperature.dim() == 0, lambda: "temperature must be 0-dim")
+    rows = z1.new_empty((m,), dtype=accumulation_dtype(z1.dtype))
+    rank = z1.new_empty((2, m) if compute_accuracy else (0,), dtype=torch.int32)
+    return rows, rows.new_empty((4, m)), torch.empty_like(rows), rank
+
+
+def nt_xent_backward_fake(grad_rows, z1, z2, labels, temperature):
+    m = _check_rows(z1, z2, labels)
+    torch._check(grad_rows.shape == (m,), lambda: "grad_rows: (M,)")
+    return (torch.empty_like(z1), torch.empty_like(z2),
+            temperature.new_empty((), dtype=accumulation_dtype(z1.dtype)))
+
+
 if _C is not None:
 
     @torch.library.register_fake("fastclr::nt_xent_forward")
-    def _nt_xent_forward_fake(z1, z2, temperature, compute_accuracy):
-        torch._check(z1.dim() == 2 and z1.shape == z2.shape, lambda: "z1, z2: same (N, D)")
-        torch._check(z1.dtype == z2.dtype, lambda: "z1, z2: same dtype")
-        torch._check(temperature.dim() == 0, lambda: "temperature must be 0-dim")
-        m = 2 * z1.shape[0]
-        rows = z1.new_empty((m,), dtype=accumulation_dtype(z1.dtype))
-        rank = z1.new_empty((2, m) if compute_accuracy else (0,), dtype=torch.int32)
-        return rows, torch.empty_like(rows), torch.empty_like(rows), rank
+    def _nt_xent_forward_fake(z1, z2, labels, temperature, mean_positives, compute_accuracy):
+        return nt_xent_forward_fake(z1, z2, labels, temperature, compute_accuracy)
 
     @torch.library.register_fake("fastclr::nt_xent_backward")
-    def _nt_xent_backward_fake(grad_rows, z1, z2, temperature, norm, lse):
-        torch._check(z1.dim() == 2 and z1.shape == z2.shape, lambda: "z1, z2: same (N, D)")
-        torch._check(grad_rows.shape == (2 * z1.shape[0],), lambda: "grad_rows: (2N,)")
-        return (torch.empty_like(z1), torch.empty_like(z2),
-                temperature.new_empty((), dtype=accumulation_dtype(z1.dtype)))
+    def _nt_xent_backward_fake(grad_rows, z1, z2, labels, temperature, mean_positives, norm, stats):
+        return nt_xent_backward_fake(grad_rows, z1, z2, labels, temperature)
 
     _backward, _setup_context = autograd_formula(torch.ops.fastclr.nt_xent_backward)
     torch.library.register_autograd("fastclr::nt_xent_forward", _backward,

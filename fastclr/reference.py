@@ -1,7 +1,7 @@
-"""The pure-PyTorch reference of NT-Xent: the executable form of the math in DESIGN.md.
+"""The pure-PyTorch reference of NT-Xent and SupCon: the executable form of the math in DESIGN.md.
 
-Every kernel is tested against this function (run in float64). It materialises the full
-M x M similarity matrix, so it is the spec, not the fast path.
+Every kernel is tested against these functions (run in float64). They materialise the full
+M x M similarity matrix, so they are the spec, not the fast path.
 """
 from __future__ import annotations
 
@@ -86,6 +86,67 @@ def accuracy_from_rank(rank: torch.Tensor) -> dict:
     n = rank.shape[1] // 2
     return {"top1": (rank[0] < 1).float().mean(), "top5": (rank[0] < 5).float().mean(),
             "contrast_acc": (rank[1, :n] < 1).float().mean()}
+
+
+POSITIVES = ("mean", "sum")
+
+
+def supcon_logits(z: torch.Tensor, labels: torch.Tensor, temperature):
+    """(s, same, eye): the logits s_ij = u_i . u_j / tau of the rows of z, the positive mask
+    same_ij = (labels_i == labels_j) and i != j, and the diagonal."""
+    u = F.normalize(z.to(accumulation_dtype(z.dtype)), dim=1, eps=NORM_EPS)
+    s = (u @ u.T) / temperature
+    eye = torch.eye(s.shape[0], dtype=torch.bool, device=s.device)
+    return s, (labels[:, None] == labels[None, :]) & ~eye, eye
+
+
+def supcon(z: torch.Tensor, labels: torch.Tensor, temperature=0.1, positives: str = "mean",
+           reduction: str = "mean", return_accuracy: bool = False):
+    """Supervised contrastive loss of DESIGN.md (the family of NT-Xent): positives of row i are
+    P(i) = {j != i : labels_j = labels_i}; the denominator runs over every j != i.
+
+    positives="mean" (SupCon's L_out): loss_i = logsumexp_{j != i} s_ij - mean_{p in P(i)} s_ip.
+    positives="sum" (L_in): loss_i = logsumexp_{j != i} s_ij - logsumexp_{p in P(i)} s_ip.
+
+    A row without a positive contributes nothing: 0 in "none", left out of "mean"'s count (a
+    batch without any positive gives a loss of 0 with zero gradients). Written with the
+    negatives' and the positives' logsumexps apart, x_i = lse_neg - lse_pos, so that the loss is
+    log(1 + e^x) [+ lse_pos - mean_pos] -- the forms the kernels compute, free of cancellation.
+    Accuracy: row i is top-k correct when fewer than k negatives score above its best positive
+    (rows without a positive left out).
+    """
+    s, same, eye = supcon_logits(z, labels, temperature)
+    # masked with the lowest finite value, not -inf: a row with nothing in a set stays finite
+    # (no NaN gradients), and its logsumexp is ~ -3e38, which the softplus turns into 0
+    low = torch.finfo(s.dtype).min
+    neg = s.masked_fill(same | eye, low)
+    pos = s.masked_fill(~same, low)
+    count = same.sum(1)
+    has = count > 0
+    lse_pos = torch.logsumexp(pos, dim=1)
+    rows = torch.logaddexp(torch.zeros_like(lse_pos), torch.logsumexp(neg, dim=1) - lse_pos)
+    if positives == "mean":
+        rows = rows + lse_pos - torch.where(same, s, 0).sum(1) / count.clamp_min(1)
+    rows = torch.where(has, rows, 0)
+    if reduction == "mean":
+        loss = rows.sum() / has.sum().clamp_min(1)
+    else:
+        loss = reduce_rows(rows, reduction)
+    if not return_accuracy:
+        return loss
+    with torch.no_grad():
+        above = (neg > pos.amax(dim=1, keepdim=True)) & ~(same | eye)
+        rank = above.sum(1, dtype=torch.int32)
+        return loss, supcon_accuracy(torch.stack([rank, rank]), count)
+
+
+def supcon_accuracy(rank: torch.Tensor, count: torch.Tensor) -> dict:
+    """``top1`` / ``top5`` (float32 fractions) over the rows that have a positive, from the
+    (2, M) ranks (negatives above the best positive) and the positives' counts; 0 if none has."""
+    has = count > 0
+    n = has.sum().clamp_min(1).float()
+    return {"top1": ((rank[0] < 1) & has).sum().float() / n,
+            "top5": ((rank[0] < 5) & has).sum().float() / n}
 
 
 def normalized_similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -1,19 +1,23 @@
-// CUDA kernels of fastclr::nt_xent_forward / nt_xent_backward (sm_80 and newer).
+// CUDA kernels of fastclr::nt_xent_forward / nt_xent_backward (sm_80 and newer): NT-Xent and its
+// label-defined family (SupCon, multi-view SimCLR), one body per stage for both.
 //
-// The same algorithm as the Triton kernels (fastclr/triton/nt_xent.py), written by hand:
+// The same algorithm as the Triton kernels (fastclr/triton/nt_xent.py), written by hand. Rows
+// z = [z1; z2] (M); positives: paired mode (labels null, M = 2N), p(i) = (i + N) mod M; labels
+// mode, every j != i of equal label (kLabels template parameter).
 //   norm:     norm_i = max(||z_i||, 1e-12), fp32.                                 O(M)
-//   forward:  per 64-row block (never straddling row N), column tiles of 64 in the rotated
-//             order that starts at the block's positives; S tile = Z_I Z_J^T on tensor cores
-//             (WMMA) from the raw input-dtype rows, 1/||z|| and 1/tau applied to the fp32
-//             tile; online base-2 logsumexp over the negatives, positive logit and ranks
-//             (all others, the other view alone) from the same tile; loss = log(1 +
-//             exp(lse_neg - s_ip)), lse = s_ip + loss (no cancellation at low loss).
-//   backward: one CTA per tile pair I <= J (symmetry: one tile gives P_IJ and P_JI):
-//             A = w_i P_ij + w_j P_ji over the negatives (j != i, p(i)), then G_I += (A rn_J)
-//             Z_J and G_J += (A rn_I)^T Z_I on tensor cores, accumulated with fp32 atomics;
-//             the negatives' mass Q_i = sum_j P_ij and the tile's sum A s for dL/dtau.
-//   finish:   grad_u = (G - (w_i Q_i + w_p Q_p) u_p) / tau, normalisation Jacobian, input dtype
-//             out. Q = 1 - P_{i,p(i)} is summed, never subtracted (no cancellation at P ~ 1).
+//   forward:  per 64-row block (paired: never straddling row N), column tiles of 64 (paired:
+//             in the rotated order that starts at the block's positives); S tile = Z_I Z_J^T
+//             on tensor cores (WMMA) from the raw input-dtype rows, 1/||z|| and 1/tau applied
+//             to the fp32 tile; online base-2 logsumexps of the negatives and of the positives,
+//             the positives' sum and count; loss = log(1 + exp(lse_neg - lse_pos)) [+ lse_pos -
+//             mean_pos] (no cancellation at low loss); ranks (#negatives above the best
+//             positive) in the same sweep (paired) or a second one (labels).
+//   backward: one CTA per tile pair I <= J (symmetry: one tile gives both rows' and columns'
+//             coefficients): A = w_i c_ij + w_j c_ji, c = P = exp(s - lse) for a negative and
+//             -Q R [+ R - 1/|P|] for a positive (R = exp(s - lse_pos); Q, the negatives' mass,
+//             saved by the forward), then G_I += (A rn_J) Z_J and G_J += (A rn_I)^T Z_I on
+//             tensor cores, accumulated with fp32 atomics; the tile's sum A s for dL/dtau.
+//   finish:   grad_u = G / tau, normalisation Jacobian, input dtype out.
 // Memory: O(M D) (the fp32 accumulator G). Nothing M x M. Every launch is on the current
 // stream and checked. fp32 inputs use 3xTF32 products (~fp32 accuracy on tensor cores).
 //
@@ -29,6 +33,7 @@
 
 #include <cstdint>
 #include <limits>
+#include <optional>
 #include <type_traits>
 
 #include "cuda_utils.cuh"
@@ -53,10 +58,10 @@ template <typename scalar_t>
 __global__ void __launch_bounds__(256) nt_xent_norm_kernel(const scalar_t* __restrict__ z1,
                                                            const scalar_t* __restrict__ z2,
                                                            float* __restrict__ norm, int64_t n,
-                                                           int64_t d) {
+                                                           int64_t m, int64_t d) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * 8 + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
-  if (row >= 2 * n) return;
+  if (row >= m) return;
   const scalar_t* src = row_ptr(z1, z2, row, n, d);
   float sq = 0.f;
   for (int64_t k = lane; k < d; k += 32) {
@@ -84,27 +89,58 @@ struct SmemLayout {
   static_assert(kRegion0 % 128 == 0 && kScores % 128 == 0, "keep WMMA pointers aligned");
 };
 
-template <typename scalar_t>
+// The rows (4, M) of the forward's saved statistics.
+constexpr int64_t kLse = 0, kLsePos = 1, kQ = 2, kCount = 3;
+
+// A row's loss and statistics from its final state (base-2 logsumexps): x = lse_neg - lse_pos,
+// loss = log(1 + 2^x) [+ lse_pos - mean_pos], lse = lse_pos + log(1 + 2^x), Q = sigmoid(x).
+// A row without a positive: loss 0, Q 1; without negatives x = -inf: loss 0 (sum form), Q 0.
+__device__ __forceinline__ void store_row(float* loss, float* stats, int64_t m, int64_t i,
+                                          float m_n, float l_n, float m_p, float l_p,
+                                          float sum_p, float cnt, bool mean) {
+  const float lse2_n = m_n == kNegInf ? kNegInf : m_n + log2f(l_n);
+  const bool has = cnt > 0.f;
+  const float lse2_p = has ? m_p + log2f(l_p) : 0.f;
+  const float x2 = lse2_n - lse2_p;
+  const float e = exp2f(-fabsf(x2));
+  const float softplus = fmaxf(x2, 0.f) * kLn2 + log1pf(e);
+  const float l = softplus + (mean ? (lse2_p - sum_p / fmaxf(cnt, 1.f)) * kLn2 : 0.f);
+  loss[i] = has ? l : 0.f;
+  stats[kLse * m + i] = has ? lse2_p * kLn2 + softplus : lse2_n * kLn2;
+  stats[kLsePos * m + i] = has ? lse2_p * kLn2 : kNegInf;
+  stats[kQ * m + i] = has ? (x2 >= 0.f ? 1.f / (1.f + e) : e / (1.f + e)) : 1.f;
+  stats[kCount * m + i] = cnt;
+}
+
+// Folds a tile's (max, sum of 2^(x - max) over the pair of threads) into a running logsumexp.
+__device__ __forceinline__ void fold(float* run_max, float* run_sum, float m_new, float m_safe,
+                                     float sum) {
+  *run_sum = *run_sum * exp2f(*run_max - m_safe) + sum;
+  *run_max = m_new;
+}
+
+template <typename scalar_t, bool kLabels>
 __global__ void __launch_bounds__(kThreads) nt_xent_fwd_kernel(
     const scalar_t* __restrict__ z1, const scalar_t* __restrict__ z2,
-    const float* __restrict__ norm, const float* __restrict__ temperature,
-    float* __restrict__ loss, float* __restrict__ lse, int32_t* __restrict__ rank,
-    int64_t n, int64_t d) {
+    const int64_t* __restrict__ labels, const float* __restrict__ norm,
+    const float* __restrict__ temperature, float* __restrict__ loss, float* __restrict__ stats,
+    int32_t* __restrict__ rank, int64_t n, int64_t m, int64_t d, bool mean) {
   using L = SmemLayout<scalar_t>;
   using storage = typename L::storage;
   extern __shared__ __align__(128) unsigned char smem[];
   storage* a_s = reinterpret_cast<storage*>(smem);
   storage* b_s = a_s + L::kStage;
   float* scores = reinterpret_cast<float*>(smem + L::kRegion0);
-  __shared__ int64_t rows_i[kTile], cols_j[kTile];
+  __shared__ int64_t rows_i[kTile], cols_j[kTile], lab_j[kTile];
   __shared__ float rn_j[kTile];
 
-  const int64_t m = 2 * n;
-  const int64_t blocks_per_half = (n + kTile - 1) / kTile;
-  const int64_t half = blockIdx.x / blocks_per_half;
-  const int64_t i0 = half * n + (blockIdx.x % blocks_per_half) * kTile;
-  const int64_t row_end = (half + 1) * n;
-  const int64_t p0 = (i0 + n) % m;
+  // row blocks: labels mode over all M rows; paired mode per half (never straddling row N)
+  const int64_t span = kLabels ? m : n;
+  const int64_t blocks_per_span = (span + kTile - 1) / kTile;
+  const int64_t part = blockIdx.x / blocks_per_span;
+  const int64_t i0 = part * span + (blockIdx.x % blocks_per_span) * kTile;
+  const int64_t row_end = (part + 1) * span;
+  const int64_t p0 = kLabels ? 0 : (i0 + n) % m;
   const float scale = kLog2e / *temperature;
 
   if (threadIdx.x < kTile) {
@@ -115,63 +151,88 @@ __global__ void __launch_bounds__(kThreads) nt_xent_fwd_kernel(
   const int64_t gi = i0 + my_row;
   const bool row_ok = gi < row_end;
   const float scale_i = row_ok ? scale / norm[gi] : 0.f;
+  const int64_t lab_i = (kLabels && row_ok) ? labels[gi] : 0;
 
-  float run_max = kNegInf, run_sum = 0.f, pos = 0.f;
+  float m_n = kNegInf, l_n = 0.f, m_p = kNegInf, l_p = 0.f, sum_p = 0.f, cnt = 0.f;
   int32_t above = 0, above_cross = 0;  // over all other columns / the other view's alone
   const int64_t n_tiles = (m + kTile - 1) / kTile;
-  for (int64_t t = 0; t < n_tiles; ++t) {
-    if (threadIdx.x < kTile) {
-      const int64_t lin = t * kTile + threadIdx.x;
-      const int64_t j = (p0 + lin) % m;
-      cols_j[threadIdx.x] = lin < m ? j : -1;
-      rn_j[threadIdx.x] = lin < m ? 1.f / norm[j] : 0.f;
-    }
-    __syncthreads();
-    score_tile<scalar_t>(scores, a_s, b_s, z1, z2, rows_i, cols_j, n, d);
-    float x[32];
-    float tile_max = kNegInf;
-    for (int c = 0; c < 32; ++c) {
-      const int col = my_half * 32 + c;
-      const int64_t j = cols_j[col];
-      const bool ok = row_ok && j >= 0 && j != gi;
-      x[c] = ok ? scores[my_row * kScoreLd + col] * scale_i * rn_j[col] : kNegInf;
-      tile_max = fmaxf(tile_max, x[c]);
-    }
-    if (t == 0) {  // the block's positives sit on its own local columns of the first tile
-      float mine = 0.f;
-      for (int c = 0; c < 32; ++c) mine += (my_half * 32 + c == my_row) ? x[c] : 0.f;
-      pos = pair_sum(mine);
-      // the logsumexp runs over the negatives alone: mask the positive
-      tile_max = kNegInf;
-      for (int c = 0; c < 32; ++c) {
-        if (my_half * 32 + c == my_row) x[c] = kNegInf;
-        tile_max = fmaxf(tile_max, x[c]);
+  // labels mode: the best positive, the ranks' threshold, is known after a first sweep only
+  const int sweeps = (kLabels && rank != nullptr) ? 2 : 1;
+  for (int sweep = 0; sweep < sweeps; ++sweep) {
+    for (int64_t t = 0; t < n_tiles; ++t) {
+      if (threadIdx.x < kTile) {
+        const int64_t lin = t * kTile + threadIdx.x;
+        const int64_t j = (p0 + lin) % m;
+        cols_j[threadIdx.x] = lin < m ? j : -1;
+        rn_j[threadIdx.x] = lin < m ? 1.f / norm[j] : 0.f;
+        if (kLabels) lab_j[threadIdx.x] = lin < m ? labels[j] : 0;
       }
+      __syncthreads();
+      score_tile<scalar_t>(scores, a_s, b_s, z1, z2, rows_i, cols_j, n, d);
+      float x[32];
+      uint32_t pos_bits = 0;  // labels mode: the positives among my 32 columns
+      float max_n = kNegInf, max_p = kNegInf;
+      for (int c = 0; c < 32; ++c) {
+        const int col = my_half * 32 + c;
+        const int64_t j = cols_j[col];
+        const bool ok = row_ok && j >= 0 && j != gi;
+        x[c] = ok ? scores[my_row * kScoreLd + col] * scale_i * rn_j[col] : kNegInf;
+        const bool pos = kLabels && ok && lab_j[col] == lab_i;
+        pos_bits |= pos ? (1u << c) : 0u;
+        max_p = pos ? fmaxf(max_p, x[c]) : max_p;
+        max_n = pos ? max_n : fmaxf(max_n, x[c]);
+      }
+      if (!kLabels && t == 0) {  // the block's positives sit on its own local columns of tile 0
+        float mine = 0.f;
+        for (int c = 0; c < 32; ++c) mine += (my_half * 32 + c == my_row) ? x[c] : 0.f;
+        m_p = sum_p = pair_sum(mine);
+        l_p = cnt = 1.f;
+        // the negatives' logsumexp leaves the positive out
+        max_n = kNegInf;
+        for (int c = 0; c < 32; ++c) {
+          if (my_half * 32 + c == my_row) x[c] = kNegInf;
+          max_n = fmaxf(max_n, x[c]);
+        }
+      }
+      if (sweep == 0) {
+        const float mn_new = fmaxf(m_n, pair_max(max_n));
+        const float mn_safe = mn_new == kNegInf ? 0.f : mn_new;
+        float s_n = 0.f;
+        if constexpr (kLabels) {
+          const float mp_new = fmaxf(m_p, pair_max(max_p));
+          const float mp_safe = mp_new == kNegInf ? 0.f : mp_new;
+          float s_p = 0.f, sp = 0.f, cp = 0.f;
+          for (int c = 0; c < 32; ++c) {
+            const bool pos = (pos_bits >> c) & 1u;
+            const float e = exp2f(x[c] - (pos ? mp_safe : mn_safe));
+            s_n += pos ? 0.f : e;
+            s_p += pos ? e : 0.f;
+            sp += pos ? x[c] : 0.f;
+            cp += pos ? 1.f : 0.f;
+          }
+          fold(&m_p, &l_p, mp_new, mp_safe, pair_sum(s_p));
+          sum_p += pair_sum(sp);
+          cnt += pair_sum(cp);
+        } else {
+          for (int c = 0; c < 32; ++c) s_n += exp2f(x[c] - mn_safe);
+        }
+        fold(&m_n, &l_n, mn_new, mn_safe, pair_sum(s_n));
+      }
+      if (rank != nullptr && (!kLabels || sweep == 1)) {
+        int32_t hits = 0, hits_cross = 0;
+        for (int c = 0; c < 32; ++c) {
+          const int32_t hit = (!((pos_bits >> c) & 1u) && x[c] > m_p) ? 1 : 0;
+          hits += hit;
+          hits_cross += (kLabels || (cols_j[my_half * 32 + c] >= n) == (part == 0)) ? hit : 0;
+        }
+        above += hits + __shfl_xor_sync(0xffffffffu, hits, 1);
+        above_cross += hits_cross + __shfl_xor_sync(0xffffffffu, hits_cross, 1);
+      }
+      __syncthreads();  // scores and the column lists are rewritten next tile
     }
-    tile_max = pair_max(tile_max);
-    const float m_new = fmaxf(run_max, tile_max);
-    const float m_safe = m_new == kNegInf ? 0.f : m_new;
-    float s = 0.f;
-    int32_t cnt = 0, cnt_cross = 0;
-    for (int c = 0; c < 32; ++c) {
-      s += exp2f(x[c] - m_safe);
-      const int32_t hit = x[c] > pos ? 1 : 0;
-      cnt += hit;
-      cnt_cross += ((cols_j[my_half * 32 + c] >= n) == (half == 0)) ? hit : 0;
-    }
-    run_sum = run_sum * exp2f(run_max - m_safe) + pair_sum(s);
-    run_max = m_new;
-    above += cnt + __shfl_xor_sync(0xffffffffu, cnt, 1);
-    above_cross += cnt_cross + __shfl_xor_sync(0xffffffffu, cnt_cross, 1);
-    __syncthreads();  // scores and the column lists are rewritten next tile
   }
   if (row_ok && my_half == 0) {
-    // loss = log(1 + 2^(lse2_neg - pos)), lse = pos + loss: no cancellation of lse - pos when
-    // the positive dominates (low loss); exactly 0 without negatives (N = 1).
-    const float x2 = (run_max == kNegInf ? kNegInf : run_max + log2f(run_sum)) - pos;
-    const float l = fmaxf(x2, 0.f) * kLn2 + log1pf(exp2f(-fabsf(x2)));
-    lse[gi] = pos * kLn2 + l;
-    loss[gi] = l;
+    store_row(loss, stats, m, gi, m_n, l_n, m_p, l_p, sum_p, cnt, mean);
     if (rank != nullptr) {
       rank[gi] = above;
       rank[m + gi] = above_cross;
@@ -236,12 +297,23 @@ __device__ void grad_product(float* __restrict__ g, const typename MmaTraits<sca
   }
 }
 
-template <typename scalar_t>
+// dloss_i/ds_ij (base-2 logit s2, base-2 lse / lse_pos): P = 2^(s2 - lse2) for a negative; for
+// a positive -Q R [+ R - 1/|P| for "mean"], R = 2^(s2 - lse_pos2) (1 in paired mode: |P| = 1).
+template <bool kLabels>
+__device__ __forceinline__ float coef(float s2, bool pos, float lse2, float lpos2, float q,
+                                      float inv_cnt, bool mean) {
+  if (!pos) return exp2f(s2 - lse2);
+  const float r = kLabels ? exp2f(s2 - lpos2) : 1.f;
+  return (mean ? r - inv_cnt : 0.f) - q * r;
+}
+
+template <typename scalar_t, bool kLabels>
 __global__ void __launch_bounds__(kThreads) nt_xent_bwd_kernel(
     const scalar_t* __restrict__ z1, const scalar_t* __restrict__ z2,
-    const float* __restrict__ norm, const float* __restrict__ temperature,
-    const float* __restrict__ lse, const float* __restrict__ w, float* __restrict__ g,
-    float* __restrict__ q, float* __restrict__ tpart, int64_t n, int64_t d) {
+    const int64_t* __restrict__ labels, const float* __restrict__ norm,
+    const float* __restrict__ temperature, const float* __restrict__ stats,
+    const float* __restrict__ w, float* __restrict__ g, float* __restrict__ tpart, int64_t n,
+    int64_t m, int64_t d, bool mean) {
   using T = MmaTraits<scalar_t>;
   using L = SmemLayout<scalar_t>;
   using storage = typename L::storage;
@@ -256,55 +328,62 @@ __global__ void __launch_bounds__(kThreads) nt_xent_bwd_kernel(
   storage* a_op_j = reinterpret_cast<storage*>(smem + L::kRegion0 + L::kScores);
   storage* a_op_i = a_op_j + L::kOp;
   __shared__ int64_t rows_i[kTile], rows_j[kTile];
-  __shared__ float red[kWarps], q_col[kTile];
+  // the columns' backward constants: base-2 lse and lse_pos, Q, 1/|P|, weight (0 without a positive)
+  __shared__ float lse_j[kTile], lpos_j[kTile], q_j[kTile], inv_j[kTile], w_j[kTile];
+  __shared__ int64_t lab_j[kTile];
+  __shared__ float red[kWarps];
 
-  const int64_t m = 2 * n;
+  const float* lse = stats + kLse * m;
+  const float* lpos = stats + kLsePos * m;
+  const float* qs = stats + kQ * m;
+  const float* cnt = stats + kCount * m;
   if (threadIdx.x < kTile) {
     const int64_t ri = bi * kTile + threadIdx.x, rj = bj * kTile + threadIdx.x;
     rows_i[threadIdx.x] = ri < m ? ri : -1;
     rows_j[threadIdx.x] = rj < m ? rj : -1;
-    q_col[threadIdx.x] = 0.f;
+    const bool ok = rj < m;
+    lse_j[threadIdx.x] = ok ? lse[rj] * kLog2e : 0.f;
+    lpos_j[threadIdx.x] = ok ? lpos[rj] * kLog2e : 0.f;
+    q_j[threadIdx.x] = ok ? qs[rj] : 0.f;
+    inv_j[threadIdx.x] = ok ? 1.f / fmaxf(cnt[rj], 1.f) : 0.f;
+    w_j[threadIdx.x] = (ok && cnt[rj] > 0.f) ? w[rj] : 0.f;
+    lab_j[threadIdx.x] = (kLabels && ok) ? labels[rj] : 0;
   }
   __syncthreads();
   score_tile<scalar_t>(scores, a_s, b_s, z1, z2, rows_i, rows_j, n, d);
 
-  // A_ij = w_i P_ij + w_j P_ji over the negatives; thread t: row t/2, columns (t%2)*32 .. +32,
-  // visited in an order rotated by the row, so that the threads of a warp add to different
-  // q_col entries at each step. Self entries, positive pairs and padding are 0 and never go
-  // through exp (s_ii = 1/tau would overflow it).
+  // A_ij = w_i c_ij + w_j c_ji; thread t: row t/2, columns (t%2)*32 .. +32. Self entries and
+  // padding are 0 and never go through exp (s_ii = 1/tau would overflow it).
   const float inv_tau = 1.f / *temperature;
   const int r = threadIdx.x / 2, c0 = (threadIdx.x % 2) * 32;
   const int64_t gi = rows_i[r];
-  const int64_t pi = gi >= 0 ? (gi + n) % m : -1;
-  const float rn_i = gi >= 0 ? 1.f / norm[gi] : 0.f;
-  const float lse_i = gi >= 0 ? lse[gi] * kLog2e : 0.f, w_i = gi >= 0 ? w[gi] : 0.f;
-  float tsum = 0.f, qsum = 0.f, absmax_j = 0.f, absmax_i = 0.f;
-  for (int k = 0; k < 32; ++k) {
-    const int c = c0 + (k + r) % 32;
+  const bool row_ok = gi >= 0;
+  const int64_t pi = row_ok ? (gi + n) % m : -1;
+  const float rn_i = row_ok ? 1.f / norm[gi] : 0.f;
+  const float lse_i = row_ok ? lse[gi] * kLog2e : 0.f, lpos_i = row_ok ? lpos[gi] * kLog2e : 0.f;
+  const float q_i = row_ok ? qs[gi] : 0.f, inv_i = row_ok ? 1.f / fmaxf(cnt[gi], 1.f) : 0.f;
+  const float w_i = (row_ok && cnt[gi] > 0.f) ? w[gi] : 0.f;
+  const int64_t lab_i = (kLabels && row_ok) ? labels[gi] : 0;
+  float tsum = 0.f, absmax_j = 0.f, absmax_i = 0.f;
+  for (int c = c0; c < c0 + 32; ++c) {
     const int64_t gj = rows_j[c];
     float a = 0.f, rn = 0.f;
-    if (gi >= 0 && gj >= 0 && gi != gj && gj != pi) {
+    if (row_ok && gj >= 0 && gi != gj) {
       rn = 1.f / norm[gj];
       const float s = scores[r * kScoreLd + c] * rn_i * inv_tau * rn;
       const float s2 = s * kLog2e;
-      const float p_ij = exp2f(s2 - lse_i), p_ji = exp2f(s2 - lse[gj] * kLog2e);
-      a = w_i * p_ij + w[gj] * p_ji;
+      const bool pos = kLabels ? lab_j[c] == lab_i : gj == pi;
+      a = w_i * coef<kLabels>(s2, pos, lse_i, lpos_i, q_i, inv_i, mean) +
+          w_j[c] * coef<kLabels>(s2, pos, lse_j[c], lpos_j[c], q_j[c], inv_j[c], mean);
       tsum += a * s;
-      qsum += p_ij;
-      if (bi != bj) atomicAdd(&q_col[c], p_ji);  // on the diagonal the row sums cover it
     }
     scores[r * kScoreLd + c] = a * rn;  // A rn_j: the operand of G_I += (A rn_j) Z_J
     absmax_j = fmaxf(absmax_j, fabsf(a * rn));
     absmax_i = fmaxf(absmax_i, fabsf(a * rn_i));
   }
-  qsum = pair_sum(qsum);
-  if (gi >= 0 && threadIdx.x % 2 == 0) atomicAdd(q + gi, qsum);
   for (int o = 16; o > 0; o /= 2) tsum += __shfl_xor_sync(0xffffffffu, tsum, o);
   if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = tsum;
   __syncthreads();
-  if (bi != bj && threadIdx.x < kTile && rows_j[threadIdx.x] >= 0) {
-    atomicAdd(q + rows_j[threadIdx.x], q_col[threadIdx.x]);
-  }
   if (threadIdx.x == 0) {
     float total = 0.f;
     for (int k = 0; k < kWarps; ++k) total += red[k];
@@ -329,53 +408,40 @@ __global__ void __launch_bounds__(kThreads) nt_xent_bwd_kernel(
   }
 }
 
-// One warp per row: grad_u = (G - (w_i Q_i + w_p Q_p) u_p) / tau; grad_z = (grad_u - (u .
-// grad_u) u) / norm (grad_u / eps where the norm was clamped); ppart[row] = w_i Q_i s_{i,p(i)}.
+// One warp per row: grad_u = G / tau; grad_z = (grad_u - (u . grad_u) u) / norm (grad_u / eps
+// where the norm was clamped).
 template <typename scalar_t>
 __global__ void __launch_bounds__(256) nt_xent_finish_kernel(
     const scalar_t* __restrict__ z1, const scalar_t* __restrict__ z2,
     const float* __restrict__ norm, const float* __restrict__ temperature,
-    const float* __restrict__ w, const float* __restrict__ g, const float* __restrict__ q,
-    scalar_t* __restrict__ gz1,
-    scalar_t* __restrict__ gz2, float* __restrict__ ppart, int64_t n, int64_t d) {
-  const int64_t m = 2 * n;
+    const float* __restrict__ g, scalar_t* __restrict__ gz1, scalar_t* __restrict__ gz2,
+    int64_t n, int64_t m, int64_t d) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * 8 + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (row >= m) return;
-  const int64_t prow = (row + n) % m;
   const float inv_tau = 1.f / *temperature;
-  const float ni = norm[row], rn_i = 1.f / ni, rn_p = 1.f / norm[prow];
-  const float wq = w[row] * q[row], wpos = wq + w[prow] * q[prow];
+  const float ni = norm[row], rn_i = 1.f / ni;
   const scalar_t* zi = row_ptr(z1, z2, row, n, d);
-  const scalar_t* zp = row_ptr(z1, z2, prow, n, d);
   const float* gi = g + row * d;
-  float dot_gu = 0.f, dot_up = 0.f;
-  for (int64_t k = lane; k < d; k += 32) {
-    const float u = to_float(zi[k]) * rn_i, up = to_float(zp[k]) * rn_p;
-    const float gu = inv_tau * (gi[k] - wpos * up);
-    dot_gu += u * gu;
-    dot_up += u * up;
-  }
-  for (int o = 16; o > 0; o /= 2) {
-    dot_gu += __shfl_xor_sync(0xffffffffu, dot_gu, o);
-    dot_up += __shfl_xor_sync(0xffffffffu, dot_up, o);
-  }
+  float dot_gu = 0.f;
+  for (int64_t k = lane; k < d; k += 32) dot_gu += to_float(zi[k]) * rn_i * (inv_tau * gi[k]);
+  for (int o = 16; o > 0; o /= 2) dot_gu += __shfl_xor_sync(0xffffffffu, dot_gu, o);
   const float radial = ni <= kNormEps ? 0.f : dot_gu;
   scalar_t* dst = row < n ? gz1 + row * d : gz2 + (row - n) * d;
   for (int64_t k = lane; k < d; k += 32) {
-    const float u = to_float(zi[k]) * rn_i, up = to_float(zp[k]) * rn_p;
-    const float gu = inv_tau * (gi[k] - wpos * up);
+    const float u = to_float(zi[k]) * rn_i, gu = inv_tau * gi[k];
     dst[k] = static_cast<scalar_t>((gu - radial * u) * rn_i);
   }
-  if (lane == 0) ppart[row] = wq * dot_up * inv_tau;
 }
 
-void check_cuda_inputs(const at::Tensor& z1, const at::Tensor& z2, const at::Tensor& temperature) {
-  TORCH_CHECK(z1.dim() == 2 && z1.sizes() == z2.sizes(),
-              "fastclr: z1 and z2 must have the same (N, D) shape, got ", z1.sizes(), " and ",
+// M, the rows of [z1; z2]: paired mode (no labels) needs z1, z2 of one shape; labels mode
+// M integer labels on the inputs' device.
+int64_t check_cuda_inputs(const at::Tensor& z1, const at::Tensor& z2,
+                          const std::optional<at::Tensor>& labels, const at::Tensor& temperature) {
+  TORCH_CHECK(z1.dim() == 2 && z2.dim() == 2 && z1.size(1) == z2.size(1) && z1.size(1) >= 1,
+              "fastclr: z1 and z2 must be 2-D with the same D >= 1, got ", z1.sizes(), " and ",
               z2.sizes());
   TORCH_CHECK(z1.scalar_type() == z2.scalar_type(), "fastclr: z1 and z2 must share a dtype");
-  TORCH_CHECK(z1.size(0) >= 1 && z1.size(1) >= 1, "fastclr: need N >= 1 and D >= 1");
   TORCH_CHECK(z1.scalar_type() == at::kFloat || z1.scalar_type() == at::kHalf ||
                   z1.scalar_type() == at::kBFloat16,
               "fastclr: the CUDA kernel takes float32, bfloat16 or float16, got ",
@@ -383,77 +449,112 @@ void check_cuda_inputs(const at::Tensor& z1, const at::Tensor& z2, const at::Ten
   TORCH_CHECK(z2.device() == z1.device() && temperature.device() == z1.device(),
               "fastclr: z1, z2 and temperature must be on the same device");
   TORCH_CHECK(temperature.numel() == 1, "fastclr: temperature must be a 0-dim tensor");
+  const int64_t m = z1.size(0) + z2.size(0);
+  if (labels.has_value()) {
+    TORCH_CHECK(m >= 1, "fastclr: need at least one row");
+    TORCH_CHECK(labels->dim() == 1 && labels->numel() == m, "fastclr: labels must be (", m,
+                ",), got ", labels->sizes());
+    TORCH_CHECK(!at::isFloatingType(labels->scalar_type()) && labels->scalar_type() != at::kBool,
+                "fastclr: labels must be an integer tensor, got ", labels->scalar_type());
+    TORCH_CHECK(labels->device() == z1.device(), "fastclr: labels must be on z1's device");
+  } else {
+    TORCH_CHECK(z1.sizes() == z2.sizes() && z1.size(0) >= 1,
+                "fastclr: z1 and z2 must have the same shape (N >= 1), got ", z1.sizes(), " and ",
+                z2.sizes());
+  }
+  return m;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nt_xent_forward_cuda(
-    const at::Tensor& z1_in, const at::Tensor& z2_in, const at::Tensor& temperature_in,
-    bool compute_accuracy) {
-  check_cuda_inputs(z1_in, z2_in, temperature_in);
+    const at::Tensor& z1_in, const at::Tensor& z2_in, const std::optional<at::Tensor>& labels_in,
+    const at::Tensor& temperature_in, bool mean_positives, bool compute_accuracy) {
+  const int64_t m = check_cuda_inputs(z1_in, z2_in, labels_in, temperature_in);
   const c10::cuda::CUDAGuard guard(z1_in.device());
   const at::Tensor z1 = z1_in.contiguous(), z2 = z2_in.contiguous();
   const at::Tensor temperature = temperature_in.to(at::kFloat).contiguous();
-  const int64_t n = z1.size(0), d = z1.size(1), m = 2 * n;
+  const bool with_labels = labels_in.has_value();
+  const at::Tensor labels = with_labels ? labels_in->to(at::kLong).contiguous() : at::Tensor();
+  const int64_t n = z1.size(0), d = z1.size(1);
   const auto fopts = z1.options().dtype(at::kFloat);
-  at::Tensor norm = at::empty({m}, fopts), lse = at::empty({m}, fopts), loss = at::empty({m}, fopts);
-  // rank: (2, M), #columns above the positive among all others / the other view's alone
+  at::Tensor norm = at::empty({m}, fopts), loss = at::empty({m}, fopts);
+  at::Tensor stats = at::empty({4, m}, fopts);
+  // rank: (2, M), #negatives above the best positive, among all / the other view's alone
   at::Tensor rank = compute_accuracy ? at::empty({2, m}, z1.options().dtype(at::kInt))
                                      : at::empty({0}, z1.options().dtype(at::kInt));
   const auto stream = c10::cuda::getCurrentCUDAStream();
   FASTCLR_DISPATCH_FLOAT_HALF_TYPES(z1.scalar_type(), "nt_xent_forward_cuda", [&] {
     nt_xent_norm_kernel<scalar_t><<<(m + 7) / 8, 256, 0, stream>>>(
-        z1.const_data_ptr<scalar_t>(), z2.const_data_ptr<scalar_t>(), norm.data_ptr<float>(), n, d);
+        z1.const_data_ptr<scalar_t>(), z2.const_data_ptr<scalar_t>(), norm.data_ptr<float>(), n, m, d);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    const int64_t blocks = 2 * ((n + kTile - 1) / kTile);
     constexpr size_t smem = SmemLayout<scalar_t>::kForward;
-    allow_dynamic_smem(nt_xent_fwd_kernel<scalar_t>, smem);
-    nt_xent_fwd_kernel<scalar_t><<<blocks, kThreads, smem, stream>>>(
-        z1.const_data_ptr<scalar_t>(), z2.const_data_ptr<scalar_t>(), norm.const_data_ptr<float>(),
-        temperature.const_data_ptr<float>(), loss.data_ptr<float>(), lse.data_ptr<float>(),
-        compute_accuracy ? rank.data_ptr<int32_t>() : nullptr, n, d);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    auto launch = [&](auto kernel, int64_t blocks) {
+      allow_dynamic_smem(kernel, smem);
+      kernel<<<blocks, kThreads, smem, stream>>>(
+          z1.const_data_ptr<scalar_t>(), z2.const_data_ptr<scalar_t>(),
+          with_labels ? labels.const_data_ptr<int64_t>() : nullptr, norm.const_data_ptr<float>(),
+          temperature.const_data_ptr<float>(), loss.data_ptr<float>(), stats.data_ptr<float>(),
+          compute_accuracy ? rank.data_ptr<int32_t>() : nullptr, n, m, d, mean_positives);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (with_labels) {
+      launch(nt_xent_fwd_kernel<scalar_t, true>, (m + kTile - 1) / kTile);
+    } else {
+      launch(nt_xent_fwd_kernel<scalar_t, false>, 2 * ((n + kTile - 1) / kTile));
+    }
   });
-  return {loss, lse, norm, rank};
+  return {loss, stats, norm, rank};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> nt_xent_backward_cuda(
     const at::Tensor& grad_rows, const at::Tensor& z1_in, const at::Tensor& z2_in,
-    const at::Tensor& temperature_in, const at::Tensor& norm_in, const at::Tensor& lse_in) {
-  check_cuda_inputs(z1_in, z2_in, temperature_in);
+    const std::optional<at::Tensor>& labels_in, const at::Tensor& temperature_in,
+    bool mean_positives, const at::Tensor& norm_in, const at::Tensor& stats_in) {
+  const int64_t m = check_cuda_inputs(z1_in, z2_in, labels_in, temperature_in);
   const c10::cuda::CUDAGuard guard(z1_in.device());
   const at::Tensor z1 = z1_in.contiguous(), z2 = z2_in.contiguous();
   const at::Tensor temperature = temperature_in.to(at::kFloat).contiguous();
-  const int64_t n = z1.size(0), d = z1.size(1), m = 2 * n;
-  TORCH_CHECK(grad_rows.numel() == m && norm_in.numel() == m && lse_in.numel() == m,
-              "fastclr: nt_xent_backward expects grad_rows, norm and lse of ", m, " elements");
+  const bool with_labels = labels_in.has_value();
+  const at::Tensor labels = with_labels ? labels_in->to(at::kLong).contiguous() : at::Tensor();
+  const int64_t n = z1.size(0), d = z1.size(1);
+  TORCH_CHECK(grad_rows.numel() == m && norm_in.numel() == m,
+              "fastclr: nt_xent_backward expects grad_rows and norm of ", m, " elements");
+  TORCH_CHECK(stats_in.dim() == 2 && stats_in.size(0) == 4 && stats_in.size(1) == m,
+              "fastclr: nt_xent_backward expects stats of shape (4, ", m, ")");
   const at::Tensor w = grad_rows.to(at::kFloat).contiguous();
   const at::Tensor norm = norm_in.to(at::kFloat).contiguous();
-  const at::Tensor lse = lse_in.to(at::kFloat).contiguous();
+  const at::Tensor stats = stats_in.to(at::kFloat).contiguous();
   const auto fopts = z1.options().dtype(at::kFloat);
   const int64_t nb = (m + kTile - 1) / kTile;
   at::Tensor g = at::zeros({m, d}, fopts);
-  at::Tensor q = at::zeros({m}, fopts);
   at::Tensor tpart = at::zeros({nb * nb}, fopts);
-  at::Tensor ppart = at::empty({m}, fopts);
   at::Tensor grad_z1 = at::empty_like(z1), grad_z2 = at::empty_like(z2);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   TORCH_CHECK(nb <= 65535, "fastclr: the CUDA backward handles M <= ", 65535 * kTile, " rows");
   FASTCLR_DISPATCH_FLOAT_HALF_TYPES(z1.scalar_type(), "nt_xent_backward_cuda", [&] {
     constexpr size_t smem = SmemLayout<scalar_t>::kBackward;
-    allow_dynamic_smem(nt_xent_bwd_kernel<scalar_t>, smem);
-    nt_xent_bwd_kernel<scalar_t><<<dim3(nb, nb), kThreads, smem, stream>>>(
-        z1.const_data_ptr<scalar_t>(), z2.const_data_ptr<scalar_t>(), norm.const_data_ptr<float>(),
-        temperature.const_data_ptr<float>(), lse.const_data_ptr<float>(), w.const_data_ptr<float>(),
-        g.data_ptr<float>(), q.data_ptr<float>(), tpart.data_ptr<float>(), n, d);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    auto launch = [&](auto kernel) {
+      allow_dynamic_smem(kernel, smem);
+      kernel<<<dim3(nb, nb), kThreads, smem, stream>>>(
+          z1.const_data_ptr<scalar_t>(), z2.const_data_ptr<scalar_t>(),
+          with_labels ? labels.const_data_ptr<int64_t>() : nullptr, norm.const_data_ptr<float>(),
+          temperature.const_data_ptr<float>(), stats.const_data_ptr<float>(),
+          w.const_data_ptr<float>(), g.data_ptr<float>(), tpart.data_ptr<float>(), n, m, d,
+          mean_positives);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (with_labels) {
+      launch(nt_xent_bwd_kernel<scalar_t, true>);
+    } else {
+      launch(nt_xent_bwd_kernel<scalar_t, false>);
+    }
     nt_xent_finish_kernel<scalar_t><<<(m + 7) / 8, 256, 0, stream>>>(
         z1.const_data_ptr<scalar_t>(), z2.const_data_ptr<scalar_t>(), norm.const_data_ptr<float>(),
-        temperature.const_data_ptr<float>(), w.const_data_ptr<float>(), g.const_data_ptr<float>(),
-        q.const_data_ptr<float>(), grad_z1.data_ptr<scalar_t>(), grad_z2.data_ptr<scalar_t>(), ppart.data_ptr<float>(), n, d);
+        temperature.const_data_ptr<float>(), g.const_data_ptr<float>(),
+        grad_z1.data_ptr<scalar_t>(), grad_z2.data_ptr<scalar_t>(), n, m, d);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  // dL/dtau = -(1/tau) sum_i w_i (sum_{j != i, p(i)} P_ij s_ij - Q_i s_{i,p(i)}), on the
-  // device: no sync.
-  at::Tensor grad_t = -(tpart.sum() - ppart.sum()) / temperature.reshape({});
+  // dL/dtau = -(1/tau) sum_i w_i sum_{j != i} c_ij s_ij, on the device: no sync.
+  at::Tensor grad_t = -tpart.sum() / temperature.reshape({});
   return {grad_z1, grad_z2, grad_t};
 }
 

@@ -1,9 +1,34 @@
-"""Checks every NT-Xent backend runs: one body per check, ``impl`` and device as arguments."""
+"""Checks every NT-Xent backend runs: one body per check, ``impl`` and device as arguments; and
+the table of backends (impl, device, marks) the loss tests run them on."""
 import numpy as np
+import pytest
 import torch
 
 import fastclr
-from fastclr import reference
+from fastclr import ops, reference
+
+needs_ext = pytest.mark.skipif(not fastclr.extension_available(),
+                               reason=f"extension not built: {fastclr.extension_error()}")
+needs_interp = pytest.mark.skipif(not ops.triton_interpreting(),
+                                  reason="Triton interpreter not active (a GPU is present, or no triton)")
+needs_triton_cuda = [pytest.mark.cuda, pytest.mark.skipif(
+    not (ops.triton_available() and not ops.triton_interpreting()), reason="needs triton on a GPU")]
+
+needs_cuda_kernel = [pytest.mark.cuda, pytest.mark.skipif(
+    not ops.compiled_with_cuda(), reason="fastclr._C was built without its CUDA kernels")]
+
+BACKENDS = {
+    "cpu": ("cpu", "cpu", [needs_ext]),
+    "triton_interp": ("triton", "cpu", [needs_interp]),
+    "triton_cuda": ("triton", "cuda", needs_triton_cuda),
+    "cuda": ("cuda", "cuda", needs_cuda_kernel),
+}
+
+
+def backends(*names):
+    """pytest params (impl, device) of the named backends (all by default)."""
+    names = names or tuple(BACKENDS)
+    return [pytest.param(*BACKENDS[k][:2], marks=BACKENDS[k][2], id=k) for k in names]
 
 
 def make_inputs(n, d, dtype=torch.float32, device="cpu", scale=1.0, correlated=False):

@@ -211,12 +211,17 @@ def test_opcheck_forward_and_backward(seed):
         z1, z2 = make_inputs(37, 19, dtype)
         z1.requires_grad_(), z2.requires_grad_()
         t = torch.tensor(0.3, dtype=reference.accumulation_dtype(dtype), requires_grad=True)
-        for acc in (False, True):
-            opcheck(torch.ops.fastclr.nt_xent_forward.default, (z1, z2, t, acc))
-        rows, lse, norm, _ = torch.ops.fastclr.nt_xent_forward(z1, z2, t, False)
-        g = torch.rand(74, dtype=rows.dtype)
-        opcheck(torch.ops.fastclr.nt_xent_backward.default,
-                (g, z1.detach(), z2.detach(), t.detach(), norm.detach(), lse.detach()))
+        z = torch.cat([z1, z2]).detach().requires_grad_()
+        labels = torch.randint(0, 9, (74,))
+        # paired mode (NT-Xent) and labels mode (SupCon, both forms)
+        for args in ((z1, z2, None, t, False), (z, z[:0], labels, t, True), (z, z[:0], labels, t, False)):
+            for acc in (False, True):
+                opcheck(torch.ops.fastclr.nt_xent_forward.default, (*args, acc))
+            rows, stats, norm, _ = torch.ops.fastclr.nt_xent_forward(*args, False)
+            g = torch.rand(74, dtype=rows.dtype)
+            a, b, lab, tt, mean = args
+            opcheck(torch.ops.fastclr.nt_xent_backward.default,
+                    (g, a.detach(), b.detach(), lab, tt.detach(), mean, norm.detach(), stats.detach()))
 
 
 def check_compile_fullgraph(impl, device, dtype, grad_tol):
@@ -289,13 +294,17 @@ def test_opcheck_on_gpu(seed, fwd_name, bwd_name, dtype):
     z1, z2 = make_inputs(300, 64, dtype, "cuda")
     z1.requires_grad_(), z2.requires_grad_()
     t = torch.tensor(0.3, device="cuda", requires_grad=True)
-    for acc in (False, True):
-        opcheck(fwd.default, (z1, z2, t, acc))
-    rows, lse, norm, _ = fwd(z1, z2, t, False)
-    g = torch.rand(600, device="cuda")
-    # The backward's fp32 atomics sum in a varying order: no bitwise-repeatability check.
-    opcheck(bwd.default, (g, z1.detach(), z2.detach(), t.detach(), norm, lse),
-            test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+    z = torch.cat([z1, z2]).detach().requires_grad_()
+    labels = torch.randint(0, 30, (600,), device="cuda")
+    for args in ((z1, z2, None, t, False), (z, z[:0], labels, t, True)):
+        for acc in (False, True):
+            opcheck(fwd.default, (*args, acc))
+        rows, stats, norm, _ = fwd(*args, False)
+        g = torch.rand(600, device="cuda")
+        a, b, lab, tt, mean = args
+        # The backward's fp32 atomics sum in a varying order: no bitwise-repeatability check.
+        opcheck(bwd.default, (g, a.detach(), b.detach(), lab, tt.detach(), mean, norm, stats),
+                test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
 
 @pytest.mark.parametrize("impl", [p.id for p in GPU_OPS])

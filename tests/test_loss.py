@@ -9,25 +9,10 @@ import torch
 
 import fastclr
 from fastclr import ops, reference
-from nt_xent_checks import (chunked_reference64, check_accuracy, check_against_reference,
-                            check_half, fused, make_inputs, max_rel, run)
+from nt_xent_checks import (BACKENDS, backends, chunked_reference64, check_accuracy,
+                            check_against_reference, check_half, fused, make_inputs, max_rel,
+                            needs_ext, run)
 
-needs_ext = pytest.mark.skipif(not fastclr.extension_available(),
-                               reason=f"extension not built: {fastclr.extension_error()}")
-needs_interp = pytest.mark.skipif(not ops.triton_interpreting(),
-                                  reason="Triton interpreter not active (a GPU is present, or no triton)")
-needs_triton_cuda = [pytest.mark.cuda, pytest.mark.skipif(
-    not (ops.triton_available() and not ops.triton_interpreting()), reason="needs triton on a GPU")]
-
-needs_cuda_kernel = [pytest.mark.cuda, pytest.mark.skipif(
-    not ops.compiled_with_cuda(), reason="fastclr._C was built without its CUDA kernels")]
-
-BACKENDS = {
-    "cpu": ("cpu", "cpu", [needs_ext]),
-    "triton_interp": ("triton", "cpu", [needs_interp]),
-    "triton_cuda": ("triton", "cuda", needs_triton_cuda),
-    "cuda": ("cuda", "cuda", needs_cuda_kernel),
-}
 TAUS = [0.05, 0.1, 0.5, 1.0]
 # Shapes per backend: the interpreter is slow, a GPU is fast.
 SHAPES = {
@@ -47,11 +32,6 @@ def cases(shapes=SHAPES, backends=tuple(BACKENDS)):
         for n, d in shapes[name]:
             out.append(pytest.param(impl, device, n, d, marks=marks, id=f"{name}-{n}x{d}"))
     return out
-
-
-def backends(*names):
-    names = names or tuple(BACKENDS)
-    return [pytest.param(*BACKENDS[k][:2], marks=BACKENDS[k][2], id=k) for k in names]
 
 
 @pytest.mark.parametrize("impl,device,n,d", cases())

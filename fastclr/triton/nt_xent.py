@@ -1,21 +1,24 @@
-"""Triton NT-Xent: fused normalisation + similarity + online logsumexp, memory-lean backward.
+"""Triton NT-Xent and SupCon: fused normalisation + similarity + online logsumexp, lean backward.
 
-Kernels (formulas of DESIGN.md; z = [z1; z2], M = 2N rows, u = z / max(||z||, 1e-12)):
+Kernels (formulas of DESIGN.md; rows z = [z1; z2], M of them, u = z / max(||z||, 1e-12)).
+Positives: paired mode (NT-Xent, LABELS=False), p(i) = (i + N) mod M with M = 2N; labels mode,
+every j != i of equal label. One body per kernel serves both (constexpr LABELS).
 
 - ``_nt_xent_norm_kernel``: norm_i = max(||z_i||, 1e-12).                    memory O(M)
-- ``_nt_xent_fwd_kernel``: per row block, stream column tiles of s = u u^T / tau with an
-  online logsumexp (base 2); the positive logit and the ranks (#negatives above the positive,
-  among all and among the other view's rows) come from the same tiles. Saves lse (M floats);
-  never anything M x M.
+- ``_nt_xent_fwd_kernel``: per row block, stream column tiles of s = u u^T / tau with two
+  online logsumexps (base 2), the negatives' and the positives', and the positives' sum and
+  count; loss = log(1 + 2^(lse_neg - lse_pos)) [+ lse_pos - mean_pos], free of cancellation.
+  Ranks (#negatives above the best positive): paired mode in the same sweep (the positive sits
+  in the first tile), labels mode in a second sweep. Saves stats (4 x M floats: lse, lse_pos,
+  Q = the negatives' softmax mass, |P|); never anything M x M.
 - ``_nt_xent_bwd_rows_kernel`` (D <= 256) / ``_nt_xent_bwd_pairs_kernel`` (any D): for the
-  tiles I <= J only, recompute S_IJ from raw z and the norms, A_ij = w_i P_ij + w_j P_ji with
-  P = exp(s - lse) over the negatives j != i, p(i) -- one tile serves both P_IJ and P_JI --
-  and accumulate G_I += A_IJ u_J, G_J += A_IJ^T u_I (fp32; the rows kernel keeps G_I in
-  registers, atomics for the rest), the negatives' mass Q_i = sum_j P_ij and the tile's sum
-  A_ij s_ij for the temperature gradient.                                    memory O(M D)
-- ``_nt_xent_finish_kernel``: grad_u_i = (G_i - (w_i Q_i + w_p(i) Q_p(i)) u_p(i)) / tau, then
-  the normalisation's Jacobian (F.normalize semantics), written in the input dtype. Q = 1 -
-  P_{i,p(i)} is summed, never subtracted: on a saturated batch (P_ip ~ 1) 1 - P would cancel.
+  tiles I <= J only, recompute S_IJ from raw z and the norms, A_ij = w_i c_ij + w_j c_ji with
+  c = P = exp(s - lse) for a negative and c = -Q R [+ R - 1/|P|] for a positive, R = exp(s -
+  lse_pos) -- one tile serves both rows and columns -- and accumulate G_I += A_IJ u_J,
+  G_J += A_IJ^T u_I (fp32; the rows kernel keeps G_I in registers, atomics for the rest) and
+  the tile's sum A_ij s_ij for the temperature gradient.                     memory O(M D)
+- ``_nt_xent_finish_kernel``: grad_u = G / tau, then the normalisation's Jacobian (F.normalize
+  semantics), written in the input dtype.
 
 Both products run on tensor cores (tl.dot) from the raw input-dtype rows; the 1/||z||
 scalings are applied to the fp32 tiles, so no normalised copy of z is ever made.
@@ -99,11 +102,11 @@ def _dot_tile(z1_ptr, z2_ptr, rows_a, mask_a, rows_b, mask_b, N, D, stride1, str
 
 
 @triton.jit
-def _nt_xent_norm_kernel(z1_ptr, z2_ptr, norm_ptr, N, D, stride1, stride2,
+def _nt_xent_norm_kernel(z1_ptr, z2_ptr, norm_ptr, N, M, D, stride1, stride2,
                          BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     """norm_i = max(||z_i||, 1e-12), accumulated in fp32."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_mask = rows < 2 * N
+    row_mask = rows < M
     sq = tl.zeros((BLOCK_R,), dtype=tl.float32)
     for k0 in range(0, D, BLOCK_D):
         x = _load_rows(z1_ptr, z2_ptr, rows, row_mask, k0 + tl.arange(0, BLOCK_D), N, D,
@@ -113,12 +116,11 @@ def _nt_xent_norm_kernel(z1_ptr, z2_ptr, norm_ptr, N, D, stride1, stride2,
 
 
 @triton.jit
-def _fwd_logits(z1_ptr, z2_ptr, norm_ptr, rows, row_mask, scale_i, p0, t, N, D, stride1,
+def _fwd_logits(z1_ptr, z2_ptr, norm_ptr, rows, row_mask, scale_i, p0, t, N, M, D, stride1,
                 stride2, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                 PRECISION: tl.constexpr):
     """Column tile t of the rotated column order (columns p0 + t*BLOCK_N + ..., mod M) as
-    base-2 logits s_ij * log2(e), with the self column and padding at -inf."""
-    M = 2 * N
+    base-2 logits s_ij * log2(e), with the self column and padding at -inf; and the columns."""
     lin = t * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = (p0 + lin) % M
     col_mask = lin < M
@@ -127,7 +129,7 @@ def _fwd_logits(z1_ptr, z2_ptr, norm_ptr, rows, row_mask, scale_i, p0, t, N, D, 
     rn_j = 1.0 / tl.load(norm_ptr + cols, mask=col_mask, other=1.0)
     x = acc * scale_i[:, None] * rn_j[None, :]
     valid = col_mask[None, :] & (cols[None, :] != rows[:, None])
-    return tl.where(valid, x, float("-inf"))
+    return tl.where(valid, x, float("-inf")), cols
 
 
 @triton.jit
@@ -139,104 +141,206 @@ def _log1p(y):
 
 
 @triton.jit
-def _count_above(x, pos, p0, t, half, N, BLOCK_N: tl.constexpr):
-    """Per row: the columns of tile t scoring above the positive, among all (the self and padding
-    are -inf) and among the other view's rows alone (google-research/simclr's contrast_acc)."""
-    cols = (p0 + t * BLOCK_N + tl.arange(0, BLOCK_N)) % (2 * N)
-    cross = (cols >= N) == (half == 0)
-    hit = x > pos[:, None]
-    return (tl.sum(hit.to(tl.int32), axis=1),
-            tl.sum((hit & cross[None, :]).to(tl.int32), axis=1))
+def _count_above(x, thresh, cols, part, N, LABELS: tl.constexpr):
+    """Per row: the negatives of a tile (positives, self and padding at -inf in x) scoring above
+    the row's best positive, among all and (paired mode) among the other view's rows alone
+    (google-research/simclr's contrast_acc; labels mode counts all again)."""
+    hit = x > thresh[:, None]
+    if LABELS:
+        cross = hit
+    else:
+        cross = hit & ((cols >= N) == (part == 0))[None, :]
+    return tl.sum(hit.to(tl.int32), axis=1), tl.sum(cross.to(tl.int32), axis=1)
+
+
+@triton.jit
+def _safe(m):
+    return tl.where(m == float("-inf"), 0.0, m)  # rows with nothing of a kind (yet): all -inf
 
 
 @triton.jit
 def _online_update(x, m_i, l_i):
     m_new = tl.maximum(m_i, tl.max(x, axis=1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # padding rows: all -inf
+    m_safe = _safe(m_new)
     l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(x - m_safe[:, None]), axis=1)
     return m_new, l_i
 
 
 @triton.jit
-def _nt_xent_fwd_kernel(z1_ptr, z2_ptr, norm_ptr, temp_ptr, loss_ptr, lse_ptr, rank_ptr,
-                        N, D, stride1, stride2, COMPUTE_RANK: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                        PRECISION: tl.constexpr):
-    """Per row block: loss_i = lse_i - s_{i,p(i)} with lse over j != i, formed from the online
-    logsumexp over the negatives alone (base 2) as log(1 + exp(lse_neg - s_ip)).
+def _online_update_split(x, is_pos, m_n, l_n, m_p, l_p):
+    """Both running logsumexps from one tile, one exp2 per entry: negatives (not is_pos) and
+    positives (is_pos) each against their own running max."""
+    mn_new = tl.maximum(m_n, tl.max(tl.where(is_pos, float("-inf"), x), axis=1))
+    mp_new = tl.maximum(m_p, tl.max(tl.where(is_pos, x, float("-inf")), axis=1))
+    mn_s, mp_s = _safe(mn_new), _safe(mp_new)
+    e = tl.exp2(x - tl.where(is_pos, mp_s[:, None], mn_s[:, None]))
+    l_n = l_n * tl.exp2(m_n - mn_s) + tl.sum(tl.where(is_pos, 0.0, e), axis=1)
+    l_p = l_p * tl.exp2(m_p - mp_s) + tl.sum(tl.where(is_pos, e, 0.0), axis=1)
+    return mn_new, l_n, mp_new, l_p
 
-    Row blocks never straddle row N and walk the columns starting at their positives
-    p(i0) = i0 + N mod M, so (BLOCK_N >= BLOCK_M) every positive sits in the first tile, on
-    its row's own local column: the positive logit and the rank compare the very same numbers.
+
+@triton.jit
+def _label_positives(labels_ptr, rows, row_mask, cols, x):
+    """Labels mode: the tile's positives, columns of the row's label (not self, not padding)."""
+    lab_i = tl.load(labels_ptr + rows, mask=row_mask, other=-1)
+    lab_j = tl.load(labels_ptr + cols)
+    return (lab_i[:, None] == lab_j[None, :]) & (x > float("-inf"))
+
+
+@triton.jit
+def _nt_xent_fwd_kernel(z1_ptr, z2_ptr, labels_ptr, norm_ptr, temp_ptr, loss_ptr, stats_ptr,
+                        rank_ptr, N, M, D, stride1, stride2, LABELS: tl.constexpr,
+                        MEAN: tl.constexpr, COMPUTE_RANK: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    """Per row block: the online logsumexps (base 2) of the negatives and of the positives, the
+    positives' sum and count; loss = log(1 + exp(lse_neg - lse_pos)) [+ lse_pos - mean_pos].
+
+    Paired mode: row blocks never straddle row N and walk the columns starting at their
+    positives p(i0) = i0 + N mod M, so (BLOCK_N >= BLOCK_M) every positive sits in the first
+    tile, on its row's own local column: the positive logit and the rank compare the very same
+    numbers, in one sweep. Labels mode: blocks over all M rows, columns in order; the ranks need
+    the best positive, known after the sweep, so they take a second one.
     """
-    M = 2 * N
-    blocks_per_half = tl.cdiv(N, BLOCK_M)
+    span = M if LABELS else N
+    blocks_per_span = tl.cdiv(span, BLOCK_M)
     pid = tl.program_id(0)
-    half = pid // blocks_per_half
-    i0 = half * N + (pid % blocks_per_half) * BLOCK_M
+    part = pid // blocks_per_span
+    i0 = part * span + (pid % blocks_per_span) * BLOCK_M
     offs_m = tl.arange(0, BLOCK_M)
     rows = i0 + offs_m
-    row_mask = rows < (half + 1) * N
-    p0 = (i0 + N) % M
+    row_mask = rows < (part + 1) * span
+    p0 = 0 if LABELS else (i0 + N) % M
     scale = LOG2E_C / tl.load(temp_ptr).to(tl.float32)
     scale_i = scale / tl.load(norm_ptr + rows, mask=row_mask, other=1.0)
 
-    x = _fwd_logits(z1_ptr, z2_ptr, norm_ptr, rows, row_mask, scale_i, p0, 0, N, D, stride1,
-                    stride2, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
-    on_diag = offs_m[:, None] == tl.arange(0, BLOCK_N)[None, :]
-    pos = tl.sum(tl.where(on_diag, x, 0.0), axis=1)
-    x = tl.where(on_diag, float("-inf"), x)  # the logsumexp runs over the negatives alone
-    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    m_i, l_i = _online_update(x, m_i, l_i)
+    m_n = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_n = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    m_p = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_p = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    sum_p = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    cnt = tl.zeros((BLOCK_M,), dtype=tl.float32)
     rank = tl.zeros((BLOCK_M,), dtype=tl.int32)
     rank_x = tl.zeros((BLOCK_M,), dtype=tl.int32)  # the other view's columns alone
-    if COMPUTE_RANK:
-        above, above_x = _count_above(x, pos, p0, 0, half, N, BLOCK_N)
-        rank += above
-        rank_x += above_x
-    for t in range(1, tl.cdiv(M, BLOCK_N)):
-        x = _fwd_logits(z1_ptr, z2_ptr, norm_ptr, rows, row_mask, scale_i, p0, t, N, D,
-                        stride1, stride2, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
-        m_i, l_i = _online_update(x, m_i, l_i)
+    if LABELS:
+        for t in range(0, tl.cdiv(M, BLOCK_N)):
+            x, cols = _fwd_logits(z1_ptr, z2_ptr, norm_ptr, rows, row_mask, scale_i, p0, t, N, M,
+                                  D, stride1, stride2, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
+            is_pos = _label_positives(labels_ptr, rows, row_mask, cols, x)
+            m_n, l_n, m_p, l_p = _online_update_split(x, is_pos, m_n, l_n, m_p, l_p)
+            sum_p += tl.sum(tl.where(is_pos, x, 0.0), axis=1)
+            cnt += tl.sum(is_pos.to(tl.float32), axis=1)
         if COMPUTE_RANK:
-            above, above_x = _count_above(x, pos, p0, t, half, N, BLOCK_N)
+            for t in range(0, tl.cdiv(M, BLOCK_N)):
+                x, cols = _fwd_logits(z1_ptr, z2_ptr, norm_ptr, rows, row_mask, scale_i, p0, t, N,
+                                      M, D, stride1, stride2, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
+                is_pos = _label_positives(labels_ptr, rows, row_mask, cols, x)
+                above, above_x = _count_above(tl.where(is_pos, float("-inf"), x), m_p, cols,
+                                              part, N, LABELS)
+                rank += above
+                rank_x += above_x
+    else:
+        x, cols = _fwd_logits(z1_ptr, z2_ptr, norm_ptr, rows, row_mask, scale_i, p0, 0, N, M, D,
+                              stride1, stride2, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
+        on_diag = offs_m[:, None] == tl.arange(0, BLOCK_N)[None, :]
+        m_p = tl.sum(tl.where(on_diag, x, 0.0), axis=1)
+        l_p += 1.0
+        sum_p = m_p
+        cnt += 1.0
+        x = tl.where(on_diag, float("-inf"), x)  # the negatives' logsumexp leaves it out
+        m_n, l_n = _online_update(x, m_n, l_n)
+        if COMPUTE_RANK:
+            above, above_x = _count_above(x, m_p, cols, part, N, LABELS)
             rank += above
             rank_x += above_x
-    # loss = log(1 + 2^(lse2_neg - pos)) and lse = pos + loss, without the cancellation of
-    # lse - pos when the positive dominates; 0 when there is no negative (N = 1).
-    x2 = tl.where(m_i == float("-inf"), float("-inf"), m_i + tl.log2(l_i)) - pos
-    loss = tl.maximum(x2, 0.0) * LN2_C + _log1p(tl.exp2(-tl.abs(x2)))
-    tl.store(lse_ptr + rows, pos * LN2_C + loss, mask=row_mask)
-    tl.store(loss_ptr + rows, loss, mask=row_mask)
+        for t in range(1, tl.cdiv(M, BLOCK_N)):
+            x, cols = _fwd_logits(z1_ptr, z2_ptr, norm_ptr, rows, row_mask, scale_i, p0, t, N, M,
+                                  D, stride1, stride2, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
+            m_n, l_n = _online_update(x, m_n, l_n)
+            if COMPUTE_RANK:
+                above, above_x = _count_above(x, m_p, cols, part, N, LABELS)
+                rank += above
+                rank_x += above_x
+    _store_row_results(loss_ptr, stats_ptr, rank_ptr, rows, row_mask, M, m_n, l_n, m_p, l_p, sum_p,
+                       cnt, rank, rank_x, MEAN, COMPUTE_RANK)
+
+
+@triton.jit
+def _store_row_results(loss_ptr, stats_ptr, rank_ptr, rows, row_mask, M, m_n, l_n, m_p, l_p,
+                       sum_p, cnt, rank, rank_x, MEAN: tl.constexpr, COMPUTE_RANK: tl.constexpr):
+    """loss = log(1 + 2^x) [+ lse_pos - mean_pos] with x = lse2_neg - lse2_pos, lse = lse_pos +
+    log(1 + 2^x), Q = sigmoid(x): no cancellation when the positives dominate; loss 0 without
+    negatives (x = -inf) and for a row without a positive."""
+    no_neg = m_n == float("-inf")
+    lse2_n = tl.where(no_neg, float("-inf"), m_n + tl.log2(tl.where(no_neg, 1.0, l_n)))
+    has = cnt > 0
+    lse2_p = tl.where(has, m_p + tl.log2(tl.where(has, l_p, 1.0)), 0.0)
+    x2 = lse2_n - lse2_p
+    e = tl.exp2(-tl.abs(x2))
+    softplus = tl.maximum(x2, 0.0) * LN2_C + _log1p(e)
+    loss = softplus
+    if MEAN:
+        loss += (lse2_p - sum_p / tl.maximum(cnt, 1.0)) * LN2_C
+    q = tl.where(x2 >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+    tl.store(loss_ptr + rows, tl.where(has, loss, 0.0), mask=row_mask)
+    tl.store(stats_ptr + rows, tl.where(has, lse2_p * LN2_C + softplus, lse2_n * LN2_C), mask=row_mask)
+    tl.store(stats_ptr + M + rows, tl.where(has, lse2_p * LN2_C, float("-inf")), mask=row_mask)
+    tl.store(stats_ptr + 2 * M + rows, tl.where(has, q, 1.0), mask=row_mask)
+    tl.store(stats_ptr + 3 * M + rows, cnt, mask=row_mask)
     if COMPUTE_RANK:
         tl.store(rank_ptr + rows, rank, mask=row_mask)
         tl.store(rank_ptr + M + rows, rank_x, mask=row_mask)
 
 
 @triton.jit
-def _bwd_a_tile(acc, bi, bj, rows_i, mask_i, rows_j, mask_j, rn_i, rn_j, inv_tau, lse_ptr, w_ptr,
-                N):
-    """From the tile (bi, bj) of raw dot products, over the negatives only (0 on the diagonal,
-    the positive pairs and padding): A_ij = w_i P_ij + w_j P_ji; the tile's sum of A_ij s_ij
-    (halved on a diagonal tile, where A holds both (i, j) and (j, i)); and the negatives'
-    probability mass per row, sum_j P_ij, and per column, sum_i P_ji (the tile's parts of
-    Q = 1 - P_{i,p(i)}, formed without that cancellation)."""
+def _row_coefs(stats_ptr, w_ptr, rows, mask, M):
+    """A row's backward constants: lse, lse_pos, Q, 1/|P| and its weight (0 without a positive)."""
+    lse = tl.load(stats_ptr + rows, mask=mask, other=0.0)
+    lpos = tl.load(stats_ptr + M + rows, mask=mask, other=0.0)
+    q = tl.load(stats_ptr + 2 * M + rows, mask=mask, other=0.0)
+    cnt = tl.load(stats_ptr + 3 * M + rows, mask=mask, other=0.0)
+    w = tl.where(cnt > 0, tl.load(w_ptr + rows, mask=mask, other=0.0), 0.0)
+    return lse, lpos, q, 1.0 / tl.maximum(cnt, 1.0), w
+
+
+@triton.jit
+def _coef(s2, is_pos, lse, lpos, q, inv_cnt, LABELS: tl.constexpr, MEAN: tl.constexpr):
+    """dloss_i/ds_ij: P = exp(s - lse) for a negative; for a positive -Q R [+ R - 1/|P|], with R =
+    exp(s - lse_pos) the positive's share among the positives (1 in paired mode, |P| = 1)."""
+    if LABELS:
+        e = tl.exp2(s2 - tl.where(is_pos, lpos, lse) * LOG2E_C)
+        r = e
+    else:
+        e = tl.exp2(s2 - lse * LOG2E_C)
+        r = 1.0
+    c_pos = -q * r
+    if MEAN:
+        c_pos += r - inv_cnt
+    return tl.where(is_pos, c_pos, e)
+
+
+@triton.jit
+def _bwd_a_tile(acc, bi, bj, rows_i, mask_i, rows_j, mask_j, rn_i, rn_j, inv_tau, stats_ptr,
+                w_ptr, labels_ptr, N, M, LABELS: tl.constexpr, MEAN: tl.constexpr):
+    """From the tile (bi, bj) of raw dot products: A_ij = w_i c_ij + w_j c_ji over j != i (0 on
+    the diagonal and padding) and the tile's sum of A_ij s_ij (halved on a diagonal tile, where
+    A holds both (i, j) and (j, i))."""
     s = acc * (rn_i * inv_tau)[:, None] * rn_j[None, :]
-    lse_i = tl.load(lse_ptr + rows_i, mask=mask_i, other=0.0)
-    lse_j = tl.load(lse_ptr + rows_j, mask=mask_j, other=0.0)
-    w_i = tl.load(w_ptr + rows_i, mask=mask_i, other=0.0)
-    w_j = tl.load(w_ptr + rows_j, mask=mask_j, other=0.0)
-    pos_i = (rows_i + N) % (2 * N)
-    valid = (mask_i[:, None] & mask_j[None, :] & (rows_i[:, None] != rows_j[None, :])
-             & (rows_j[None, :] != pos_i[:, None]))
+    lse_i, lpos_i, q_i, inv_i, w_i = _row_coefs(stats_ptr, w_ptr, rows_i, mask_i, M)
+    lse_j, lpos_j, q_j, inv_j, w_j = _row_coefs(stats_ptr, w_ptr, rows_j, mask_j, M)
+    valid = mask_i[:, None] & mask_j[None, :] & (rows_i[:, None] != rows_j[None, :])
+    if LABELS:
+        lab_i = tl.load(labels_ptr + rows_i, mask=mask_i, other=0)
+        lab_j = tl.load(labels_ptr + rows_j, mask=mask_j, other=0)
+        is_pos = valid & (lab_i[:, None] == lab_j[None, :])
+    else:
+        is_pos = valid & (rows_j[None, :] == ((rows_i + N) % M)[:, None])
     # Masked entries go through exp2 at -inf (=> 0), never at s_ii = 1/tau (which overflows).
     s2 = tl.where(valid, s * LOG2E_C, float("-inf"))
-    p_ij = tl.exp2(s2 - (lse_i * LOG2E_C)[:, None])
-    p_ji = tl.exp2(s2 - (lse_j * LOG2E_C)[None, :])
-    a = tl.where(valid, w_i[:, None] * p_ij + w_j[None, :] * p_ji, 0.0)
+    c_ij = _coef(s2, is_pos, lse_i[:, None], lpos_i[:, None], q_i[:, None], inv_i[:, None], LABELS, MEAN)
+    c_ji = _coef(s2, is_pos, lse_j[None, :], lpos_j[None, :], q_j[None, :], inv_j[None, :], LABELS, MEAN)
+    a = tl.where(valid, w_i[:, None] * c_ij + w_j[None, :] * c_ji, 0.0)
     tsum = tl.sum(tl.sum(a * tl.where(valid, s, 0.0), axis=1), axis=0)
-    return a, tl.where(bi == bj, 0.5 * tsum, tsum), tl.sum(p_ij, axis=1), tl.sum(p_ji, axis=0)
+    return a, tl.where(bi == bj, 0.5 * tsum, tsum)
 
 
 @triton.jit
@@ -250,15 +354,14 @@ def _scaled_cast(x, dtype: tl.constexpr):
 
 
 @triton.jit
-def _nt_xent_bwd_rows_kernel(z1_ptr, z2_ptr, norm_ptr, temp_ptr, lse_ptr, w_ptr, g_ptr, q_ptr,
-                             tpart_ptr, N, D, stride1, stride2, BLOCK: tl.constexpr,
-                             BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+def _nt_xent_bwd_rows_kernel(z1_ptr, z2_ptr, labels_ptr, norm_ptr, temp_ptr, stats_ptr, w_ptr,
+                             g_ptr, tpart_ptr, N, M, D, stride1, stride2, LABELS: tl.constexpr,
+                             MEAN: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+                             PRECISION: tl.constexpr):
     """Backward for D <= BLOCK_D (the whole feature dimension in registers). Program I walks the
     tiles J >= I of its block row: its own rows' gradient G_I += A_IJ u_J stays in registers
-    (one atomic add at the end), the other side's G_J += A_IJ^T u_I is an fp32 atomic add; the
-    negatives' mass Q likewise. Each row of z is loaded once per tile. Programs are numbered
-    longest-first."""
-    M = 2 * N
+    (one atomic add at the end), the other side's G_J += A_IJ^T u_I is an fp32 atomic add.
+    Each row of z is loaded once per tile. Programs are numbered longest-first."""
     nb = tl.cdiv(M, BLOCK)
     bi = nb - 1 - tl.program_id(0)
     rows_i = bi * BLOCK + tl.arange(0, BLOCK)
@@ -269,7 +372,6 @@ def _nt_xent_bwd_rows_kernel(z1_ptr, z2_ptr, norm_ptr, temp_ptr, lse_ptr, w_ptr,
     rn_i = 1.0 / tl.load(norm_ptr + rows_i, mask=mask_i, other=1.0)
     z_i = _load_rows(z1_ptr, z2_ptr, rows_i, mask_i, offs_d, N, D, stride1, stride2)
     g_i = tl.zeros((BLOCK, BLOCK_D), dtype=tl.float32)
-    q_i = tl.zeros((BLOCK,), dtype=tl.float32)
     total = tl.zeros((), dtype=tl.float32)
     for bj in range(bi, nb):
         rows_j = bj * BLOCK + tl.arange(0, BLOCK)
@@ -277,36 +379,32 @@ def _nt_xent_bwd_rows_kernel(z1_ptr, z2_ptr, norm_ptr, temp_ptr, lse_ptr, w_ptr,
         rn_j = 1.0 / tl.load(norm_ptr + rows_j, mask=mask_j, other=1.0)
         z_j = _load_rows(z1_ptr, z2_ptr, rows_j, mask_j, offs_d, N, D, stride1, stride2)
         acc = tl.dot(z_i, tl.trans(z_j), input_precision=PRECISION)
-        a, tsum, q_row, q_col = _bwd_a_tile(acc, bi, bj, rows_i, mask_i, rows_j, mask_j, rn_i,
-                                            rn_j, inv_tau, lse_ptr, w_ptr, N)
-        q_i += q_row
+        a, tsum = _bwd_a_tile(acc, bi, bj, rows_i, mask_i, rows_j, mask_j, rn_i, rn_j, inv_tau,
+                              stats_ptr, w_ptr, labels_ptr, N, M, LABELS, MEAN)
         if bj != bi:
             a_i, c_i = _scaled_cast(tl.trans(a * rn_i[:, None]), z1_ptr.dtype.element_ty)
             g_j = tl.dot(a_i, z_i, input_precision=PRECISION) / c_i
             tl.atomic_add(g_ptr + _row_offset(rows_j, D)[:, None] + offs_d[None, :], g_j,
                           mask=mask_j[:, None] & d_mask)
-            tl.atomic_add(q_ptr + rows_j, q_col, mask=mask_j)
         total += tsum
         a_j, c_j = _scaled_cast(a * rn_j[None, :], z1_ptr.dtype.element_ty)
         g_i += tl.dot(a_j, z_j, input_precision=PRECISION) / c_j
     tl.atomic_add(g_ptr + _row_offset(rows_i, D)[:, None] + offs_d[None, :], g_i,
                   mask=mask_i[:, None] & d_mask)
-    tl.atomic_add(q_ptr + rows_i, q_i, mask=mask_i)
     tl.store(tpart_ptr + bi, total)
 
 
 @triton.jit
-def _nt_xent_bwd_pairs_kernel(z1_ptr, z2_ptr, norm_ptr, temp_ptr, lse_ptr, w_ptr, g_ptr, q_ptr,
-                              tpart_ptr, N, D, stride1, stride2, BLOCK: tl.constexpr,
-                              BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+def _nt_xent_bwd_pairs_kernel(z1_ptr, z2_ptr, labels_ptr, norm_ptr, temp_ptr, stats_ptr, w_ptr,
+                              g_ptr, tpart_ptr, N, M, D, stride1, stride2, LABELS: tl.constexpr,
+                              MEAN: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+                              PRECISION: tl.constexpr):
     """Backward for any D: one program per tile pair (I, J), I <= J, looping over D chunks;
-    G_I += A u_J and (I < J) G_J += A^T u_I as fp32 atomic adds, Q likewise; sum A s to
-    tpart[I, J]."""
+    G_I += A u_J and (I < J) G_J += A^T u_I as fp32 atomic adds; sum A s to tpart[I, J]."""
     bi = tl.program_id(0)
     bj = tl.program_id(1)
     if bi > bj:
         return
-    M = 2 * N
     rows_i = bi * BLOCK + tl.arange(0, BLOCK)
     rows_j = bj * BLOCK + tl.arange(0, BLOCK)
     mask_i = rows_i < M
@@ -316,12 +414,9 @@ def _nt_xent_bwd_pairs_kernel(z1_ptr, z2_ptr, norm_ptr, temp_ptr, lse_ptr, w_ptr
     rn_j = 1.0 / tl.load(norm_ptr + rows_j, mask=mask_j, other=1.0)
     acc = _dot_tile(z1_ptr, z2_ptr, rows_i, mask_i, rows_j, mask_j, N, D, stride1, stride2,
                     BLOCK, BLOCK, BLOCK_D, PRECISION)
-    a, tsum, q_row, q_col = _bwd_a_tile(acc, bi, bj, rows_i, mask_i, rows_j, mask_j, rn_i, rn_j,
-                                        inv_tau, lse_ptr, w_ptr, N)
+    a, tsum = _bwd_a_tile(acc, bi, bj, rows_i, mask_i, rows_j, mask_j, rn_i, rn_j, inv_tau,
+                          stats_ptr, w_ptr, labels_ptr, N, M, LABELS, MEAN)
     tl.store(tpart_ptr + bi * tl.num_programs(1) + bj, tsum)
-    tl.atomic_add(q_ptr + rows_i, q_row, mask=mask_i)
-    if bi != bj:
-        tl.atomic_add(q_ptr + rows_j, q_col, mask=mask_j)
     a_j, c_j = _scaled_cast(a * rn_j[None, :], z1_ptr.dtype.element_ty)
     a_i, c_i = _scaled_cast(tl.trans(a * rn_i[:, None]), z1_ptr.dtype.element_ty)
     for k0 in range(0, D, BLOCK_D):
@@ -339,53 +434,41 @@ def _nt_xent_bwd_pairs_kernel(z1_ptr, z2_ptr, norm_ptr, temp_ptr, lse_ptr, w_ptr
 
 
 @triton.jit
-def _finish_chunk(z1_ptr, z2_ptr, g_ptr, rows, prow, row_mask, offs_d, rn_i, rn_p, wpos, inv_tau,
-                  N, D, stride1, stride2):
-    """One feature chunk of u_i, u_p(i) and grad_u_i = (G_i - wpos_i u_p(i)) / tau."""
+def _finish_chunk(z1_ptr, z2_ptr, g_ptr, rows, row_mask, offs_d, rn_i, inv_tau, N, D, stride1,
+                  stride2):
+    """One feature chunk of u_i and grad_u_i = G_i / tau."""
     mask = row_mask[:, None] & (offs_d[None, :] < D)
     u_i = _load_rows(z1_ptr, z2_ptr, rows, row_mask, offs_d, N, D, stride1, stride2).to(tl.float32) * rn_i[:, None]
-    u_p = _load_rows(z1_ptr, z2_ptr, prow, row_mask, offs_d, N, D, stride1, stride2).to(tl.float32) * rn_p[:, None]
     g = tl.load(g_ptr + _row_offset(rows, D)[:, None] + offs_d[None, :], mask=mask, other=0.0)
-    return u_i, u_p, inv_tau * (g - wpos[:, None] * u_p), mask
+    return u_i, inv_tau * g, mask
 
 
 @triton.jit
-def _nt_xent_finish_kernel(z1_ptr, z2_ptr, norm_ptr, temp_ptr, w_ptr, g_ptr, q_ptr, gz1_ptr,
-                           gz2_ptr, ppart_ptr, N, D, stride1, stride2, gstride1, gstride2,
-                           BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    """grad_u_i = (G_i - (w_i Q_i + w_p(i) Q_p(i)) u_p(i)) / tau, with Q = 1 - P_{i,p(i)} the
-    negatives' mass; grad_z_i = (grad_u_i - (u_i . grad_u_i) u_i) / norm_i (or grad_u_i / eps
-    where the norm was clamped, as F.normalize); and the block's sum of w_i Q_i s_{i,p(i)} for
-    the temperature gradient."""
-    M = 2 * N
+def _nt_xent_finish_kernel(z1_ptr, z2_ptr, norm_ptr, temp_ptr, g_ptr, gz1_ptr, gz2_ptr, N, M, D,
+                           stride1, stride2, gstride1, gstride2, BLOCK_R: tl.constexpr,
+                           BLOCK_D: tl.constexpr):
+    """grad_z_i = (grad_u_i - (u_i . grad_u_i) u_i) / norm_i with grad_u = G / tau (or grad_u_i /
+    eps where the norm was clamped, as F.normalize), in the input dtype."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < M
-    prow = (rows + N) % M
     inv_tau = 1.0 / tl.load(temp_ptr).to(tl.float32)
     norm_i = tl.load(norm_ptr + rows, mask=row_mask, other=1.0)
     rn_i = 1.0 / norm_i
-    rn_p = 1.0 / tl.load(norm_ptr + prow, mask=row_mask, other=1.0)
-    wq_i = tl.load(w_ptr + rows, mask=row_mask, other=0.0) * tl.load(q_ptr + rows, mask=row_mask, other=0.0)
-    wpos = wq_i + tl.load(w_ptr + prow, mask=row_mask, other=0.0) * tl.load(q_ptr + prow, mask=row_mask, other=0.0)
     dot_gu = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    dot_up = tl.zeros((BLOCK_R,), dtype=tl.float32)
     for k0 in range(0, D, BLOCK_D):
-        u_i, u_p, gu, _ = _finish_chunk(z1_ptr, z2_ptr, g_ptr, rows, prow, row_mask,
-                                        k0 + tl.arange(0, BLOCK_D), rn_i, rn_p, wpos, inv_tau,
-                                        N, D, stride1, stride2)
+        u_i, gu, _ = _finish_chunk(z1_ptr, z2_ptr, g_ptr, rows, row_mask, k0 + tl.arange(0, BLOCK_D),
+                                   rn_i, inv_tau, N, D, stride1, stride2)
         dot_gu += tl.sum(u_i * gu, axis=1)
-        dot_up += tl.sum(u_i * u_p, axis=1)
     keep_radial = tl.where(norm_i <= NORM_EPS_C, 0.0, 1.0)
     for k0 in range(0, D, BLOCK_D):
         offs_d = k0 + tl.arange(0, BLOCK_D)
-        u_i, _, gu, mask = _finish_chunk(z1_ptr, z2_ptr, g_ptr, rows, prow, row_mask, offs_d, rn_i,
-                                         rn_p, wpos, inv_tau, N, D, stride1, stride2)
+        u_i, gu, mask = _finish_chunk(z1_ptr, z2_ptr, g_ptr, rows, row_mask, offs_d, rn_i, inv_tau,
+                                      N, D, stride1, stride2)
         gz = ((gu - (keep_radial * dot_gu)[:, None] * u_i) * rn_i[:, None]).to(gz1_ptr.dtype.element_ty)
         tl.store(gz1_ptr + _row_offset(rows, gstride1)[:, None] + offs_d[None, :], gz,
                  mask=mask & (rows < N)[:, None])
         tl.store(gz2_ptr + _row_offset(rows - N, gstride2)[:, None] + offs_d[None, :], gz,
                  mask=mask & (rows >= N)[:, None])
-    tl.store(ppart_ptr + tl.program_id(0), tl.sum(wq_i * dot_up * inv_tau, axis=0))
 
 
 def _pow2_at_least(x: int, lo: int = 16) -> int:
@@ -450,11 +533,11 @@ def _tuning_configs(kind: str) -> list:
 
 if AUTOTUNE:
     # The backward accumulates with atomics: every trial starts again from zeros.
-    _fwd_tuned = triton.autotune(configs=_tuning_configs("fwd"), key=["N", "D"])(_nt_xent_fwd_kernel)
-    _bwd_rows_tuned = triton.autotune(configs=_tuning_configs("rows"), key=["N", "D"],
-                                      reset_to_zero=["g_ptr", "q_ptr", "tpart_ptr"])(_nt_xent_bwd_rows_kernel)
-    _bwd_pairs_tuned = triton.autotune(configs=_tuning_configs("pairs"), key=["N", "D"],
-                                       reset_to_zero=["g_ptr", "q_ptr", "tpart_ptr"])(_nt_xent_bwd_pairs_kernel)
+    _fwd_tuned = triton.autotune(configs=_tuning_configs("fwd"), key=["N", "M", "D"])(_nt_xent_fwd_kernel)
+    _bwd_rows_tuned = triton.autotune(configs=_tuning_configs("rows"), key=["N", "M", "D"],
+                                      reset_to_zero=["g_ptr", "tpart_ptr"])(_nt_xent_bwd_rows_kernel)
+    _bwd_pairs_tuned = triton.autotune(configs=_tuning_configs("pairs"), key=["N", "M", "D"],
+                                       reset_to_zero=["g_ptr", "tpart_ptr"])(_nt_xent_bwd_pairs_kernel)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -462,76 +545,84 @@ def _precision(dtype: torch.dtype) -> str:
     return "tf32x3" if dtype == torch.float32 else "ieee"
 
 
-@triton_op("fastclr::nt_xent_triton_forward", mutates_args=())
-def nt_xent_forward(z1: torch.Tensor, z2: torch.Tensor, temperature: torch.Tensor,
-                    compute_accuracy: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(row_loss, lse, norm, rank) as fastclr::nt_xent_forward, by the Triton kernels."""
-    n, d = z1.shape
-    m = 2 * n
+def _rows_and_labels(z1, z2, labels):
+    """(z1, z2, labels or a stand-in, N = rows of z1, M = all rows) for the kernels; without
+    labels (paired mode) the kernels never read the stand-in (z1)."""
     z1, z2 = z1.contiguous(), z2.contiguous()
+    lab = z1 if labels is None else labels.to(torch.int64).contiguous()
+    return z1, z2, lab, z1.shape[0], z1.shape[0] + z2.shape[0]
+
+
+@triton_op("fastclr::nt_xent_triton_forward", mutates_args=())
+def nt_xent_forward(z1: torch.Tensor, z2: torch.Tensor, labels: torch.Tensor | None,
+                    temperature: torch.Tensor, mean_positives: bool,
+                    compute_accuracy: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(row_loss, stats, norm, rank) as fastclr::nt_xent_forward, by the Triton kernels."""
+    z1, z2, lab, n, m = _rows_and_labels(z1, z2, labels)
+    d = z1.shape[1]
     cfg = _config(m, d, z1.dtype, INTERPRETED)
     norm = torch.empty(m, device=z1.device, dtype=torch.float32)
-    lse = torch.empty_like(norm)
+    stats = torch.empty((4, m), device=z1.device, dtype=torch.float32)
     loss = torch.empty_like(norm)
     rank = torch.empty((2, m) if compute_accuracy else (0,), device=z1.device, dtype=torch.int32)
     _launcher(_nt_xent_norm_kernel)[(triton.cdiv(m, 64),)](
-        z1, z2, norm, n, d, z1.stride(0), z2.stride(0), BLOCK_R=64,
+        z1, z2, norm, n, m, d, z1.stride(0), z2.stride(0), BLOCK_R=64,
         BLOCK_D=min(128, _pow2_at_least(d)))
-    args = (z1, z2, norm, temperature, loss, lse, rank, n, d, z1.stride(0), z2.stride(0))
+    args = (z1, z2, lab, norm, temperature, loss, stats, rank, n, m, d, z1.stride(0), z2.stride(0))
+    flags = dict(LABELS=labels is not None, MEAN=bool(mean_positives), COMPUTE_RANK=compute_accuracy,
+                 PRECISION=_precision(z1.dtype))
+    # row blocks: over all M rows with labels; paired, per half (never straddling row N)
+    blocks = (lambda bm: triton.cdiv(m, bm)) if labels is not None else (lambda bm: 2 * triton.cdiv(n, bm))
     if AUTOTUNE:
-        _launcher(_fwd_tuned)[lambda meta: (2 * triton.cdiv(n, meta["BLOCK_M"]),)](
-            *args, COMPUTE_RANK=compute_accuracy, PRECISION=_precision(z1.dtype))
+        _launcher(_fwd_tuned)[lambda meta: (blocks(meta["BLOCK_M"]),)](*args, **flags)
     else:
-        _launcher(_nt_xent_fwd_kernel)[(2 * triton.cdiv(n, cfg["BLOCK_M"]),)](
-            *args, COMPUTE_RANK=compute_accuracy, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-            BLOCK_D=cfg["BLOCK_D"], PRECISION=_precision(z1.dtype), num_warps=cfg["num_warps"],
-            num_stages=cfg["num_stages"])
-    return loss, lse, norm, rank
+        _launcher(_nt_xent_fwd_kernel)[(blocks(cfg["BLOCK_M"]),)](
+            *args, **flags, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return loss, stats, norm, rank
 
 
 @triton_op("fastclr::nt_xent_triton_backward", mutates_args=())
 def nt_xent_backward(grad_rows: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor,
-                     temperature: torch.Tensor, norm: torch.Tensor,
-                     lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     labels: torch.Tensor | None, temperature: torch.Tensor, mean_positives: bool,
+                     norm: torch.Tensor,
+                     stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_z1, grad_z2, grad_temperature) as fastclr::nt_xent_backward, by Triton."""
-    n, d = z1.shape
-    m = 2 * n
-    z1, z2 = z1.contiguous(), z2.contiguous()
+    z1, z2, lab, n, m = _rows_and_labels(z1, z2, labels)
+    d = z1.shape[1]
     w = grad_rows.to(torch.float32).contiguous()
+    stats = stats.to(torch.float32).contiguous()
     cfg = _config(m, d, z1.dtype, INTERPRETED)
     g = torch.zeros(m, d, device=z1.device, dtype=torch.float32)
-    q = torch.zeros(m, device=z1.device, dtype=torch.float32)
     # Sized for the smallest tile any configuration uses; unused entries stay 0.
     nb_max = triton.cdiv(m, 64 if AUTOTUNE else cfg["BLOCK_BWD"])
     tpart = torch.zeros(nb_max * nb_max, device=z1.device, dtype=torch.float32)
-    args = (z1, z2, norm, temperature, lse, w, g, q, tpart, n, d, z1.stride(0), z2.stride(0))
-    precision = _precision(z1.dtype)
+    args = (z1, z2, lab, norm, temperature, stats, w, g, tpart, n, m, d, z1.stride(0), z2.stride(0))
+    flags = dict(LABELS=labels is not None, MEAN=bool(mean_positives), PRECISION=_precision(z1.dtype))
     if cfg["ROWS_BWD"]:
         if AUTOTUNE:
             _launcher(_bwd_rows_tuned)[lambda meta: (triton.cdiv(m, meta["BLOCK"]),)](
-                *args, BLOCK_D=cfg["BLOCK_D_BWD"], PRECISION=precision)
+                *args, **flags, BLOCK_D=cfg["BLOCK_D_BWD"])
         else:
             _launcher(_nt_xent_bwd_rows_kernel)[(triton.cdiv(m, cfg["BLOCK_BWD"]),)](
-                *args, BLOCK=cfg["BLOCK_BWD"], BLOCK_D=cfg["BLOCK_D_BWD"], PRECISION=precision,
+                *args, **flags, BLOCK=cfg["BLOCK_BWD"], BLOCK_D=cfg["BLOCK_D_BWD"],
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     elif AUTOTUNE:
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK"]), triton.cdiv(m, meta["BLOCK"]))  # noqa: E731
-        _launcher(_bwd_pairs_tuned)[grid](*args, PRECISION=precision)
+        _launcher(_bwd_pairs_tuned)[grid](*args, **flags)
     else:
         nb = triton.cdiv(m, cfg["BLOCK_BWD"])
         _launcher(_nt_xent_bwd_pairs_kernel)[(nb, nb)](
-            *args, BLOCK=cfg["BLOCK_BWD"], BLOCK_D=cfg["BLOCK_D_BWD"], PRECISION=precision,
+            *args, **flags, BLOCK=cfg["BLOCK_BWD"], BLOCK_D=cfg["BLOCK_D_BWD"],
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     grad_z1 = torch.empty_like(z1)
     grad_z2 = torch.empty_like(z2)
     block_r = 32
-    ppart = torch.empty(triton.cdiv(m, block_r), device=z1.device, dtype=torch.float32)
     _launcher(_nt_xent_finish_kernel)[(triton.cdiv(m, block_r),)](
-        z1, z2, norm, temperature, w, g, q, grad_z1, grad_z2, ppart, n, d, z1.stride(0),
-        z2.stride(0), grad_z1.stride(0), grad_z2.stride(0), BLOCK_R=block_r,
-        BLOCK_D=min(64, _pow2_at_least(d)))
-    # dL/dtau = -(1/tau) * sum_i w_i (sum_{j != i, p(i)} P_ij s_ij - Q_i s_{i,p(i)})
-    grad_t = -(tpart.sum() - ppart.sum()) / temperature.to(torch.float32)
+        z1, z2, norm, temperature, g, grad_z1, grad_z2, n, m, d, z1.stride(0), z2.stride(0),
+        grad_z1.stride(0), grad_z2.stride(0), BLOCK_R=block_r, BLOCK_D=min(64, _pow2_at_least(d)))
+    # dL/dtau = -(1/tau) * sum_i w_i sum_{j != i} c_ij s_ij
+    grad_t = -tpart.sum() / temperature.to(torch.float32)
     return grad_z1, grad_z2, grad_t
 
 

@@ -1,8 +1,16 @@
-"""NT-Xent: fastclr's fused kernels against the reference, naive PyTorch, lightly (and inf-cl).
+"""NT-Xent and SupCon: fastclr's fused kernels against the reference, naive PyTorch and peers.
 
     python -m benchmarks.bench_loss                      # CPU: M = 2048, 8192, 16384; D = 128
     python -m benchmarks.bench_loss --sizes 4096 --impls cpu naive --repeats 3
     python -m benchmarks.bench_loss --device cuda        # GPU: M = 4096 .. 65536, bfloat16
+    python -m benchmarks.bench_loss --loss supcon --labels classes:100   # SupCon, 100 classes
+    python -m benchmarks.bench_loss --loss supcon --labels views:4       # 4 views of M/4 images
+
+NT-Xent peers: naive PyTorch, lightly's and pytorch-metric-learning's NTXentLoss, inf-cl.
+SupCon ("mean" positives, SupCon's L_out) peers: a naive PyTorch SupCon (the M x M logits, a
+log-softmax and the label masks, as the official SupContrast code) and pytorch-metric-learning's
+SupConLoss; labels either classes:K (uniform random classes) or views:V (labels arange(M/V)
+repeated V times: multi-view SimCLR).
 
 Each (implementation, M) runs in its own process. CPU: peak extra memory is the rise of the
 process's resident high-water mark over one forward+backward (reset just before it, inputs
@@ -30,6 +38,7 @@ import sys
 from benchmarks import common
 
 IMPLS = ("cpu", "triton", "cuda", "reference", "naive", "lightly", "pml", "infcl")
+SUPCON_IMPLS = ("cpu", "triton", "cuda", "reference", "naive", "pml")
 PEERS = {"naive": "normalize, z @ z.T, mask diagonal, cross_entropy (plain PyTorch)",
          "reference": "fastclr.reference.nt_xent (the spec, O(M^2))",
          "cpu": "fastclr.nt_xent_fused(impl='cpu'): the C++ kernel",
@@ -42,6 +51,16 @@ PEERS = {"naive": "normalize, z @ z.T, mask diagonal, cross_entropy (plain PyTor
 # (measured) and grows as M^2 and more: above 512 it is recorded as skipped rather than run into
 # the OOM killer and the suite's time budget.
 CPU_MAX_M = {"pml": 512}
+# pytorch-metric-learning's SupConLoss holds ~30 M x M float32 matrices (measured: 480 MiB at
+# M = 2048): 30 GiB at M = 16384 is beyond this machine, so on a CPU it stops at 8192.
+SUPCON_CPU_MAX_M = {"pml": 8192}
+SUPCON_PEERS = {"naive": "normalize, z @ z.T, mask diagonal, log_softmax, masked mean over positives "
+                         "(plain PyTorch, as SupContrast)",
+                "reference": "fastclr.reference.supcon (the spec, O(M^2))",
+                "cpu": "fastclr.supcon_fused(impl='cpu'): the C++ kernel",
+                "triton": "fastclr.supcon_fused(impl='triton'): the Triton kernels",
+                "cuda": "fastclr.supcon_fused(impl='cuda'): the hand-written CUDA kernel",
+                "pml": "pytorch_metric_learning.losses.SupConLoss"}
 DTYPES = {"float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16",
           "float16": "float16"}
 
@@ -87,8 +106,48 @@ def make_loss(impl: str, temperature: float, device: str):
     raise ValueError(impl)
 
 
+def make_labels(spec: str, m: int, device: str):
+    """classes:K -> uniform random labels in [0, K); views:V -> arange(M / V) repeated V times."""
+    import torch
+    kind, _, k = spec.partition(":")
+    g = torch.Generator().manual_seed(1)
+    if kind == "classes":
+        return torch.randint(0, int(k), (m,), generator=g).to(device)
+    if kind == "views":
+        return torch.arange(m // int(k)).repeat(int(k)).to(device)
+    raise ValueError(f"labels spec {spec!r}: classes:K or views:V")
+
+
+def make_supcon(impl: str, temperature: float):
+    """(z, labels) -> SupCon ("mean" positives) of one implementation."""
+    import torch
+    import torch.nn.functional as F
+
+    if impl in ("cpu", "triton", "cuda"):
+        import fastclr
+        return lambda z, y: fastclr.supcon_fused(z, y, temperature, impl=impl)
+    if impl == "reference":
+        from fastclr import reference
+        return lambda z, y: reference.supcon(z, y, temperature)
+    if impl == "naive":
+        def naive(z, y):
+            u = F.normalize(z, dim=1)
+            m = u.shape[0]
+            eye = torch.eye(m, dtype=torch.bool, device=u.device)
+            log_prob = (u @ u.T / temperature).masked_fill(eye, float("-inf")).log_softmax(dim=1)
+            same = (y[:, None] == y[None, :]) & ~eye
+            count = same.sum(1)
+            rows = -torch.where(same, log_prob, 0.0).sum(1) / count.clamp_min(1)
+            return rows[count > 0].mean()
+        return naive
+    if impl == "pml":
+        from pytorch_metric_learning.losses import SupConLoss
+        return SupConLoss(temperature=temperature)
+    raise ValueError(impl)
+
+
 def worker(impl: str, m: int, d: int, repeats: int, temperature: float, device: str,
-           dtype_name: str, budget_mb: float = 0.0) -> dict:
+           dtype_name: str, budget_mb: float = 0.0, loss: str = "ntxent", labels: str = "") -> dict:
     """One configuration (pml: a single timed call on CPU, see CPU_MAX_M). repeats == 0: a single forward+backward, for its peak memory only
     (the largest-batch search); on a GPU budget_mb then caps this process's CUDA memory."""
     import torch
@@ -104,7 +163,13 @@ def worker(impl: str, m: int, d: int, repeats: int, temperature: float, device: 
     row = {"impl": impl, "M": m, "D": d, "dtype": DTYPES[dtype_name], "temperature": temperature,
            "device": device}
     try:
-        loss_fn = make_loss(impl, temperature, device)
+        if loss == "supcon":  # z = [z1; z2] with labels: the same (a, b) -> loss interface
+            row.update(loss="supcon", labels=labels)
+            y = make_labels(labels, m, device)
+            supcon = make_supcon(impl, temperature)
+            loss_fn = lambda a, b: supcon(torch.cat([a, b]), y[:2 * a.shape[0]])  # noqa: E731
+        else:
+            loss_fn = make_loss(impl, temperature, device)
 
         def fwd():
             with torch.no_grad():
@@ -148,14 +213,17 @@ def worker(impl: str, m: int, d: int, repeats: int, temperature: float, device: 
     return row
 
 
-def run_one(impl, m, d, repeats, temperature, timeout, device, dtype, budget_mb=0.0) -> dict:
-    if device == "cpu" and m > CPU_MAX_M.get(impl, m):
-        return {"impl": impl, "M": m, "D": d, "status": "skipped", "device": device,
-                "error": f"{impl} needs 17 GiB and ~30 s a call at M=1024 on CPU"}
-    if device == "cpu" and impl == "pml":
+def run_one(impl, m, d, repeats, temperature, timeout, device, dtype, budget_mb=0.0,
+            loss="ntxent", labels="") -> dict:
+    limit = (SUPCON_CPU_MAX_M if loss == "supcon" else CPU_MAX_M).get(impl, m)
+    if device == "cpu" and m > limit:
+        why = (f"{impl} would need ~30 GiB at M=16384 on CPU" if loss == "supcon"
+               else f"{impl} needs 17 GiB and ~30 s a call at M=1024 on CPU")
+        return {"impl": impl, "M": m, "D": d, "status": "skipped", "device": device, "error": why}
+    if device == "cpu" and impl == "pml" and loss != "supcon":
         repeats = min(repeats, 1)  # ~30 s a call
     cmd = [sys.executable, "-m", "benchmarks.bench_loss", "--worker", impl, str(m), str(d),
-           str(repeats), str(temperature), device, dtype, str(budget_mb)]
+           str(repeats), str(temperature), device, dtype, str(budget_mb), loss, labels or "-"]
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -167,14 +235,14 @@ def run_one(impl, m, d, repeats, temperature, timeout, device, dtype, budget_mb=
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def largest_batch(impl, d, temperature, timeout, device, dtype, budget_mb, cap) -> dict:
+def largest_batch(impl, d, temperature, timeout, device, dtype, budget_mb, cap, **extra) -> dict:
     """Doubles M from 1024 while one forward+backward stays within budget_mb of extra memory
     (measured; on a GPU also enforced, so going over is a real out-of-memory), up to cap."""
     best, m, why = None, 1024, "search cap"
     if device == "cpu" and impl in CPU_MAX_M:
         cap, why = 0, f"skipped ({impl} needs 17 GiB at M=1024 on CPU)"
     while m <= cap:
-        r = run_one(impl, m, d, 0, temperature, timeout, device, dtype, budget_mb)
+        r = run_one(impl, m, d, 0, temperature, timeout, device, dtype, budget_mb, **extra)
         if r.get("status") != "ok":
             why = f"{r.get('status')} at M={m}"
             break
@@ -277,20 +345,34 @@ def main(argv=None):
                         "forward+backward fits in this much extra memory (0: skip)")
     p.add_argument("--max-search-m", type=int, help="stop the search here (default: 131072 on "
                                                      "CPU, 1048576 on GPU)")
-    p.add_argument("--worker", nargs=8, help=argparse.SUPPRESS)
+    p.add_argument("--loss", choices=["ntxent", "supcon"], default="ntxent")
+    p.add_argument("--labels", default="classes:100",
+                   help="SupCon's labels: classes:K (random classes) or views:V (V views per image)")
+    p.add_argument("--worker", nargs=10, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        impl, m, d, repeats, tau, device, dtype, budget = args.worker
+        impl, m, d, repeats, tau, device, dtype, budget, loss, labels = args.worker
         print(json.dumps(worker(impl, int(m), int(d), int(repeats), float(tau), device, dtype,
-                                float(budget))))
+                                float(budget), loss, labels)))
         return
     gpu = args.device == "cuda"
     sizes = args.sizes or ([4096, 16384, 65536] if gpu else [2048, 8192, 16384])
     dtype = args.dtype or ("bf16" if gpu else "float32")
-    impls = args.impls or (["triton", "cuda", "naive", "lightly", "pml", "infcl"] if gpu
-                           else ["cpu", "reference", "naive", "lightly", "pml"])
+    supcon = args.loss == "supcon"
+    if supcon:
+        impls = args.impls or (["triton", "cuda", "naive", "pml"] if gpu else ["cpu", "naive", "pml"])
+        if any(i not in SUPCON_IMPLS for i in impls):
+            p.error(f"--loss supcon takes --impls among {SUPCON_IMPLS}")
+        try:
+            make_labels(args.labels, 8, "cpu")
+        except ValueError as exc:
+            p.error(str(exc))
+    else:
+        impls = args.impls or (["triton", "cuda", "naive", "lightly", "pml", "infcl"] if gpu
+                               else ["cpu", "reference", "naive", "lightly", "pml"])
     if any(m < 2 or m % 2 for m in sizes):
         p.error("--sizes must be even and >= 2 (M = 2N rows)")
+    extra = dict(loss=args.loss, labels=args.labels if supcon else "")
 
     from tqdm import tqdm
 
@@ -299,23 +381,26 @@ def main(argv=None):
     rows = []
     for impl, m, d in tqdm(configs, desc="bench_loss", unit="config"):
         rows.append(run_one(impl, m, d, args.repeats, args.temperature, args.timeout,
-                            args.device, dtype))
+                            args.device, dtype, **extra))
     fits = []
     if args.budget_mb > 0:
         cap = args.max_search_m or (1 << 20 if gpu else 1 << 17)
         for impl in tqdm(impls, desc="largest batch", unit="impl"):
             fits.append(largest_batch(impl, args.dims[0], args.temperature, args.timeout,
-                                      args.device, dtype, args.budget_mb, cap))
+                                      args.device, dtype, args.budget_mb, cap, **extra))
     meta = {"machine": common.machine(args.device),
             "versions": common.versions("torch", "triton", "fastclr", "lightly",
                                         "pytorch-metric-learning", "inf-cl"),
-            "peers": {k: PEERS[k] for k in impls}}
+            "peers": {k: (SUPCON_PEERS if supcon else PEERS)[k] for k in impls}}
+    if supcon:
+        meta["labels"] = args.labels
     if fits:
         meta["budget_mb"] = args.budget_mb
     if gpu:
         meta["matmul_peak_tflops"] = matmul_peak_tflops(dtype)
-    common.publish("loss", "benchmarks.bench_loss",
-                   f"NT-Xent forward+backward, {DTYPES[dtype]}, {common.where(meta)}, "
+    title = f"SupCon (mean positives, labels {args.labels})" if supcon else "NT-Xent"
+    common.publish("supcon" if supcon else "loss", "benchmarks.bench_loss",
+                   f"{title} forward+backward, {DTYPES[dtype]}, {common.where(meta)}, "
                    f"torch {meta['versions']['torch']}", tables(rows + fits, meta.get("matmul_peak_tflops")),
                    rows + fits, meta, args, argv)
 

@@ -3,7 +3,7 @@
     bash benchmarks/gpu_suite.sh                # run (a GPU machine; results to $OUT)
     bash benchmarks/gpu_suite.sh --plan         # anywhere: the stages, estimates, budget, files
 
-The stages run in order of value and share one time budget (GPU_SUITE_BUDGET_S, default 450 s,
+The stages run in order of value and share one time budget (GPU_SUITE_BUDGET_S, default 470 s,
 counted from the suite's start). A stage starts only when the time left covers its estimate;
 otherwise it is recorded as skipped, with the reason. A running stage is stopped at its cap or
 when the budget runs out, whichever comes first. Everything a stage writes lands in a scratch
@@ -34,7 +34,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 MAX_FILES = 8  # what the device tool returns from $OUT
-DEFAULT_BUDGET_S = 450
+DEFAULT_BUDGET_S = 470
 PLAN_LIMIT_S = 480  # the plan's estimates must fit in this, whatever the budget says
 RESERVE_S = 10  # packing the results at the end
 PY = os.environ.get("PYTHON", "python3")
@@ -81,6 +81,11 @@ def stages() -> list:
                       "--dtype", "bf16", "--repeats", "10", "--timeout", "60",
                       "--impls", "triton", "cuda", "naive", "lightly", "infcl")],
               results=("loss",)),
+        Stage("supcon", "SupCon (100 classes): bf16, D=128, M=65536, Triton/CUDA vs naive", 20, 60,
+              [_bench("benchmarks.bench_loss", "--loss", "supcon", "--labels", "classes:100",
+                      "--sizes", "65536", "--dims", "128", "--dtype", "bf16", "--repeats", "5",
+                      "--timeout", "40", "--impls", "triton", "cuda", "naive")],
+              results=("supcon",)),
         Stage("lars-knn", "LARS on ResNet-50's parameters; knn_topk 20000 x 200000", 40, 90,
               [_bench("benchmarks.bench_lars", "--models", "resnet50", "--repeats", "50"),
                _bench("benchmarks.bench_knn", "--queries", "20000", "--bank", "200000",

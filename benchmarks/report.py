@@ -3,7 +3,8 @@
     python -m benchmarks.report                       # benchmarks/results -> benchmarks/report
     python -m benchmarks.report --no-readme           # leave README.md alone
 
-For every kind of benchmark (loss, lars, augment, train, knn) and device, the newest results file
+For every kind of benchmark (loss, supcon, lars, augment, train, knn) and device (and, for
+supcon, labels pattern), the newest results file
 under --results (searched recursively, so committed GPU suite folders count) becomes one section:
 the hardware, the versions, the date, the command that reproduces it, the table and a plot.
 The sections go to <out>/README.md and, between the README's ``<!-- benchmarks:begin -->`` and
@@ -19,15 +20,17 @@ from pathlib import Path
 from benchmarks import common
 
 ROOT = Path(__file__).resolve().parent.parent
-KINDS = ("loss", "lars", "augment", "train", "knn")
-TITLES = {"loss": "NT-Xent loss: time and memory", "lars": "LARS step",
+KINDS = ("loss", "supcon", "lars", "augment", "train", "knn")
+TITLES = {"loss": "NT-Xent loss: time and memory", "supcon": "SupCon loss (mean positives): time and memory",
+          "lars": "LARS step",
           "augment": "Two-view augmentation", "train": "End-to-end training step, one component swapped",
           "knn": "kNN search (the evaluation monitor)"}
 BEGIN, END = "<!-- benchmarks:begin -->", "<!-- benchmarks:end -->"
 
 
 def load_latest(results: Path) -> dict:
-    """(kind, device) -> the newest results file's payload (by its recorded date)."""
+    """(kind, device, labels) -> the newest results file's payload (by its recorded date);
+    labels is the SupCon benchmark's labels pattern, "" for every other kind."""
     latest = {}
     for path in sorted(results.rglob("*.json")):
         try:
@@ -36,7 +39,7 @@ def load_latest(results: Path) -> dict:
             continue
         if not isinstance(d, dict) or d.get("kind") not in KINDS:
             continue
-        key = (d["kind"], d["machine"]["device"])
+        key = (d["kind"], d["machine"]["device"], d.get("labels", ""))
         if key not in latest or d["date"] > latest[key]["date"]:
             d["_path"] = path
             latest[key] = d
@@ -66,7 +69,8 @@ def plot_loss(d, path):
         a.set(xscale="log", yscale="log", xlabel="M = 2N rows", ylabel=yl)
         a.grid(True, which="both", alpha=0.3)
         a.legend(fontsize=8)
-    fig.suptitle(f"NT-Xent, D = {d0}, {common.where(d)}", fontsize=9)
+    what = f"SupCon, labels {d['labels']}" if d.get("kind") == "supcon" else "NT-Xent"
+    fig.suptitle(f"{what}, D = {d0}, {common.where(d)}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -127,7 +131,7 @@ def plot_knn(d, path):
 
 def tables(kind, d) -> str:
     from benchmarks import bench_augment, bench_knn, bench_lars, bench_loss, bench_train
-    if kind == "loss":  # a GPU's rows are read against the matmul peak measured with them
+    if kind in ("loss", "supcon"):  # a GPU's rows are read against the matmul peak measured with them
         return bench_loss.tables(d["rows"], d.get("matmul_peak_tflops"))
     return {"lars": bench_lars.table, "augment": bench_augment.table, "train": bench_train.table,
             "knn": bench_knn.table}[kind](d["rows"])
@@ -136,7 +140,8 @@ def tables(kind, d) -> str:
 def section(kind, d, img_rel: str) -> str:
     v = d.get("versions", {})
     vers = ", ".join(f"{k} {val}" for k, val in v.items() if val)
-    return (f"#### {TITLES[kind]} — {d['machine']['device'].upper()}: {common.where(d)}\n\n"
+    title = TITLES[kind] + (f", labels {d['labels']}" if d.get("labels") else "")
+    return (f"#### {title} — {d['machine']['device'].upper()}: {common.where(d)}\n\n"
             f"{d['date'][:10]}; {vers}. Reproduce: `{d['command']}` "
             f"(results file `{d['_path'].relative_to(ROOT) if d['_path'].is_relative_to(ROOT) else d['_path']}`).\n\n"
             f"{tables(kind, d)}\n\n![{kind}]({img_rel})\n")
@@ -155,15 +160,15 @@ def main(argv=None):
         raise SystemExit(f"benchmarks.report: no results files under {args.results}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    plotters = {"loss": plot_loss, "lars": plot_lars, "augment": plot_augment, "train": plot_train,
+    plotters = {"loss": plot_loss, "supcon": plot_loss, "lars": plot_lars, "augment": plot_augment, "train": plot_train,
                 "knn": plot_knn}
     sections_local, sections_readme = [], []
     for device in ("cpu", "cuda"):
-        for kind in KINDS:
-            d = latest.get((kind, device))
-            if d is None:
+        for (kind, dev, labels), d in sorted(latest.items(), key=lambda kv: (KINDS.index(kv[0][0]), kv[0][2])):
+            if dev != device:
                 continue
-            img = out / f"{kind}-{device}.png"
+            tag = f"-{labels.replace(':', '')}" if labels else ""
+            img = out / f"{kind}-{device}{tag}.png"
             plotters[kind](d, img)
             sections_local.append(section(kind, d, img.name))
             readme_dir = Path(args.readme).resolve().parent

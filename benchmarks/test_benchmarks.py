@@ -41,6 +41,24 @@ def test_loss_forward_backward(benchmark, impl, m):
     benchmark.pedantic(step, rounds=3 if impl == "pml" else 10, warmup_rounds=1)
 
 
+@pytest.mark.parametrize("impl", [FASTCLR, "naive", "pml"])
+@pytest.mark.parametrize("labels", ["classes:100", "views:4"])
+def test_supcon_forward_backward(benchmark, impl, labels):
+    m, d = 2048, 128
+    benchmark.group = f"SupCon fwd+bwd, M={m}, D={d}, labels {labels} ({DEVICE})"
+    pytest.importorskip({"pml": "pytorch_metric_learning"}.get(impl, "torch"))
+    torch.manual_seed(0)
+    z = torch.randn(m, d, device=DEVICE, requires_grad=True)
+    y = bench_loss.make_labels(labels, m, DEVICE)
+    loss_fn = bench_loss.make_supcon(impl, 0.1)
+
+    def step():
+        z.grad = None
+        loss_fn(z, y).backward()
+        _sync()
+    benchmark.pedantic(step, rounds=5, warmup_rounds=1)
+
+
 @pytest.mark.parametrize("name", ["fastclr-cpu", "fastclr-cuda", "fastclr-foreach", "lightly", "timm",
                                   "sgd-fused"])
 def test_lars_step(benchmark, name):

@@ -4,12 +4,13 @@ import json
 from benchmarks import common, report
 
 
-def _write(folder, kind, date, rows):
+def _write(folder, kind, date, rows, **extra):
     meta = {"machine": {"cpu": "Test CPU", "torch_threads": 2, "device": "cpu"},
-            "versions": {"torch": "9.9"}}
+            "versions": {"torch": "9.9"}, **extra}
     payload = {"kind": kind, "date": date, "command": f"python -m benchmarks.bench_{kind}", **meta,
                "rows": rows}
-    (folder / f"{kind}-cpu-{date[:10]}.json").write_text(json.dumps(payload))
+    tag = extra.get("labels", "").replace(":", "")
+    (folder / f"{kind}-cpu-{date[:10]}{tag}.json").write_text(json.dumps(payload))
 
 
 def test_report_sections_plots_and_readme(tmp_path):
@@ -24,6 +25,9 @@ def test_report_sections_plots_and_readme(tmp_path):
         {"impl": "pml", "M": 4096, "D": 128, "status": "skipped", "device": "cpu"},
         {"kind": "largest_batch", "impl": "fused", "D": 128, "budget_mb": 1024, "largest_M": 131072,
          "peak_extra_mb": 90, "stopped_by": "search cap", "device": "cpu", "status": "ok"}])
+    for labels, t in (("classes:100", 0.2), ("views:4", 0.3)):  # one section per labels pattern
+        _write(res, "supcon", "2026-02-01T00:00:00", [loss("cpu", 4096, t, 9), loss("naive", 4096, 1.0, 900)],
+               labels=labels)
     _write(res, "lars", "2026-02-01T00:00:00", [
         {"model": "resnet18", "optimizer": o, "status": "ok", "step_ms": ms}
         for o, ms in (("fastclr-cpp", 6.0), ("lightly", 25.0))])
@@ -51,7 +55,13 @@ def test_report_sections_plots_and_readme(tmp_path):
     assert "| cpu | 131072+ | 90 | search cap |" in text
     assert "| resnet18 | 64 | **naive** | fastclr | torch | 150 | 0.50x |" in text
     assert "| 100 x 1000, 8, 5 | fastclr | 0.500 | 1.25x | 3 | 0 of 500 |" in text
+    assert "labels classes:100 — CPU" in text and "labels views:4 — CPU" in text
+    assert "| 4096 | 128 | cpu | 0.0667 | 0.2000 | 0.20x | 9 |" in text
+    assert "| 4096 | 128 | cpu | 0.1000 | 0.3000 | 0.30x | 9 |" in text
     for kind in report.KINDS:
-        assert (out / f"{kind}-cpu.png").stat().st_size > 1000
-        assert f"![{kind}](report/{kind}-cpu.png)" in text
+        names = ([f"{kind}-cpu-classes100.png", f"{kind}-cpu-views4.png"] if kind == "supcon"
+                 else [f"{kind}-cpu.png"])
+        for name in names:
+            assert (out / name).stat().st_size > 1000
+            assert f"![{kind}](report/{name})" in text
     assert common.where({"machine": {"cpu": "X", "torch_threads": 1}}) == "X, 1 threads"

@@ -22,7 +22,7 @@ ENVIRONMENTS = {
     "CUDA, neither": ("cuda", False, False, False),
 }
 ERRORS = {"ValueError": ValueError, "RuntimeError": RuntimeError, "TypeError": TypeError}
-TABLES = {"fused": ("nt_xent_fused", "normalized_similarity", "knn_topk"), "lars": ("LARS",)}
+TABLES = {"fused": ("nt_xent_fused", "supcon_fused", "normalized_similarity", "knn_topk"), "lars": ("LARS",)}
 
 
 def readme_table(name):

@@ -32,6 +32,7 @@ autotunes instead.
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import torch
 import triton
@@ -554,7 +555,7 @@ def _rows_and_labels(z1, z2, labels):
 
 
 @triton_op("fastclr::nt_xent_triton_forward", mutates_args=())
-def nt_xent_forward(z1: torch.Tensor, z2: torch.Tensor, labels: torch.Tensor | None,
+def nt_xent_forward(z1: torch.Tensor, z2: torch.Tensor, labels: Optional[torch.Tensor],
                     temperature: torch.Tensor, mean_positives: bool,
                     compute_accuracy: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(row_loss, stats, norm, rank) as fastclr::nt_xent_forward, by the Triton kernels."""
@@ -584,7 +585,7 @@ def nt_xent_forward(z1: torch.Tensor, z2: torch.Tensor, labels: torch.Tensor | N
 
 @triton_op("fastclr::nt_xent_triton_backward", mutates_args=())
 def nt_xent_backward(grad_rows: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor,
-                     labels: torch.Tensor | None, temperature: torch.Tensor, mean_positives: bool,
+                     labels: Optional[torch.Tensor], temperature: torch.Tensor, mean_positives: bool,
                      norm: torch.Tensor,
                      stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_z1, grad_z2, grad_temperature) as fastclr::nt_xent_backward, by Triton."""

@@ -387,6 +387,40 @@ int64_t check_inputs(const at::Tensor& z1, const at::Tensor& z2,
   return m;
 }
 
+// The rows that get a loss: i with (i mod span) in [lo, lo + count), span = N (paired mode:
+// a rank's rows of both views) or M (labels). The others are left as rows without a positive.
+struct LocalRows {
+  int64_t lo, count, span, n;
+  bool paired;
+  bool all() const { return lo == 0 && count == span; }
+  // whether rows [b0, b1) meet the local rows
+  bool meets(int64_t b0, int64_t b1) const {
+    auto hits = [&](int64_t r0) { return b0 < r0 + count && r0 < b1; };
+    return count > 0 && (hits(lo) || (paired && hits(n + lo)));
+  }
+};
+
+LocalRows local_rows(int64_t row_lo, int64_t row_count, int64_t m, int64_t n, bool paired) {
+  const int64_t span = paired ? n : m;
+  const int64_t count = row_count < 0 ? span - row_lo : row_count;
+  TORCH_CHECK(row_lo >= 0 && count >= 0 && row_lo + count <= span, "fastclr: local rows [",
+              row_lo, ", ", row_lo, " + ", count, ") must lie within [0, ", span, ")");
+  return {row_lo, count, span, n, paired};
+}
+
+// Rows outside the local ones: no loss, no positive (the backward weighs them 0), and lse =
+// lse_pos = +inf, so that every coefficient the backward forms for them is finite (exp(s - inf)
+// = 0) and 0 times it stays 0.
+template <typename acc_t>
+void clear_rows(acc_t* loss, acc_t* stats, int64_t m) {
+  const acc_t inf = std::numeric_limits<acc_t>::infinity();
+  std::fill(loss, loss + m, acc_t(0));
+  std::fill(stats + kLse * m, stats + kLse * m + m, inf);
+  std::fill(stats + kLsePos * m, stats + kLsePos * m + m, inf);
+  std::fill(stats + kQ * m, stats + kQ * m + m, acc_t(1));
+  std::fill(stats + kCount * m, stats + kCount * m + m, acc_t(0));
+}
+
 at::ScalarType acc_type_of(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
@@ -478,11 +512,13 @@ void forward_block(const at::Tensor& u, const int64_t* labels, int64_t i0, int64
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nt_xent_forward_cpu(
     const at::Tensor& z1_in, const at::Tensor& z2_in, const std::optional<at::Tensor>& labels_in,
-    const at::Tensor& temperature, bool mean_positives, bool compute_accuracy) {
+    const at::Tensor& temperature, bool mean_positives, bool compute_accuracy, int64_t row_lo,
+    int64_t row_count) {
   const int64_t m = check_inputs(z1_in, z2_in, labels_in);
   const at::Tensor z1 = z1_in.contiguous(), z2 = z2_in.contiguous();
   const at::Tensor labels = labels_int64(labels_in);
   const int64_t n = z1.size(0), d = z1.size(1);
+  const LocalRows own = local_rows(row_lo, row_count, m, n, !labels.defined());
   const auto acc_type = acc_type_of(z1.scalar_type());
   const auto opts = z1.options().dtype(acc_type);
 
@@ -502,17 +538,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nt_xent_forward_cpu(
     acc_t* ploss = row_loss.data_ptr<acc_t>();
     int32_t* prank = compute_accuracy ? rank.data_ptr<int32_t>() : nullptr;
     const int64_t* plab = labels.defined() ? labels.const_data_ptr<int64_t>() : nullptr;
-    // Row blocks: paired mode, never straddling row N; labels mode, over all M rows.
-    const int64_t span = plab ? m : n;
-    const int64_t blocks_per_span = (span + kFwdRowBlock - 1) / kFwdRowBlock;
+    if (!own.all()) clear_rows(ploss, pstats, m);
+    // Row blocks over the local rows: paired mode, per view (never straddling row N); labels
+    // mode, one range of the M rows.
+    const int64_t span = own.span;
+    const int64_t blocks_per_span = (own.count + kFwdRowBlock - 1) / kFwdRowBlock;
     const int64_t n_blocks = plab ? blocks_per_span : 2 * blocks_per_span;
     at::parallel_for(0, n_blocks, 1, [&](int64_t b_begin, int64_t b_end) {
       at::Tensor buf = at::empty({kFwdRowBlock * std::min(kFwdColBlock, m)}, opts);
       std::vector<RowState<acc_t>> st(kFwdRowBlock);
       for (int64_t blk = b_begin; blk < b_end; ++blk) {
         const int64_t part = blk / blocks_per_span;
-        const int64_t i0 = part * span + (blk % blocks_per_span) * kFwdRowBlock;
-        const int64_t r = std::min(kFwdRowBlock, (part + 1) * span - i0);
+        const int64_t first = part * span + own.lo;
+        const int64_t i0 = first + (blk % blocks_per_span) * kFwdRowBlock;
+        const int64_t r = std::min(kFwdRowBlock, first + own.count - i0);
         forward_block<acc_t>(u, plab, i0, r, n, m, inv_tau, compute_accuracy, buf, st);
         for (int64_t a = 0; a < r; ++a) {
           const int64_t i = i0 + a;
@@ -547,16 +586,24 @@ std::vector<std::vector<std::pair<int64_t, int64_t>>> round_robin(int64_t nb) {
   return rounds;
 }
 
-// G_i = sum_{j != i} A_ij u_j over the tiles I <= J, round by round; returns sum A s.
+// G_i = sum_{j != i} A_ij u_j over the tiles I <= J that meet the local rows (A vanishes
+// elsewhere: both rows' weights are 0), round by round; returns sum A s.
 template <typename acc_t>
 double accumulate_tiles(const at::Tensor& u, at::Tensor& g, int64_t n, int64_t m, acc_t inv_tau,
-                        RowCoefs<acc_t> rc, const int64_t* labels, acc_t mean) {
+                        RowCoefs<acc_t> rc, const int64_t* labels, acc_t mean,
+                        const LocalRows& own) {
   const int64_t nb = (m + kBwdBlock - 1) / kBwdBlock;
   const int64_t bs = std::min(kBwdBlock, m);
   auto rounds = round_robin(nb);
   std::vector<std::pair<int64_t, int64_t>> diag_round;
   for (int64_t b = 0; b < nb; ++b) diag_round.emplace_back(b, b);
   rounds.push_back(std::move(diag_round));
+  auto meets = [&](int64_t b) { return own.meets(b * kBwdBlock, std::min(m, (b + 1) * kBwdBlock)); };
+  for (auto& pairs : rounds) {
+    pairs.erase(std::remove_if(pairs.begin(), pairs.end(),
+                               [&](const auto& p) { return !meets(p.first) && !meets(p.second); }),
+                pairs.end());
+  }
   double tau_sum = 0;
   for (const auto& pairs : rounds) {
     std::vector<double> partial(pairs.size(), 0.0);
@@ -582,11 +629,13 @@ double accumulate_tiles(const at::Tensor& u, at::Tensor& g, int64_t n, int64_t m
 std::tuple<at::Tensor, at::Tensor, at::Tensor> nt_xent_backward_cpu(
     const at::Tensor& grad_rows, const at::Tensor& z1_in, const at::Tensor& z2_in,
     const std::optional<at::Tensor>& labels_in, const at::Tensor& temperature,
-    bool mean_positives, const at::Tensor& norm_in, const at::Tensor& stats_in) {
+    bool mean_positives, const at::Tensor& norm_in, const at::Tensor& stats_in, int64_t row_lo,
+    int64_t row_count) {
   const int64_t m = check_inputs(z1_in, z2_in, labels_in);
   const at::Tensor z1 = z1_in.contiguous(), z2 = z2_in.contiguous();
   const at::Tensor labels = labels_int64(labels_in);
   const int64_t n = z1.size(0), d = z1.size(1);
+  const LocalRows own = local_rows(row_lo, row_count, m, n, !labels.defined());
   const auto acc_type = acc_type_of(z1.scalar_type());
   const auto opts = z1.options().dtype(acc_type);
   TORCH_CHECK(grad_rows.numel() == m && norm_in.numel() == m,
@@ -618,7 +667,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nt_xent_backward_cpu(
 
     at::Tensor g = at::zeros({m, d}, opts);
     const double tau_sum = accumulate_tiles<acc_t>(u, g, n, m, inv_tau, rc, plab,
-                                                   mean_positives ? acc_t(1) : acc_t(0));
+                                                   mean_positives ? acc_t(1) : acc_t(0), own);
 
     // grad_u = G / tau, then the normalisation's Jacobian (F.normalize's: a clamped norm is a
     // constant, so that row's gradient is simply grad_u / eps).

@@ -18,16 +18,24 @@ TORCH_LIBRARY(fastclr, m) {
   //   rank       = (#negatives above the best positive, the same among the other view's rows
   //                 alone (paired mode; labels mode repeats row 0)), int32, if compute_accuracy.
   // temperature is a 0-dim tensor of the accumulation dtype.
+  // Local rows (a rank's share of a gathered batch): only the rows i with (i mod S) in
+  // [row_lo, row_lo + row_count) get a loss, S = N in paired mode (so a rank's rows of both
+  // views), M with labels; row_count = -1: every row. The other rows are written as rows
+  // without a positive (loss 0, |P| = 0, Q = 1, lse = lse_pos = +inf), which the backward
+  // weighs 0.
   m.def(
       "nt_xent_forward(Tensor z1, Tensor z2, Tensor? labels, Tensor temperature, "
-      "bool mean_positives, bool compute_accuracy) -> (Tensor, Tensor, Tensor, Tensor)");
+      "bool mean_positives, bool compute_accuracy, int row_lo=0, int row_count=-1) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
   // Backward from the per-row upstream gradient grad_rows[M] (any reduction reduces to it).
-  // Recomputes the similarity tiles from z, norm and stats; never holds anything M x M.
-  // Returns (grad_z1, grad_z2, grad_temperature).
+  // Recomputes the similarity tiles from z, norm and stats; never holds anything M x M. With
+  // local rows, only the tiles that meet them; the gradient is still for all M rows: the local
+  // rows' own terms and every row's terms as a column of the local rows (a reduce-scatter
+  // over ranks completes it). Returns (grad_z1, grad_z2, grad_temperature).
   m.def(
       "nt_xent_backward(Tensor grad_rows, Tensor z1, Tensor z2, Tensor? labels, "
-      "Tensor temperature, bool mean_positives, Tensor norm, Tensor stats) "
-      "-> (Tensor, Tensor, Tensor)");
+      "Tensor temperature, bool mean_positives, Tensor norm, Tensor stats, int row_lo=0, "
+      "int row_count=-1) -> (Tensor, Tensor, Tensor)");
   // Cosine similarities s_ij = a_i . b_j / (max(||a_i||, eps) max(||b_j||, eps)), (M, K), in
   // float32 (float64 for float64 input); the normalisation is fused, no normalised copies.
   m.def("normalized_similarity(Tensor a, Tensor b) -> Tensor");

@@ -30,37 +30,54 @@ def _reference_vjp(fn, inputs, needs, grad):
     return tuple(next(got) if need else None for need in needs)
 
 
-def _reference_rows(labels, mean_positives):
-    """The reference's per-row losses as a function of (z1, z2, temperature)."""
-    if labels is None:
-        return lambda z1, z2, t: reference.nt_xent(z1, z2, t, reduction="none")
-    positives = "mean" if mean_positives else "sum"
-    return lambda z1, z2, t: reference.supcon(torch.cat([z1, z2]), labels, t, positives,
-                                              reduction="none")
+def local_row_mask(m: int, n: int, paired: bool, row_lo: int, row_count: int, device=None):
+    """The rows that get a loss in local-rows mode (csrc/ops.cpp): (i mod S) in [row_lo, row_lo +
+    row_count), S = N (paired) or M (labels); row_count = -1: all."""
+    span = n if paired else m
+    count = span - row_lo if row_count < 0 else row_count
+    i = torch.arange(m, device=device) % span
+    return (i >= row_lo) & (i < row_lo + count)
+
+
+def _reference_rows(labels, mean_positives, row_lo=0, row_count=-1):
+    """The reference's per-row losses as a function of (z1, z2, temperature), 0 outside the
+    local rows."""
+    def rows(z1, z2, t):
+        if labels is None:
+            out = reference.nt_xent(z1, z2, t, reduction="none")
+        else:
+            out = reference.supcon(torch.cat([z1, z2]), labels, t,
+                                   "mean" if mean_positives else "sum", reduction="none")
+        if row_lo == 0 and row_count < 0:
+            return out
+        mask = local_row_mask(out.shape[0], z1.shape[0], labels is None, row_lo, row_count, out.device)
+        return torch.where(mask, out, 0)
+    return rows
 
 
 def autograd_formula(backward_op):
     """(backward, setup_context) for torch.library.register_autograd."""
 
     def setup_context(ctx, inputs, output):
-        z1, z2, labels, temperature, mean_positives, _ = inputs
+        z1, z2, labels, temperature, mean_positives, _, row_lo, row_count = inputs
         _, stats, norm, _ = output
         ctx.save_for_backward(z1, z2, labels, temperature, norm, stats)
         ctx.mean_positives = mean_positives
+        ctx.rows = (row_lo, row_count)
 
     def backward(ctx, grad_rows, _grad_stats, _grad_norm, _grad_rank):
         z1, z2, labels, temperature, norm, stats = ctx.saved_tensors
         if grad_rows is None:
-            return None, None, None, None, None, None
+            return None, None, None, None, None, None, None, None
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[3])
         if torch.is_grad_enabled():  # create_graph=True: a graph through the gradient
-            g1, g2, gt = _reference_vjp(_reference_rows(labels, ctx.mean_positives),
+            g1, g2, gt = _reference_vjp(_reference_rows(labels, ctx.mean_positives, *ctx.rows),
                                         (z1, z2, temperature), needs, grad_rows)
-            return g1, g2, None, gt, None, None
+            return g1, g2, None, gt, None, None, None, None
         grad_z1, grad_z2, grad_t = backward_op(grad_rows, z1, z2, labels, temperature,
-                                               ctx.mean_positives, norm, stats)
+                                               ctx.mean_positives, norm, stats, *ctx.rows)
         grad_t = grad_t.to(temperature.dtype) if needs[2] else None
-        return grad_z1, grad_z2, None, grad_t, None, None
+        return grad_z1, grad_z2, None, grad_t, None, None, None, None
 
     return backward, setup_context
 

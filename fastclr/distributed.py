@@ -1,11 +1,13 @@
 """Gathering embeddings across processes with gradients that match single-process training.
 
 With ``W`` processes of ``N`` rows each, the loss must see the global batch of ``W N`` pairs. Each
-rank gathers every rank's rows (``all_gather_with_grad``), computes the loss rows of the global
-batch and keeps the mean of its own rows, ``L_r``; the mean of ``L_r`` over ranks is the
-single-process loss ``L``. The gather's backward sums the incoming gradients over ranks
-(all-reduce) and keeps this rank's slice, so rank ``r``'s rows get ``sum_r' dL_r'/dz_r = W dL/dz_r``
-and DDP's averaging of parameter gradients over the ``W`` ranks yields exactly ``dL/dtheta``.
+rank gathers every rank's rows (``all_gather_with_grad``) and computes the loss of its own rows
+only, against every gathered row (the fused kernels' local-rows mode: 1/W of the forward's work),
+``L_r`` their mean; the mean of ``L_r`` over ranks is the single-process loss ``L``. Its backward
+yields a gradient for all ``W N`` gathered rows -- its rows' own terms, and every row's terms as a
+column of its rows -- and the gather's backward sums those over ranks with one reduce-scatter, so
+rank ``r``'s rows get ``sum_r' dL_r'/dz_r = W dL/dz_r`` and DDP's averaging of parameter gradients
+over the ``W`` ranks yields exactly ``dL/dtheta``.
 
 Two known mistakes this avoids: a gather whose backward drops the other ranks' gradient terms
 (no all-reduce: each rank's rows then miss their role as negatives elsewhere), and one that both
@@ -34,14 +36,16 @@ class _AllGather(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.contiguous()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
-        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows], None
+        # the sum over ranks of each rank's slice, in one collective: half the bytes an
+        # all-reduce followed by slicing would move
+        out = grad.new_empty((ctx.rows, *grad.shape[1:]))
+        dist.reduce_scatter_tensor(out, grad.contiguous(), op=dist.ReduceOp.SUM, group=ctx.group)
+        return out, None
 
 
 def all_gather_with_grad(x: torch.Tensor, group=None) -> torch.Tensor:
     """``cat`` of every rank's ``x`` (same shape on all ranks) along dim 0, differentiable: the
-    backward all-reduces (sums) the gradient and returns this rank's slice."""
+    backward reduce-scatters (sums over ranks) the gradient, each rank getting its own slice."""
     if not is_distributed(group):
         return x
     shape = torch.tensor(x.shape, device=x.device)

@@ -106,27 +106,45 @@ def nt_xent_fused(z1: torch.Tensor, z2: torch.Tensor, temperature=0.5, *, impl: 
     _check_process_group("nt_xent_fused", process_group)
     if reduction not in REDUCTIONS:
         raise ValueError(f"nt_xent_fused: reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if process_group is not None and distributed.is_distributed(process_group):
-        n, d = z1.shape
+    group = process_group if distributed.is_distributed(process_group) else None
+    n, d = z1.shape
+    lo = 0
+    if group is not None:
         # both views in one collective (and one shape check): [z1 | z2] side by side
-        g1, g2 = distributed.all_gather_with_grad(torch.cat([z1, z2], dim=1), process_group).split(d, dim=1)
-        out = nt_xent_fused(g1, g2, temperature, impl=impl, reduction="none",
-                            return_accuracy=return_accuracy)
-        rows, acc = out if return_accuracy else (out, None)
-        loss = reference.reduce_rows(distributed.local_rows(rows, n, process_group), reduction)
-        return (loss, acc) if return_accuracy else loss
-    acc_dtype = reference.accumulation_dtype(z1.dtype)
-    t = _temperature_tensor(temperature, acc_dtype, z1.device)
+        z1, z2 = distributed.all_gather_with_grad(torch.cat([z1, z2], dim=1), group).split(d, dim=1)
+        lo = torch.distributed.get_rank(group) * n
+    t = _temperature_tensor(temperature, reference.accumulation_dtype(z1.dtype), z1.device)
     backend = _dispatch.resolve("nt_xent_fused", impl, z1.device, z1.dtype)
     if backend == "reference":
-        return reference.nt_xent(z1, z2, t, reduction=reduction, return_accuracy=return_accuracy)
-    forward = getattr(torch.ops.fastclr, _FORWARD_OPS[backend])
-    # paired positives (no labels); with one positive per row both forms are NT-Xent
-    rows, _, _, rank = forward(z1, z2, None, t, False, bool(return_accuracy))
-    loss = reference.reduce_rows(rows, reduction)
+        if group is None:
+            return reference.nt_xent(z1, z2, t, reduction=reduction, return_accuracy=return_accuracy)
+        rows = reference.nt_xent(z1, z2, t, reduction="none")
+        rank = reference.positive_rank(reference.similarity_logits(z1, z2, t)) if return_accuracy else None
+    else:
+        forward = getattr(torch.ops.fastclr, _FORWARD_OPS[backend])
+        # paired positives (no labels; with one positive per row both forms are NT-Xent), the
+        # loss of this rank's rows only (its share of both views), against every gathered row
+        rows, _, _, rank = forward(z1, z2, None, t, False, bool(return_accuracy), lo, n)
+    mine = distributed.local_rows(rows, n, group) if group is not None else rows
+    loss = reference.reduce_rows(mine, reduction)
     if not return_accuracy:
         return loss
-    return loss, reference.accuracy_from_rank(rank)
+    return loss, _pair_accuracy(rank, n, lo, group)
+
+
+def _pair_accuracy(rank: torch.Tensor, n: int, lo: int, group) -> dict:
+    """top1 / top5 / contrast_acc of the global batch from the ranks of this rank's rows (rows lo
+    .. lo + n of each view of the M = 2 W n gathered rows); the counts are summed over the ranks."""
+    m = rank.shape[1]
+    half = m // 2
+    i = torch.arange(m, device=rank.device)
+    mine = ((i % half) >= lo) & ((i % half) < lo + n)
+    view1 = mine & (i < half)
+    hits = torch.stack([(mine & (rank[0] < 1)).sum(), (mine & (rank[0] < 5)).sum(),
+                        (view1 & (rank[1] < 1)).sum(), mine.sum(), view1.sum()]).float()
+    if group is not None:
+        torch.distributed.all_reduce(hits, group=group)
+    return {"top1": hits[0] / hits[3], "top5": hits[1] / hits[3], "contrast_acc": hits[2] / hits[4]}
 
 
 def _check_labels(fn: str, labels, z: torch.Tensor) -> None:
@@ -186,38 +204,49 @@ def supcon_fused(z: torch.Tensor, labels: torch.Tensor, temperature=0.1, *,
         raise ValueError(f"{fn}: positives must be one of {POSITIVES}, got {positives!r}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"{fn}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    world, lo = 1, 0
-    if process_group is not None and distributed.is_distributed(process_group):
-        world = torch.distributed.get_world_size(process_group)
-        lo = torch.distributed.get_rank(process_group) * z.shape[0]
-        z = distributed.all_gather_with_grad(z, process_group)
-        labels = distributed.all_gather_with_grad(labels, process_group)
-    rows, count, acc = _supcon_rows(z, labels, temperature, positives, impl, return_accuracy)
-    local = rows.narrow(0, lo, rows.shape[0] // world)
+    group = process_group if distributed.is_distributed(process_group) else None
+    m_local, lo = z.shape[0], 0
+    if group is not None:
+        lo = torch.distributed.get_rank(group) * m_local
+        z = distributed.all_gather_with_grad(z, group)
+        labels = distributed.all_gather_with_grad(labels, group)
+    rows, count, rank = _supcon_rows(z, labels, temperature, positives, impl, return_accuracy,
+                                     lo, m_local)
+    mine, has = rows.narrow(0, lo, m_local), count.narrow(0, lo, m_local) > 0
+    # "mean": over the rows with a positive of the global batch; W times this rank's share, so
+    # that the mean over ranks is the single-process loss
+    totals = torch.stack([has.sum(), (has & (rank[0, lo:lo + m_local] < 1)).sum(),
+                          (has & (rank[0, lo:lo + m_local] < 5)).sum()]).float() \
+        if return_accuracy else has.sum().float()[None]
+    if group is not None and (reduction == "mean" or return_accuracy):
+        torch.distributed.all_reduce(totals, group=group)
+    world = 1 if group is None else torch.distributed.get_world_size(group)
     if reduction == "mean":
-        loss = local.sum() * world / (count > 0).sum().clamp_min(1)
+        loss = mine.sum() * world / totals[0].clamp_min(1)
     else:
-        loss = reference.reduce_rows(local, reduction)
-    return (loss, acc) if return_accuracy else loss
+        loss = reference.reduce_rows(mine, reduction)
+    if not return_accuracy:
+        return loss
+    n_has = totals[0].clamp_min(1)
+    return loss, {"top1": totals[1] / n_has, "top5": totals[2] / n_has}
 
 
-def _supcon_rows(z, labels, temperature, positives, impl, return_accuracy):
-    """(per-row losses, |P(i)| per row, accuracy or None) of the whole batch."""
+def _supcon_rows(z, labels, temperature, positives, impl, return_accuracy, lo, count):
+    """(per-row losses, |P(i)| per row, ranks or None) of the batch, the losses and ranks valid
+    for the rows lo .. lo + count (the fused kernels compute only those)."""
     t = _temperature_tensor(temperature, reference.accumulation_dtype(z.dtype), z.device,
                             "supcon_fused")
     backend = _dispatch.resolve("supcon_fused", impl, z.device, z.dtype)
     if backend == "reference":
-        out = reference.supcon(z, labels, t, positives, reduction="none",
-                               return_accuracy=return_accuracy)
-        rows, acc = out if return_accuracy else (out, None)
+        rows = reference.supcon(z, labels, t, positives, reduction="none")
+        rank = reference.supcon_rank(z, labels, t) if return_accuracy else None
         same = labels[:, None] == labels[None, :]
-        return rows, same.sum(1) - 1, acc
+        return rows, same.sum(1) - 1, rank
     forward = getattr(torch.ops.fastclr, _FORWARD_OPS[backend])
     # all rows in "z1", none in "z2": the kernels' row source is [z1; z2]
-    rows, stats, _, rank = forward(z, z[:0], labels, t, positives == "mean", bool(return_accuracy))
-    count = stats[3]
-    acc = reference.supcon_accuracy(rank, count) if return_accuracy else None
-    return rows, count, acc
+    rows, stats, _, rank = forward(z, z[:0], labels, t, positives == "mean", bool(return_accuracy),
+                                   lo, count)
+    return rows, stats[3], rank
 
 
 class _TemperatureModule(nn.Module):

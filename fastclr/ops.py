@@ -104,11 +104,13 @@ def nt_xent_backward_fake(grad_rows, z1, z2, labels, temperature):
 if _C is not None:
 
     @torch.library.register_fake("fastclr::nt_xent_forward")
-    def _nt_xent_forward_fake(z1, z2, labels, temperature, mean_positives, compute_accuracy):
+    def _nt_xent_forward_fake(z1, z2, labels, temperature, mean_positives, compute_accuracy,
+                              row_lo=0, row_count=-1):
         return nt_xent_forward_fake(z1, z2, labels, temperature, compute_accuracy)
 
     @torch.library.register_fake("fastclr::nt_xent_backward")
-    def _nt_xent_backward_fake(grad_rows, z1, z2, labels, temperature, mean_positives, norm, stats):
+    def _nt_xent_backward_fake(grad_rows, z1, z2, labels, temperature, mean_positives, norm, stats,
+                               row_lo=0, row_count=-1):
         return nt_xent_backward_fake(grad_rows, z1, z2, labels, temperature)
 
     _backward, _setup_context = autograd_formula(torch.ops.fastclr.nt_xent_backward)

@@ -134,10 +134,17 @@ def supcon(z: torch.Tensor, labels: torch.Tensor, temperature=0.1, positives: st
         loss = reduce_rows(rows, reduction)
     if not return_accuracy:
         return loss
+    return loss, supcon_accuracy(supcon_rank(z, labels, temperature), count)
+
+
+def supcon_rank(z: torch.Tensor, labels: torch.Tensor, temperature) -> torch.Tensor:
+    """(2, M) int32: #negatives scoring above row i's best positive, twice (the kernels' rank
+    layout; the second row is NT-Xent's cross-view count there)."""
     with torch.no_grad():
-        above = (neg > pos.amax(dim=1, keepdim=True)) & ~(same | eye)
-        rank = above.sum(1, dtype=torch.int32)
-        return loss, supcon_accuracy(torch.stack([rank, rank]), count)
+        s, same, eye = supcon_logits(z, labels, temperature)
+        best = s.masked_fill(~same, float("-inf")).amax(dim=1, keepdim=True)
+        rank = ((s > best) & ~(same | eye)).sum(1, dtype=torch.int32)
+        return torch.stack([rank, rank])
 
 
 def supcon_accuracy(rank: torch.Tensor, count: torch.Tensor) -> dict:

@@ -34,6 +34,7 @@
 #include <cstdint>
 #include <limits>
 #include <optional>
+#include <utility>
 #include <type_traits>
 
 #include "cuda_utils.cuh"
@@ -124,7 +125,8 @@ __global__ void __launch_bounds__(kThreads) nt_xent_fwd_kernel(
     const scalar_t* __restrict__ z1, const scalar_t* __restrict__ z2,
     const int64_t* __restrict__ labels, const float* __restrict__ norm,
     const float* __restrict__ temperature, float* __restrict__ loss, float* __restrict__ stats,
-    int32_t* __restrict__ rank, int64_t n, int64_t m, int64_t d, bool mean) {
+    int32_t* __restrict__ rank, int64_t n, int64_t m, int64_t d, bool mean, int64_t lo,
+    int64_t count) {
   using L = SmemLayout<scalar_t>;
   using storage = typename L::storage;
   extern __shared__ __align__(128) unsigned char smem[];
@@ -134,12 +136,14 @@ __global__ void __launch_bounds__(kThreads) nt_xent_fwd_kernel(
   __shared__ int64_t rows_i[kTile], cols_j[kTile], lab_j[kTile];
   __shared__ float rn_j[kTile];
 
-  // row blocks: labels mode over all M rows; paired mode per half (never straddling row N)
+  // row blocks over the local rows (i mod span in [lo, lo + count)): labels mode one range of
+  // the M rows; paired mode one per view (never straddling row N)
   const int64_t span = kLabels ? m : n;
-  const int64_t blocks_per_span = (span + kTile - 1) / kTile;
+  const int64_t blocks_per_span = (count + kTile - 1) / kTile;
   const int64_t part = blockIdx.x / blocks_per_span;
-  const int64_t i0 = part * span + (blockIdx.x % blocks_per_span) * kTile;
-  const int64_t row_end = (part + 1) * span;
+  const int64_t first = part * span + lo;
+  const int64_t i0 = first + (blockIdx.x % blocks_per_span) * kTile;
+  const int64_t row_end = first + count;
   const int64_t p0 = kLabels ? 0 : (i0 + n) % m;
   const float scale = kLog2e / *temperature;
 
@@ -313,13 +317,19 @@ __global__ void __launch_bounds__(kThreads) nt_xent_bwd_kernel(
     const int64_t* __restrict__ labels, const float* __restrict__ norm,
     const float* __restrict__ temperature, const float* __restrict__ stats,
     const float* __restrict__ w, float* __restrict__ g, float* __restrict__ tpart, int64_t n,
-    int64_t m, int64_t d, bool mean) {
+    int64_t m, int64_t d, bool mean, int64_t lo, int64_t count) {
   using T = MmaTraits<scalar_t>;
   using L = SmemLayout<scalar_t>;
   using storage = typename L::storage;
   constexpr int ld = kTile + kPad;
   const int64_t bi = blockIdx.x, bj = blockIdx.y;
   if (bi > bj) return;
+  // a tile that meets no local row has A = 0 (both rows' weights are 0): nothing to do
+  auto meets = [&](int64_t b) {
+    auto hits = [&](int64_t r0) { return b * kTile < r0 + count && r0 < (b + 1) * kTile; };
+    return count > 0 && (hits(lo) || (!kLabels && hits(n + lo)));
+  };
+  if (!meets(bi) && !meets(bj)) return;
   extern __shared__ __align__(128) unsigned char smem[];
   storage* a_s = reinterpret_cast<storage*>(smem);
   storage* b_s = a_s + L::kStage;
@@ -373,8 +383,11 @@ __global__ void __launch_bounds__(kThreads) nt_xent_bwd_kernel(
       const float s = scores[r * kScoreLd + c] * rn_i * inv_tau * rn;
       const float s2 = s * kLog2e;
       const bool pos = kLabels ? lab_j[c] == lab_i : gj == pi;
-      a = w_i * coef<kLabels>(s2, pos, lse_i, lpos_i, q_i, inv_i, mean) +
-          w_j[c] * coef<kLabels>(s2, pos, lse_j[c], lpos_j[c], q_j[c], inv_j[c], mean);
+      // a row of weight 0 (no positive, or not a local row: its lse_pos may be -inf) adds
+      // nothing, and its coefficient is not even computed
+      a = (w_i != 0.f ? w_i * coef<kLabels>(s2, pos, lse_i, lpos_i, q_i, inv_i, mean) : 0.f) +
+          (w_j[c] != 0.f ? w_j[c] * coef<kLabels>(s2, pos, lse_j[c], lpos_j[c], q_j[c], inv_j[c], mean)
+                         : 0.f);
       tsum += a * s;
     }
     scores[r * kScoreLd + c] = a * rn;  // A rn_j: the operand of G_I += (A rn_j) Z_J
@@ -465,9 +478,18 @@ int64_t check_cuda_inputs(const at::Tensor& z1, const at::Tensor& z2,
   return m;
 }
 
+// (lo, count) of the local rows, checked: i mod span in [lo, lo + count); count -1: all.
+std::pair<int64_t, int64_t> local_rows(int64_t row_lo, int64_t row_count, int64_t span) {
+  const int64_t count = row_count < 0 ? span - row_lo : row_count;
+  TORCH_CHECK(row_lo >= 0 && count >= 0 && row_lo + count <= span, "fastclr: local rows [",
+              row_lo, ", ", row_lo, " + ", count, ") must lie within [0, ", span, ")");
+  return {row_lo, count};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nt_xent_forward_cuda(
     const at::Tensor& z1_in, const at::Tensor& z2_in, const std::optional<at::Tensor>& labels_in,
-    const at::Tensor& temperature_in, bool mean_positives, bool compute_accuracy) {
+    const at::Tensor& temperature_in, bool mean_positives, bool compute_accuracy, int64_t row_lo,
+    int64_t row_count) {
   const int64_t m = check_cuda_inputs(z1_in, z2_in, labels_in, temperature_in);
   const c10::cuda::CUDAGuard guard(z1_in.device());
   const at::Tensor z1 = z1_in.contiguous(), z2 = z2_in.contiguous();
@@ -481,25 +503,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nt_xent_forward_cuda(
   // rank: (2, M), #negatives above the best positive, among all / the other view's alone
   at::Tensor rank = compute_accuracy ? at::empty({2, m}, z1.options().dtype(at::kInt))
                                      : at::empty({0}, z1.options().dtype(at::kInt));
+  const int64_t span = with_labels ? m : n;
+  const auto own = local_rows(row_lo, row_count, span);
+  const int64_t lo = own.first, count = own.second;
+  if (count < span) {  // the other rows: no loss, no positive (weighed 0 by the backward)
+    loss.zero_();
+    rank.zero_();
+    // lse = lse_pos = +inf keep every coefficient the backward forms for them finite
+    stats[0].fill_(std::numeric_limits<float>::infinity());
+    stats[1].fill_(std::numeric_limits<float>::infinity());
+    stats[2].fill_(1.0);
+    stats[3].zero_();
+  }
+  const int64_t blocks = (with_labels ? 1 : 2) * ((count + kTile - 1) / kTile);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   FASTCLR_DISPATCH_FLOAT_HALF_TYPES(z1.scalar_type(), "nt_xent_forward_cuda", [&] {
     nt_xent_norm_kernel<scalar_t><<<(m + 7) / 8, 256, 0, stream>>>(
         z1.const_data_ptr<scalar_t>(), z2.const_data_ptr<scalar_t>(), norm.data_ptr<float>(), n, m, d);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     constexpr size_t smem = SmemLayout<scalar_t>::kForward;
-    auto launch = [&](auto kernel, int64_t blocks) {
+    auto launch = [&](auto kernel) {
+      if (blocks == 0) return;
       allow_dynamic_smem(kernel, smem);
       kernel<<<blocks, kThreads, smem, stream>>>(
           z1.const_data_ptr<scalar_t>(), z2.const_data_ptr<scalar_t>(),
           with_labels ? labels.const_data_ptr<int64_t>() : nullptr, norm.const_data_ptr<float>(),
           temperature.const_data_ptr<float>(), loss.data_ptr<float>(), stats.data_ptr<float>(),
-          compute_accuracy ? rank.data_ptr<int32_t>() : nullptr, n, m, d, mean_positives);
+          compute_accuracy ? rank.data_ptr<int32_t>() : nullptr, n, m, d, mean_positives, lo,
+          count);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     if (with_labels) {
-      launch(nt_xent_fwd_kernel<scalar_t, true>, (m + kTile - 1) / kTile);
+      launch(nt_xent_fwd_kernel<scalar_t, true>);
     } else {
-      launch(nt_xent_fwd_kernel<scalar_t, false>, 2 * ((n + kTile - 1) / kTile));
+      launch(nt_xent_fwd_kernel<scalar_t, false>);
     }
   });
   return {loss, stats, norm, rank};
@@ -508,7 +545,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nt_xent_forward_cuda(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> nt_xent_backward_cuda(
     const at::Tensor& grad_rows, const at::Tensor& z1_in, const at::Tensor& z2_in,
     const std::optional<at::Tensor>& labels_in, const at::Tensor& temperature_in,
-    bool mean_positives, const at::Tensor& norm_in, const at::Tensor& stats_in) {
+    bool mean_positives, const at::Tensor& norm_in, const at::Tensor& stats_in, int64_t row_lo,
+    int64_t row_count) {
   const int64_t m = check_cuda_inputs(z1_in, z2_in, labels_in, temperature_in);
   const c10::cuda::CUDAGuard guard(z1_in.device());
   const at::Tensor z1 = z1_in.contiguous(), z2 = z2_in.contiguous();
@@ -516,6 +554,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nt_xent_backward_cuda(
   const bool with_labels = labels_in.has_value();
   const at::Tensor labels = with_labels ? labels_in->to(at::kLong).contiguous() : at::Tensor();
   const int64_t n = z1.size(0), d = z1.size(1);
+  const auto own = local_rows(row_lo, row_count, with_labels ? m : n);
+  const int64_t lo = own.first, count = own.second;
   TORCH_CHECK(grad_rows.numel() == m && norm_in.numel() == m,
               "fastclr: nt_xent_backward expects grad_rows and norm of ", m, " elements");
   TORCH_CHECK(stats_in.dim() == 2 && stats_in.size(0) == 4 && stats_in.size(1) == m,
@@ -539,7 +579,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nt_xent_backward_cuda(
           with_labels ? labels.const_data_ptr<int64_t>() : nullptr, norm.const_data_ptr<float>(),
           temperature.const_data_ptr<float>(), stats.const_data_ptr<float>(),
           w.const_data_ptr<float>(), g.data_ptr<float>(), tpart.data_ptr<float>(), n, m, d,
-          mean_positives);
+          mean_positives, lo, count);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     if (with_labels) {

@@ -190,7 +190,7 @@ def _label_positives(labels_ptr, rows, row_mask, cols, x):
 
 @triton.jit
 def _nt_xent_fwd_kernel(z1_ptr, z2_ptr, labels_ptr, norm_ptr, temp_ptr, loss_ptr, stats_ptr,
-                        rank_ptr, N, M, D, stride1, stride2, LABELS: tl.constexpr,
+                        rank_ptr, N, M, D, stride1, stride2, LO, COUNT, LABELS: tl.constexpr,
                         MEAN: tl.constexpr, COMPUTE_RANK: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     """Per row block: the online logsumexps (base 2) of the negatives and of the positives, the
@@ -200,16 +200,18 @@ def _nt_xent_fwd_kernel(z1_ptr, z2_ptr, labels_ptr, norm_ptr, temp_ptr, loss_ptr
     positives p(i0) = i0 + N mod M, so (BLOCK_N >= BLOCK_M) every positive sits in the first
     tile, on its row's own local column: the positive logit and the rank compare the very same
     numbers, in one sweep. Labels mode: blocks over all M rows, columns in order; the ranks need
-    the best positive, known after the sweep, so they take a second one.
+    the best positive, known after the sweep, so they take a second one. Only the local rows
+    (i mod span in [LO, LO + COUNT)) have programs.
     """
     span = M if LABELS else N
-    blocks_per_span = tl.cdiv(span, BLOCK_M)
+    blocks_per_span = tl.cdiv(COUNT, BLOCK_M)
     pid = tl.program_id(0)
     part = pid // blocks_per_span
-    i0 = part * span + (pid % blocks_per_span) * BLOCK_M
+    first = part * span + LO
+    i0 = first + (pid % blocks_per_span) * BLOCK_M
     offs_m = tl.arange(0, BLOCK_M)
     rows = i0 + offs_m
-    row_mask = rows < (part + 1) * span
+    row_mask = rows < first + COUNT
     p0 = 0 if LABELS else (i0 + N) % M
     scale = LOG2E_C / tl.load(temp_ptr).to(tl.float32)
     scale_i = scale / tl.load(norm_ptr + rows, mask=row_mask, other=1.0)
@@ -293,6 +295,17 @@ def _store_row_results(loss_ptr, stats_ptr, rank_ptr, rows, row_mask, M, m_n, l_
 
 
 @triton.jit
+def _meets(b, BLOCK: tl.constexpr, LO, COUNT, N, LABELS: tl.constexpr):
+    """Whether rows [b BLOCK, (b + 1) BLOCK) meet the local rows (one range with labels, one per
+    view in paired mode): the tiles that meet none have A = 0 (both rows' weights are 0)."""
+    b0 = b * BLOCK
+    hit = (b0 < LO + COUNT) & (LO < b0 + BLOCK)
+    if not LABELS:
+        hit = hit | ((b0 < N + LO + COUNT) & (N + LO < b0 + BLOCK))
+    return hit & (COUNT > 0)
+
+
+@triton.jit
 def _row_coefs(stats_ptr, w_ptr, rows, mask, M):
     """A row's backward constants: lse, lse_pos, Q, 1/|P| and its weight (0 without a positive)."""
     lse = tl.load(stats_ptr + rows, mask=mask, other=0.0)
@@ -339,7 +352,10 @@ def _bwd_a_tile(acc, bi, bj, rows_i, mask_i, rows_j, mask_j, rn_i, rn_j, inv_tau
     s2 = tl.where(valid, s * LOG2E_C, float("-inf"))
     c_ij = _coef(s2, is_pos, lse_i[:, None], lpos_i[:, None], q_i[:, None], inv_i[:, None], LABELS, MEAN)
     c_ji = _coef(s2, is_pos, lse_j[None, :], lpos_j[None, :], q_j[None, :], inv_j[None, :], LABELS, MEAN)
-    a = tl.where(valid, w_i[:, None] * c_ij + w_j[None, :] * c_ji, 0.0)
+    # a row of weight 0 (no positive, or not a local row: its lse_pos may be -inf) adds nothing,
+    # whatever its coefficient's arithmetic gave
+    a = tl.where(valid, tl.where(w_i[:, None] != 0, w_i[:, None] * c_ij, 0.0)
+                 + tl.where(w_j[None, :] != 0, w_j[None, :] * c_ji, 0.0), 0.0)
     tsum = tl.sum(tl.sum(a * tl.where(valid, s, 0.0), axis=1), axis=0)
     return a, tl.where(bi == bj, 0.5 * tsum, tsum)
 
@@ -356,13 +372,15 @@ def _scaled_cast(x, dtype: tl.constexpr):
 
 @triton.jit
 def _nt_xent_bwd_rows_kernel(z1_ptr, z2_ptr, labels_ptr, norm_ptr, temp_ptr, stats_ptr, w_ptr,
-                             g_ptr, tpart_ptr, N, M, D, stride1, stride2, LABELS: tl.constexpr,
+                             g_ptr, tpart_ptr, N, M, D, stride1, stride2, LO, COUNT,
+                             LABELS: tl.constexpr,
                              MEAN: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
                              PRECISION: tl.constexpr):
     """Backward for D <= BLOCK_D (the whole feature dimension in registers). Program I walks the
     tiles J >= I of its block row: its own rows' gradient G_I += A_IJ u_J stays in registers
     (one atomic add at the end), the other side's G_J += A_IJ^T u_I is an fp32 atomic add.
-    Each row of z is loaded once per tile. Programs are numbered longest-first."""
+    Each row of z is loaded once per tile; tiles that meet no local row are skipped. Programs
+    are numbered longest-first."""
     nb = tl.cdiv(M, BLOCK)
     bi = nb - 1 - tl.program_id(0)
     rows_i = bi * BLOCK + tl.arange(0, BLOCK)
@@ -374,22 +392,24 @@ def _nt_xent_bwd_rows_kernel(z1_ptr, z2_ptr, labels_ptr, norm_ptr, temp_ptr, sta
     z_i = _load_rows(z1_ptr, z2_ptr, rows_i, mask_i, offs_d, N, D, stride1, stride2)
     g_i = tl.zeros((BLOCK, BLOCK_D), dtype=tl.float32)
     total = tl.zeros((), dtype=tl.float32)
+    meets_i = _meets(bi, BLOCK, LO, COUNT, N, LABELS)
     for bj in range(bi, nb):
-        rows_j = bj * BLOCK + tl.arange(0, BLOCK)
-        mask_j = rows_j < M
-        rn_j = 1.0 / tl.load(norm_ptr + rows_j, mask=mask_j, other=1.0)
-        z_j = _load_rows(z1_ptr, z2_ptr, rows_j, mask_j, offs_d, N, D, stride1, stride2)
-        acc = tl.dot(z_i, tl.trans(z_j), input_precision=PRECISION)
-        a, tsum = _bwd_a_tile(acc, bi, bj, rows_i, mask_i, rows_j, mask_j, rn_i, rn_j, inv_tau,
-                              stats_ptr, w_ptr, labels_ptr, N, M, LABELS, MEAN)
-        if bj != bi:
-            a_i, c_i = _scaled_cast(tl.trans(a * rn_i[:, None]), z1_ptr.dtype.element_ty)
-            g_j = tl.dot(a_i, z_i, input_precision=PRECISION) / c_i
-            tl.atomic_add(g_ptr + _row_offset(rows_j, D)[:, None] + offs_d[None, :], g_j,
-                          mask=mask_j[:, None] & d_mask)
-        total += tsum
-        a_j, c_j = _scaled_cast(a * rn_j[None, :], z1_ptr.dtype.element_ty)
-        g_i += tl.dot(a_j, z_j, input_precision=PRECISION) / c_j
+        if meets_i | _meets(bj, BLOCK, LO, COUNT, N, LABELS):
+            rows_j = bj * BLOCK + tl.arange(0, BLOCK)
+            mask_j = rows_j < M
+            rn_j = 1.0 / tl.load(norm_ptr + rows_j, mask=mask_j, other=1.0)
+            z_j = _load_rows(z1_ptr, z2_ptr, rows_j, mask_j, offs_d, N, D, stride1, stride2)
+            acc = tl.dot(z_i, tl.trans(z_j), input_precision=PRECISION)
+            a, tsum = _bwd_a_tile(acc, bi, bj, rows_i, mask_i, rows_j, mask_j, rn_i, rn_j, inv_tau,
+                                  stats_ptr, w_ptr, labels_ptr, N, M, LABELS, MEAN)
+            if bj != bi:
+                a_i, c_i = _scaled_cast(tl.trans(a * rn_i[:, None]), z1_ptr.dtype.element_ty)
+                g_j = tl.dot(a_i, z_i, input_precision=PRECISION) / c_i
+                tl.atomic_add(g_ptr + _row_offset(rows_j, D)[:, None] + offs_d[None, :], g_j,
+                              mask=mask_j[:, None] & d_mask)
+            total += tsum
+            a_j, c_j = _scaled_cast(a * rn_j[None, :], z1_ptr.dtype.element_ty)
+            g_i += tl.dot(a_j, z_j, input_precision=PRECISION) / c_j
     tl.atomic_add(g_ptr + _row_offset(rows_i, D)[:, None] + offs_d[None, :], g_i,
                   mask=mask_i[:, None] & d_mask)
     tl.store(tpart_ptr + bi, total)
@@ -397,7 +417,8 @@ def _nt_xent_bwd_rows_kernel(z1_ptr, z2_ptr, labels_ptr, norm_ptr, temp_ptr, sta
 
 @triton.jit
 def _nt_xent_bwd_pairs_kernel(z1_ptr, z2_ptr, labels_ptr, norm_ptr, temp_ptr, stats_ptr, w_ptr,
-                              g_ptr, tpart_ptr, N, M, D, stride1, stride2, LABELS: tl.constexpr,
+                              g_ptr, tpart_ptr, N, M, D, stride1, stride2, LO, COUNT,
+                              LABELS: tl.constexpr,
                               MEAN: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
                               PRECISION: tl.constexpr):
     """Backward for any D: one program per tile pair (I, J), I <= J, looping over D chunks;
@@ -406,6 +427,8 @@ def _nt_xent_bwd_pairs_kernel(z1_ptr, z2_ptr, labels_ptr, norm_ptr, temp_ptr, st
     bj = tl.program_id(1)
     if bi > bj:
         return
+    if not (_meets(bi, BLOCK, LO, COUNT, N, LABELS) | _meets(bj, BLOCK, LO, COUNT, N, LABELS)):
+        return  # no local row: A = 0 (tpart stays 0)
     rows_i = bi * BLOCK + tl.arange(0, BLOCK)
     rows_j = bj * BLOCK + tl.arange(0, BLOCK)
     mask_i = rows_i < M
@@ -554,26 +577,48 @@ def _rows_and_labels(z1, z2, labels):
     return z1, z2, lab, z1.shape[0], z1.shape[0] + z2.shape[0]
 
 
+def _local_rows(row_lo: int, row_count: int, n: int, m: int, paired: bool) -> tuple:
+    """(lo, count, span) of the local rows (csrc/ops.cpp), checked."""
+    span = n if paired else m
+    count = span - row_lo if row_count < 0 else row_count
+    if not (row_lo >= 0 and count >= 0 and row_lo + count <= span):
+        raise ValueError(f"fastclr: local rows [{row_lo}, {row_lo} + {count}) must lie within [0, {span})")
+    return row_lo, count, span
+
+
 @triton_op("fastclr::nt_xent_triton_forward", mutates_args=())
 def nt_xent_forward(z1: torch.Tensor, z2: torch.Tensor, labels: Optional[torch.Tensor],
-                    temperature: torch.Tensor, mean_positives: bool,
-                    compute_accuracy: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                    temperature: torch.Tensor, mean_positives: bool, compute_accuracy: bool,
+                    row_lo: int = 0,
+                    row_count: int = -1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(row_loss, stats, norm, rank) as fastclr::nt_xent_forward, by the Triton kernels."""
     z1, z2, lab, n, m = _rows_and_labels(z1, z2, labels)
+    lo, count, span = _local_rows(row_lo, row_count, n, m, labels is None)
     d = z1.shape[1]
     cfg = _config(m, d, z1.dtype, INTERPRETED)
     norm = torch.empty(m, device=z1.device, dtype=torch.float32)
     stats = torch.empty((4, m), device=z1.device, dtype=torch.float32)
     loss = torch.empty_like(norm)
     rank = torch.empty((2, m) if compute_accuracy else (0,), device=z1.device, dtype=torch.int32)
+    if count < span:  # the other rows: no loss, no positive (weighed 0 by the backward)
+        loss.zero_()
+        # lse, lse_pos, Q, |P|: +inf logsumexps keep the backward's coefficients finite
+        for row, value in enumerate((float("inf"), float("inf"), 1.0, 0.0)):
+            stats[row].fill_(value)
+        rank.zero_()
     _launcher(_nt_xent_norm_kernel)[(triton.cdiv(m, 64),)](
         z1, z2, norm, n, m, d, z1.stride(0), z2.stride(0), BLOCK_R=64,
         BLOCK_D=min(128, _pow2_at_least(d)))
-    args = (z1, z2, lab, norm, temperature, loss, stats, rank, n, m, d, z1.stride(0), z2.stride(0))
+    args = (z1, z2, lab, norm, temperature, loss, stats, rank, n, m, d, z1.stride(0), z2.stride(0),
+            lo, count)
     flags = dict(LABELS=labels is not None, MEAN=bool(mean_positives), COMPUTE_RANK=compute_accuracy,
                  PRECISION=_precision(z1.dtype))
-    # row blocks: over all M rows with labels; paired, per half (never straddling row N)
-    blocks = (lambda bm: triton.cdiv(m, bm)) if labels is not None else (lambda bm: 2 * triton.cdiv(n, bm))
+    # row blocks over the local rows: one range with labels; paired, one per view (never
+    # straddling row N)
+    parts = 1 if labels is not None else 2
+    blocks = lambda bm: parts * triton.cdiv(count, bm)  # noqa: E731
+    if count == 0:
+        return loss, stats, norm, rank
     if AUTOTUNE:
         _launcher(_fwd_tuned)[lambda meta: (blocks(meta["BLOCK_M"]),)](*args, **flags)
     else:
@@ -586,10 +631,11 @@ def nt_xent_forward(z1: torch.Tensor, z2: torch.Tensor, labels: Optional[torch.T
 @triton_op("fastclr::nt_xent_triton_backward", mutates_args=())
 def nt_xent_backward(grad_rows: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor,
                      labels: Optional[torch.Tensor], temperature: torch.Tensor, mean_positives: bool,
-                     norm: torch.Tensor,
-                     stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     norm: torch.Tensor, stats: torch.Tensor, row_lo: int = 0,
+                     row_count: int = -1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_z1, grad_z2, grad_temperature) as fastclr::nt_xent_backward, by Triton."""
     z1, z2, lab, n, m = _rows_and_labels(z1, z2, labels)
+    lo, count, _ = _local_rows(row_lo, row_count, n, m, labels is None)
     d = z1.shape[1]
     w = grad_rows.to(torch.float32).contiguous()
     stats = stats.to(torch.float32).contiguous()
@@ -598,7 +644,8 @@ def nt_xent_backward(grad_rows: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor
     # Sized for the smallest tile any configuration uses; unused entries stay 0.
     nb_max = triton.cdiv(m, 64 if AUTOTUNE else cfg["BLOCK_BWD"])
     tpart = torch.zeros(nb_max * nb_max, device=z1.device, dtype=torch.float32)
-    args = (z1, z2, lab, norm, temperature, stats, w, g, tpart, n, m, d, z1.stride(0), z2.stride(0))
+    args = (z1, z2, lab, norm, temperature, stats, w, g, tpart, n, m, d, z1.stride(0), z2.stride(0),
+            lo, count)
     flags = dict(LABELS=labels is not None, MEAN=bool(mean_positives), PRECISION=_precision(z1.dtype))
     if cfg["ROWS_BWD"]:
         if AUTOTUNE:

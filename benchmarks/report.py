@@ -20,8 +20,9 @@ from pathlib import Path
 from benchmarks import common
 
 ROOT = Path(__file__).resolve().parent.parent
-KINDS = ("loss", "supcon", "lars", "augment", "train", "knn")
+KINDS = ("loss", "supcon", "scale", "lars", "augment", "train", "knn")
 TITLES = {"loss": "NT-Xent loss: time and memory", "supcon": "SupCon loss (mean positives): time and memory",
+          "scale": "Distributed loss: one rank's share",
           "lars": "LARS step",
           "augment": "Two-view augmentation", "train": "End-to-end training step, one component swapped",
           "knn": "kNN search (the evaluation monitor)"}
@@ -112,6 +113,12 @@ def plot_train(d, path):
           f"training step, {common.where(d)}", "images/s (higher is better)", path)
 
 
+def plot_scale(d, path):
+    ok = [r for r in d["rows"] if r.get("status") == "ok"]
+    _bars([f"{r['loss']}, M={r['M']}: W={r['W']}" for r in ok], [r["rank_s"] for r in ok],
+          f"one rank's loss forward+backward, {common.where(d)}", "seconds (lower is better)", path)
+
+
 def plot_knn(d, path):
     ok = [r for r in d["rows"] if r.get("status") == "ok"]
     plt = _plt()
@@ -130,11 +137,11 @@ def plot_knn(d, path):
 
 
 def tables(kind, d) -> str:
-    from benchmarks import bench_augment, bench_knn, bench_lars, bench_loss, bench_train
+    from benchmarks import bench_augment, bench_knn, bench_lars, bench_loss, bench_scale, bench_train
     if kind in ("loss", "supcon"):  # a GPU's rows are read against the matmul peak measured with them
         return bench_loss.tables(d["rows"], d.get("matmul_peak_tflops"))
     return {"lars": bench_lars.table, "augment": bench_augment.table, "train": bench_train.table,
-            "knn": bench_knn.table}[kind](d["rows"])
+            "knn": bench_knn.table, "scale": bench_scale.table}[kind](d["rows"])
 
 
 def section(kind, d, img_rel: str) -> str:
@@ -160,7 +167,7 @@ def main(argv=None):
         raise SystemExit(f"benchmarks.report: no results files under {args.results}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    plotters = {"loss": plot_loss, "supcon": plot_loss, "lars": plot_lars, "augment": plot_augment, "train": plot_train,
+    plotters = {"loss": plot_loss, "supcon": plot_loss, "scale": plot_scale, "lars": plot_lars, "augment": plot_augment, "train": plot_train,
                 "knn": plot_knn}
     sections_local, sections_readme = [], []
     for device in ("cpu", "cuda"):

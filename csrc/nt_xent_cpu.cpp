@@ -586,14 +586,11 @@ std::vector<std::vector<std::pair<int64_t, int64_t>>> round_robin(int64_t nb) {
   return rounds;
 }
 
-// G_i = sum_{j != i} A_ij u_j over the tiles I <= J that meet the local rows (A vanishes
-// elsewhere: both rows' weights are 0), round by round; returns sum A s.
-template <typename acc_t>
-double accumulate_tiles(const at::Tensor& u, at::Tensor& g, int64_t n, int64_t m, acc_t inv_tau,
-                        RowCoefs<acc_t> rc, const int64_t* labels, acc_t mean,
-                        const LocalRows& own) {
+// The backward's schedule: the tile pairs (I, J), I <= J, of kBwdBlock rows that meet the local
+// rows (A vanishes on the others: both rows' weights are 0), in rounds where every block appears
+// at most once (the off-diagonal pairs round-robin, then the diagonal).
+std::vector<std::vector<std::pair<int64_t, int64_t>>> backward_rounds(int64_t m, const LocalRows& own) {
   const int64_t nb = (m + kBwdBlock - 1) / kBwdBlock;
-  const int64_t bs = std::min(kBwdBlock, m);
   auto rounds = round_robin(nb);
   std::vector<std::pair<int64_t, int64_t>> diag_round;
   for (int64_t b = 0; b < nb; ++b) diag_round.emplace_back(b, b);
@@ -604,6 +601,33 @@ double accumulate_tiles(const at::Tensor& u, at::Tensor& g, int64_t n, int64_t m
                                [&](const auto& p) { return !meets(p.first) && !meets(p.second); }),
                 pairs.end());
   }
+  return rounds;
+}
+
+// What the CPU kernels compute for M rows (N of z1) and the local rows: (forward row blocks,
+// their column chunks, each summed over the blocks, as "tiles" of kFwdRowBlock x kFwdColBlock;
+// backward diagonal and off-diagonal tiles of kBwdBlock^2; the two block sizes), for
+// benchmarks/scale_model.py's test.
+std::vector<int64_t> nt_xent_tile_counts(int64_t m, int64_t n, bool labels, int64_t row_lo,
+                                         int64_t row_count) {
+  const LocalRows own = local_rows(row_lo, row_count, m, n, !labels);
+  const int64_t chunks = (m + std::min(kFwdColBlock, m) - 1) / std::min(kFwdColBlock, m);
+  const int64_t row_blocks = (labels ? 1 : 2) * ((own.count + kFwdRowBlock - 1) / kFwdRowBlock);
+  int64_t diag = 0, off = 0;
+  for (const auto& pairs : backward_rounds(m, own)) {
+    for (const auto& p : pairs) (p.first == p.second ? diag : off) += 1;
+  }
+  return {row_blocks * chunks, diag, off, kFwdRowBlock, kBwdBlock};
+}
+
+// G_i = sum_{j != i} A_ij u_j over the tiles I <= J that meet the local rows (A vanishes
+// elsewhere: both rows' weights are 0), round by round; returns sum A s.
+template <typename acc_t>
+double accumulate_tiles(const at::Tensor& u, at::Tensor& g, int64_t n, int64_t m, acc_t inv_tau,
+                        RowCoefs<acc_t> rc, const int64_t* labels, acc_t mean,
+                        const LocalRows& own) {
+  const int64_t bs = std::min(kBwdBlock, m);
+  const auto rounds = backward_rounds(m, own);
   double tau_sum = 0;
   for (const auto& pairs : rounds) {
     std::vector<double> partial(pairs.size(), 0.0);
@@ -702,6 +726,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nt_xent_backward_cpu(
 TORCH_LIBRARY_IMPL(fastclr, CPU, m) {
   m.impl("nt_xent_forward", &nt_xent_forward_cpu);
   m.impl("nt_xent_backward", &nt_xent_backward_cpu);
+}
+
+// No tensor arguments: the CompositeExplicitAutograd kernel is the one that runs.
+TORCH_LIBRARY_IMPL(fastclr, CompositeExplicitAutograd, m) {
+  m.impl("nt_xent_tile_counts", &nt_xent_tile_counts);
 }
 
 }  // namespace fastclr

@@ -36,6 +36,9 @@ TORCH_LIBRARY(fastclr, m) {
       "nt_xent_backward(Tensor grad_rows, Tensor z1, Tensor z2, Tensor? labels, "
       "Tensor temperature, bool mean_positives, Tensor norm, Tensor stats, int row_lo=0, "
       "int row_count=-1) -> (Tensor, Tensor, Tensor)");
+  // The CPU kernels' work for m rows (n of z1) and those local rows: [forward tiles, backward
+  // diagonal tiles, backward off-diagonal tiles, forward row block, backward block].
+  m.def("nt_xent_tile_counts(int m, int n, bool labels, int row_lo=0, int row_count=-1) -> int[]");
   // Cosine similarities s_ij = a_i . b_j / (max(||a_i||, eps) max(||b_j||, eps)), (M, K), in
   // float32 (float64 for float64 input); the normalisation is fused, no normalised copies.
   m.def("normalized_similarity(Tensor a, Tensor b) -> Tensor");

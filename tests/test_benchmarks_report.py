@@ -28,6 +28,9 @@ def test_report_sections_plots_and_readme(tmp_path):
     for labels, t in (("classes:100", 0.2), ("views:4", 0.3)):  # one section per labels pattern
         _write(res, "supcon", "2026-02-01T00:00:00", [loss("cpu", 4096, t, 9), loss("naive", 4096, 1.0, 900)],
                labels=labels)
+    _write(res, "scale", "2026-02-01T00:00:00", [
+        {"loss": "ntxent", "M": 4096, "D": 128, "W": w, "rows_per_rank": 4096 // w, "status": "ok",
+         "rank_s": t} for w, t in ((1, 1.0), (4, 0.34))])
     _write(res, "lars", "2026-02-01T00:00:00", [
         {"model": "resnet18", "optimizer": o, "status": "ok", "step_ms": ms}
         for o, ms in (("fastclr-cpp", 6.0), ("lightly", 25.0))])
@@ -56,6 +59,7 @@ def test_report_sections_plots_and_readme(tmp_path):
     assert "| resnet18 | 64 | **naive** | fastclr | torch | 150 | 0.50x |" in text
     assert "| 100 x 1000, 8, 5 | fastclr | 0.500 | 1.25x | 3 | 0 of 500 |" in text
     assert "labels classes:100 — CPU" in text and "labels views:4 — CPU" in text
+    assert "| ntxent | 4096 | 128 | 4 | 1024 | 0.340 | 0.34x | 0.25x |" in text
     assert "| 4096 | 128 | cpu | 0.0667 | 0.2000 | 0.20x | 9 |" in text
     assert "| 4096 | 128 | cpu | 0.1000 | 0.3000 | 0.30x | 9 |" in text
     for kind in report.KINDS:

@@ -1,7 +1,7 @@
 """The whole comparison suite, fastclr against its peers, on this machine.
 
     python -m benchmarks                 # every part on the CPU, and on the GPU when there is one
-    python -m benchmarks loss            # one part: loss | lars | augment | train | knn
+    python -m benchmarks loss            # one part: loss | supcon | scale | lars | augment | train | knn
     python -m benchmarks --device cpu    # only the CPU half (cuda: only the GPU half)
 
 Each part is one of the benchmarks/bench_*.py scripts, run with the suite's settings below; each
@@ -25,6 +25,12 @@ PARTS = {
              ["--sizes", "4096", "16384", "65536", "--dims", "128", "--sweep-dims", "64", "512",
               "--sweep-m", "16384", "--repeats", "10", "--budget-mb", "16384",
               "--impls", "triton", "cuda", "naive", "lightly", "pml", "infcl"]),
+    "supcon": ("benchmarks.bench_loss",
+               ["--loss", "supcon", "--labels", "classes:100", "--repeats", "3", "--timeout", "600"],
+               ["--loss", "supcon", "--labels", "classes:100", "--sizes", "16384", "65536",
+                "--repeats", "10"]),
+    # one rank's share of the distributed loss, one thread per rank: CPU only (None: no GPU half)
+    "scale": ("benchmarks.bench_scale", [], None),
     "lars": ("benchmarks.bench_lars", ["--repeats", "20"], ["--repeats", "50"]),
     "augment": ("benchmarks.bench_augment", [], []),
     "train": ("benchmarks.bench_train", [], []),
@@ -52,7 +58,10 @@ def main(argv=None):
     for device in devices:
         for part in parts:
             module, cpu_args, gpu_args = PARTS[part]
-            argv_part = ["--device", device, *(gpu_args if device == "cuda" else cpu_args), *extra]
+            if device == "cuda" and gpu_args is None:
+                continue
+            device_arg = ["--device", device] if gpu_args is not None else []
+            argv_part = [*device_arg, *(gpu_args if device == "cuda" else cpu_args), *extra]
             print(f"\n== {part} on {device}: python -m {module} {' '.join(argv_part)}", flush=True)
             t0 = time.perf_counter()
             importlib.import_module(module).main(argv_part)

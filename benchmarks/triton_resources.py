@@ -32,6 +32,7 @@ def jobs(dtype: torch.dtype, d: int):
     prec, ty = K._precision(dtype), _TY[dtype]
     z = dict(z1_ptr="*" + ty, z2_ptr="*" + ty)
     i32 = dict(N="i32", M="i32", D="i32", stride1="i32", stride2="i32")
+    local = dict(LO="i32", COUNT="i32")  # the local rows (a rank's share)
     f = lambda *n: {k: "*fp32" for k in n}  # noqa: E731
     c = lambda *n: {k: "constexpr" for k in n}  # noqa: E731
     opts = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
@@ -42,13 +43,13 @@ def jobs(dtype: torch.dtype, d: int):
         lab = {"labels_ptr": "*i64" if labels else "*" + ty}
         out += [
             (K._nt_xent_fwd_kernel, {**z, **lab, **f("norm_ptr", "temp_ptr", "loss_ptr", "stats_ptr"),
-                                     "rank_ptr": "*i32", **i32,
+                                     "rank_ptr": "*i32", **i32, **local,
                                      **c("LABELS", "MEAN", "COMPUTE_RANK", "BLOCK_M", "BLOCK_N", "BLOCK_D",
                                          "PRECISION")},
              dict(LABELS=labels, MEAN=labels, COMPUTE_RANK=True, BLOCK_M=cfg["BLOCK_M"],
                   BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"], PRECISION=prec), opts),
             (bwd, {**z, **lab, **f("norm_ptr", "temp_ptr", "stats_ptr", "w_ptr", "g_ptr", "tpart_ptr"),
-                   **i32, **c("LABELS", "MEAN", "BLOCK", "BLOCK_D", "PRECISION")},
+                   **i32, **local, **c("LABELS", "MEAN", "BLOCK", "BLOCK_D", "PRECISION")},
              dict(LABELS=labels, MEAN=labels, BLOCK=cfg["BLOCK_BWD"], BLOCK_D=cfg["BLOCK_D_BWD"],
                   PRECISION=prec), opts),
         ]

@@ -45,3 +45,12 @@ def test_readme_table_is_the_scripts_output(capsys):
     table = readme.split("<!-- scale_model:begin -->\n", 1)[1].split("\n<!-- scale_model:end -->", 1)[0]
     scale_model.main([])
     assert table.strip() == capsys.readouterr().out.strip()
+
+
+@needs_ext
+def test_bench_scale_runs(capsys):
+    from benchmarks import bench_scale
+    bench_scale.main(["--sizes", "512", "--worlds", "1", "2", "--repeats", "1", "--no-save"])
+    out = capsys.readouterr().out
+    assert "| ntxent | 512 | 128 | 2 | 256 |" in out and "| supcon | 512 | 128 | 1 | 512 |" in out
+    assert "error" not in out and "timeout" not in out

@@ -345,3 +345,13 @@ def test_bad_embeddings_raise():
         fastclr.supcon_fused(torch.randn(6), torch.zeros(6, dtype=torch.long))
     with pytest.raises(TypeError, match="supcon_fused: z must be float"):
         fastclr.supcon_fused(torch.zeros(6, 3, dtype=torch.long), torch.zeros(6, dtype=torch.long))
+
+
+@needs_ext
+def test_bench_loss_supcon_runs(capsys):
+    from benchmarks import bench_loss
+    bench_loss.main(["--loss", "supcon", "--labels", "views:4", "--sizes", "256", "--impls", "cpu",
+                     "naive", "pml", "--repeats", "1", "--no-save"])
+    out = capsys.readouterr().out
+    assert "SupCon (mean positives, labels views:4)" in out
+    assert "| 256 | 128 | cpu |" in out and "| 256 | 128 | naive |" in out and "| 256 | 128 | pml |" in out

@@ -1,6 +1,5 @@
 """The public API: input checks, dispatch, the module, registrations (opcheck, compile)."""
 import math
-import os
 import subprocess
 import sys
 import textwrap

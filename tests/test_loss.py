@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fastclr
-from fastclr import ops, reference
+from fastclr import reference
 from nt_xent_checks import (BACKENDS, backends, chunked_reference64, check_accuracy,
                             check_against_reference, check_half, fused, make_inputs, max_rel,
                             needs_ext, run)

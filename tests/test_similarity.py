@@ -10,14 +10,9 @@ import torch.nn.functional as F
 
 import fastclr
 from fastclr import ops, reference
+from nt_xent_checks import needs_cuda_kernel as needs_cuda_kernels
+from nt_xent_checks import needs_ext, needs_interp, needs_triton_cuda
 
-needs_ext = pytest.mark.skipif(not fastclr.extension_available(),
-                               reason=f"extension not built: {fastclr.extension_error()}")
-needs_interp = pytest.mark.skipif(not ops.triton_interpreting(), reason="Triton interpreter not active")
-needs_triton_cuda = [pytest.mark.cuda, pytest.mark.skipif(
-    not (ops.triton_available() and not ops.triton_interpreting()), reason="needs triton on a GPU")]
-needs_cuda_kernels = [pytest.mark.cuda, pytest.mark.skipif(
-    not ops.compiled_with_cuda(), reason="extension built without the CUDA kernels")]
 BACKENDS = {
     "cpu": ("cpu", "cpu", [needs_ext]),
     # the C++ kNN kernel with its float32 screen forced (the default on CPUs without bf16 dot

@@ -237,8 +237,8 @@ acc_t finish_row(const RowState<acc_t>& st, bool mean, acc_t* stats, int64_t m, 
   }
   const acc_t lse_pos = st.m_pos + std::log(st.l_pos);
   const acc_t x = lse_neg - lse_pos;  // -inf without negatives: loss log(1 + 0) = 0, Q = 0
-  const acc_t softplus = std::max(x, acc_t(0)) + std::log1p(std::exp(-std::fabs(x)));
   const acc_t ex = std::exp(-std::fabs(x));
+  const acc_t softplus = std::max(x, acc_t(0)) + std::log1p(ex);
   stats[kLse * m + i] = lse_pos + softplus;
   stats[kLsePos * m + i] = lse_pos;
   stats[kQ * m + i] = x >= 0 ? 1 / (1 + ex) : ex / (1 + ex);

@@ -30,11 +30,19 @@ def _reference_vjp(fn, inputs, needs, grad):
     return tuple(next(got) if need else None for need in needs)
 
 
-def local_row_mask(m: int, n: int, paired: bool, row_lo: int, row_count: int, device=None):
-    """The rows that get a loss in local-rows mode (csrc/ops.cpp): (i mod S) in [row_lo, row_lo +
-    row_count), S = N (paired) or M (labels); row_count = -1: all."""
+def local_rows(row_lo: int, row_count: int, n: int, m: int, paired: bool) -> tuple:
+    """(lo, count, span) of local-rows mode (csrc/ops.cpp), checked: the rows i with (i mod span)
+    in [lo, lo + count), span = N (paired) or M (labels); row_count = -1: to the end."""
     span = n if paired else m
     count = span - row_lo if row_count < 0 else row_count
+    if not (row_lo >= 0 and count >= 0 and row_lo + count <= span):
+        raise ValueError(f"fastclr: local rows [{row_lo}, {row_lo} + {count}) must lie within [0, {span})")
+    return row_lo, count, span
+
+
+def local_row_mask(m: int, n: int, paired: bool, row_lo: int, row_count: int, device=None):
+    """(M,) mask of the rows that get a loss in local-rows mode (see :func:`local_rows`)."""
+    row_lo, count, span = local_rows(row_lo, row_count, n, m, paired)
     i = torch.arange(m, device=device) % span
     return (i >= row_lo) & (i < row_lo + count)
 

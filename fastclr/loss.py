@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from fastclr import _dispatch, distributed, reference
+from fastclr._autograd import local_row_mask
 from fastclr._dispatch import check_row_pair, describe as _describe
 
 IMPLS = _dispatch.OPS["nt_xent_fused"].impls
@@ -129,22 +130,11 @@ def nt_xent_fused(z1: torch.Tensor, z2: torch.Tensor, temperature=0.5, *, impl: 
     loss = reference.reduce_rows(mine, reduction)
     if not return_accuracy:
         return loss
-    return loss, _pair_accuracy(rank, n, lo, group)
-
-
-def _pair_accuracy(rank: torch.Tensor, n: int, lo: int, group) -> dict:
-    """top1 / top5 / contrast_acc of the global batch from the ranks of this rank's rows (rows lo
-    .. lo + n of each view of the M = 2 W n gathered rows); the counts are summed over the ranks."""
-    m = rank.shape[1]
-    half = m // 2
-    i = torch.arange(m, device=rank.device)
-    mine = ((i % half) >= lo) & ((i % half) < lo + n)
-    view1 = mine & (i < half)
-    hits = torch.stack([(mine & (rank[0] < 1)).sum(), (mine & (rank[0] < 5)).sum(),
-                        (view1 & (rank[1] < 1)).sum(), mine.sum(), view1.sum()]).float()
+    # the global batch's accuracies: this rank's rows' counts, summed over the ranks
+    hits = reference.pair_hits(rank, local_row_mask(rank.shape[1], z1.shape[0], True, lo, n, rank.device))
     if group is not None:
         torch.distributed.all_reduce(hits, group=group)
-    return {"top1": hits[0] / hits[3], "top5": hits[1] / hits[3], "contrast_acc": hits[2] / hits[4]}
+    return loss, reference.accuracy_from_hits(hits)
 
 
 def _check_labels(fn: str, labels, z: torch.Tensor) -> None:
@@ -215,9 +205,8 @@ def supcon_fused(z: torch.Tensor, labels: torch.Tensor, temperature=0.1, *,
     mine, has = rows.narrow(0, lo, m_local), count.narrow(0, lo, m_local) > 0
     # "mean": over the rows with a positive of the global batch; W times this rank's share, so
     # that the mean over ranks is the single-process loss
-    totals = torch.stack([has.sum(), (has & (rank[0, lo:lo + m_local] < 1)).sum(),
-                          (has & (rank[0, lo:lo + m_local] < 5)).sum()]).float() \
-        if return_accuracy else has.sum().float()[None]
+    totals = (reference.supcon_hits(rank[:, lo:lo + m_local], count.narrow(0, lo, m_local))
+              if return_accuracy else has.sum().float()[None])
     if group is not None and (reduction == "mean" or return_accuracy):
         torch.distributed.all_reduce(totals, group=group)
     world = 1 if group is None else torch.distributed.get_world_size(group)
@@ -227,8 +216,7 @@ def supcon_fused(z: torch.Tensor, labels: torch.Tensor, temperature=0.1, *,
         loss = reference.reduce_rows(mine, reduction)
     if not return_accuracy:
         return loss
-    n_has = totals[0].clamp_min(1)
-    return loss, {"top1": totals[1] / n_has, "top5": totals[2] / n_has}
+    return loss, reference.supcon_accuracy_from_hits(totals)
 
 
 def _supcon_rows(z, labels, temperature, positives, impl, return_accuracy, lo, count):

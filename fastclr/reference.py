@@ -83,9 +83,23 @@ def accuracy_from_rank(rank: torch.Tensor) -> dict:
     ``top1`` / ``top5``, every row's positive against all 2N - 2 other rows (fewer than k score
     above it); ``contrast_acc``, google-research/simclr's metric: view 1's rows, the positive
     against the N cross-view candidates (the argmax of logits_ab is the positive)."""
-    n = rank.shape[1] // 2
-    return {"top1": (rank[0] < 1).float().mean(), "top5": (rank[0] < 5).float().mean(),
-            "contrast_acc": (rank[1, :n] < 1).float().mean()}
+    return accuracy_from_hits(pair_hits(rank))
+
+
+def pair_hits(rank: torch.Tensor, mine: torch.Tensor | None = None) -> torch.Tensor:
+    """float32 counts (top-1 hits, top-5 hits, contrast_acc hits, rows, view-1 rows) over the rows
+    ``mine`` ((M,) mask; all by default) of the (2, M) ranks: counts add up over ranks."""
+    m = rank.shape[1]
+    i = torch.arange(m, device=rank.device)
+    mine = torch.ones(m, dtype=torch.bool, device=rank.device) if mine is None else mine
+    view1 = mine & (i < m // 2)
+    return torch.stack([(mine & (rank[0] < 1)).sum(), (mine & (rank[0] < 5)).sum(),
+                        (view1 & (rank[1] < 1)).sum(), mine.sum(), view1.sum()]).float()
+
+
+def accuracy_from_hits(hits: torch.Tensor) -> dict:
+    """The accuracies of :func:`accuracy_from_rank` from :func:`pair_hits`' counts."""
+    return {"top1": hits[0] / hits[3], "top5": hits[1] / hits[3], "contrast_acc": hits[2] / hits[4]}
 
 
 POSITIVES = ("mean", "sum")
@@ -134,14 +148,17 @@ def supcon(z: torch.Tensor, labels: torch.Tensor, temperature=0.1, positives: st
         loss = reduce_rows(rows, reduction)
     if not return_accuracy:
         return loss
-    return loss, supcon_accuracy(supcon_rank(z, labels, temperature), count)
+    return loss, supcon_accuracy(_rank_from_logits(s, same, eye), count)
 
 
 def supcon_rank(z: torch.Tensor, labels: torch.Tensor, temperature) -> torch.Tensor:
     """(2, M) int32: #negatives scoring above row i's best positive, twice (the kernels' rank
     layout; the second row is NT-Xent's cross-view count there)."""
+    return _rank_from_logits(*supcon_logits(z, labels, temperature))
+
+
+def _rank_from_logits(s, same, eye) -> torch.Tensor:
     with torch.no_grad():
-        s, same, eye = supcon_logits(z, labels, temperature)
         best = s.masked_fill(~same, float("-inf")).amax(dim=1, keepdim=True)
         rank = ((s > best) & ~(same | eye)).sum(1, dtype=torch.int32)
         return torch.stack([rank, rank])
@@ -150,10 +167,18 @@ def supcon_rank(z: torch.Tensor, labels: torch.Tensor, temperature) -> torch.Ten
 def supcon_accuracy(rank: torch.Tensor, count: torch.Tensor) -> dict:
     """``top1`` / ``top5`` (float32 fractions) over the rows that have a positive, from the
     (2, M) ranks (negatives above the best positive) and the positives' counts; 0 if none has."""
+    return supcon_accuracy_from_hits(supcon_hits(rank, count))
+
+
+def supcon_hits(rank: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """float32 counts (rows with a positive, top-1 hits, top-5 hits): counts add up over ranks."""
     has = count > 0
-    n = has.sum().clamp_min(1).float()
-    return {"top1": ((rank[0] < 1) & has).sum().float() / n,
-            "top5": ((rank[0] < 5) & has).sum().float() / n}
+    return torch.stack([has.sum(), (has & (rank[0] < 1)).sum(), (has & (rank[0] < 5)).sum()]).float()
+
+
+def supcon_accuracy_from_hits(hits: torch.Tensor) -> dict:
+    n = hits[0].clamp_min(1)
+    return {"top1": hits[1] / n, "top5": hits[2] / n}
 
 
 def normalized_similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

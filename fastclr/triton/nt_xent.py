@@ -41,7 +41,7 @@ from torch.library import triton_op, wrap_triton
 from triton.runtime.autotuner import Autotuner
 from triton.runtime.jit import JITFunction
 
-from fastclr._autograd import autograd_formula
+from fastclr._autograd import autograd_formula, local_rows
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -577,15 +577,6 @@ def _rows_and_labels(z1, z2, labels):
     return z1, z2, lab, z1.shape[0], z1.shape[0] + z2.shape[0]
 
 
-def _local_rows(row_lo: int, row_count: int, n: int, m: int, paired: bool) -> tuple:
-    """(lo, count, span) of the local rows (csrc/ops.cpp), checked."""
-    span = n if paired else m
-    count = span - row_lo if row_count < 0 else row_count
-    if not (row_lo >= 0 and count >= 0 and row_lo + count <= span):
-        raise ValueError(f"fastclr: local rows [{row_lo}, {row_lo} + {count}) must lie within [0, {span})")
-    return row_lo, count, span
-
-
 @triton_op("fastclr::nt_xent_triton_forward", mutates_args=())
 def nt_xent_forward(z1: torch.Tensor, z2: torch.Tensor, labels: Optional[torch.Tensor],
                     temperature: torch.Tensor, mean_positives: bool, compute_accuracy: bool,
@@ -593,7 +584,7 @@ def nt_xent_forward(z1: torch.Tensor, z2: torch.Tensor, labels: Optional[torch.T
                     row_count: int = -1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(row_loss, stats, norm, rank) as fastclr::nt_xent_forward, by the Triton kernels."""
     z1, z2, lab, n, m = _rows_and_labels(z1, z2, labels)
-    lo, count, span = _local_rows(row_lo, row_count, n, m, labels is None)
+    lo, count, span = local_rows(row_lo, row_count, n, m, labels is None)
     d = z1.shape[1]
     cfg = _config(m, d, z1.dtype, INTERPRETED)
     norm = torch.empty(m, device=z1.device, dtype=torch.float32)
@@ -635,7 +626,7 @@ def nt_xent_backward(grad_rows: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor
                      row_count: int = -1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_z1, grad_z2, grad_temperature) as fastclr::nt_xent_backward, by Triton."""
     z1, z2, lab, n, m = _rows_and_labels(z1, z2, labels)
-    lo, count, _ = _local_rows(row_lo, row_count, n, m, labels is None)
+    lo, count, _ = local_rows(row_lo, row_count, n, m, labels is None)
     d = z1.shape[1]
     w = grad_rows.to(torch.float32).contiguous()
     stats = stats.to(torch.float32).contiguous()

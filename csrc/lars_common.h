@@ -35,4 +35,14 @@ inline std::vector<at::Tensor> lars_checked_grads(at::TensorList params, at::Ten
   return g;
 }
 
+// The optional skip flag of a step: one float32 element on the parameters' device.
+inline void lars_check_found_inf(const c10::optional<at::Tensor>& found_inf, const at::Tensor& p0) {
+  if (!found_inf.has_value()) return;
+  TORCH_CHECK(found_inf->numel() == 1 && found_inf->scalar_type() == at::kFloat &&
+                  found_inf->device() == p0.device(),
+              "fastclr: lars_step_'s found_inf must be one float32 element on the params' device "
+              "(", p0.device(), "), got ", found_inf->scalar_type(), " of ", found_inf->numel(),
+              " elements on ", found_inf->device());
+}
+
 }  // namespace fastclr

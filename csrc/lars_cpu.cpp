@@ -77,10 +77,12 @@ void chunk_update(scalar_t* w, const scalar_t* g, float* v, int64_t n, float wd,
 
 void lars_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList bufs, double lr,
                    double momentum, double weight_decay, double trust_coefficient, bool nesterov,
-                   bool exclude) {
+                   bool exclude, const c10::optional<at::Tensor>& found_inf) {
   const std::vector<at::Tensor> g = lars_checked_grads(params, grads, bufs);
   const int64_t count = static_cast<int64_t>(params.size());
   if (count == 0) return;
+  lars_check_found_inf(found_inf, params[0]);
+  if (found_inf.has_value() && found_inf->data_ptr<float>()[0] != 0.f) return;  // a skipped step
   const auto dtype = params[0].scalar_type();
 
   std::vector<Chunk> chunks;

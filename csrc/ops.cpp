@@ -50,9 +50,11 @@ TORCH_LIBRARY(fastclr, m) {
   // (values[M, k] best first, indices[M, k] int64), ties to the lower bank index.
   m.def("knn_topk(Tensor queries, Tensor bank, int k, int chunk) -> (Tensor, Tensor)");
   // One LARS step (fastclr/optim.py has the equations) for a list of parameters, in place on
-  // params and momentum_buffers (float32); grads are read only.
+  // params and momentum_buffers (float32); grads are read only. found_inf (a one-element float32
+  // tensor on the params' device, as GradScaler's): when it holds a nonzero value the step
+  // changes nothing -- read by the kernels themselves, so the host never waits for it.
   m.def(
       "lars_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, float lr, "
-      "float momentum, float weight_decay, float trust_coefficient, bool nesterov, bool exclude) "
-      "-> ()");
+      "float momentum, float weight_decay, float trust_coefficient, bool nesterov, bool exclude, "
+      "Tensor? found_inf=None) -> ()");
 }

@@ -11,7 +11,10 @@ For each parameter w with gradient g (``p.grad`` is never modified):
     w = w - v                                    # nesterov: w = w - (momentum * v + lr * t * g)
 
 Norms and math in float32 (bfloat16/float16 parameters are updated through float32); the
-momentum buffer is float32. Three implementations of the same step, none synchronising with
+momentum buffer is float32. ``step(found_inf=flag)`` (a one-element float32 tensor on the
+parameters' device, as GradScaler's ``found_inf``) makes the step change nothing when the flag is
+nonzero: the kernels read it on the device, so a training loop can skip a non-finite step without
+a host synchronisation. Three implementations of the same step, none synchronising with
 the host: "cpu" (one C++ call per group, csrc/lars_cpu.cpp; "cpp" is an alias), "cuda" (multi-tensor CUDA kernels,
 kernels/lars.cu) and "foreach" (torch._foreach_* ops, the fallback without the extension).
 """
@@ -110,7 +113,11 @@ class LARS(torch.optim.Optimizer):
         return _dispatch.resolve("LARS", self.impl, device)
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure=None, *, found_inf: torch.Tensor | None = None):
+        """One step; with ``found_inf`` (one float32 element per parameter device, or one tensor
+        for all: it is moved where needed) a nonzero value makes it a no-op, decided on the device."""
+        if found_inf is not None and (not isinstance(found_inf, torch.Tensor) or found_inf.numel() != 1):
+            raise ValueError("LARS.step: found_inf must be a one-element tensor (nonzero: skip the step)")
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -140,17 +147,28 @@ class LARS(torch.optim.Optimizer):
                 for lst, x in zip(by_device[p.device], (p, g, b)):
                     lst.append(x)
             for device, (ps, gs, bs) in by_device.items():
+                skip = None if found_inf is None else found_inf.to(device, torch.float32).reshape(1)
                 backend = self.backend(device)
                 if backend == "foreach":
-                    _foreach_step(ps, gs, bs, *hyper)
+                    _foreach_step(ps, gs, bs, *hyper, skip)
                 else:  # one compiled call: the CPU or CUDA kernel, by the dispatcher
-                    torch.ops.fastclr.lars_step_(ps, gs, bs, *hyper)
+                    torch.ops.fastclr.lars_step_(ps, gs, bs, *hyper, skip)
         return loss
 
 
 def _foreach_step(params, grads, bufs, lr, momentum, weight_decay, trust_coefficient, nesterov,
-                  exclude):
-    """The step with torch._foreach_* ops: a handful of multi-tensor launches, no host sync."""
+                  exclude, skip=None):
+    """The step with torch._foreach_* ops: a handful of multi-tensor launches, no host sync.
+    With ``skip`` (one float32 element) the new values are kept only where it is 0 (the fallback
+    pays a copy of the parameters and buffers for that; the compiled kernels return early)."""
+    if skip is not None:
+        old_p, old_b = [p.clone() for p in params], [b.clone() for b in bufs]
+        _foreach_step(params, grads, bufs, lr, momentum, weight_decay, trust_coefficient, nesterov,
+                      exclude)
+        keep = skip != 0
+        for new, old in zip(params + bufs, old_p + old_b):
+            new.copy_(torch.where(keep, old, new))
+        return
     w32 = [p.float() for p in params]  # float32 math (the parameter itself if float32)
     # d = g + wd w, always a fresh float32 copy: p.grad is never modified.
     if exclude or weight_decay == 0:

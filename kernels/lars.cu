@@ -42,7 +42,9 @@ struct Table {
 
 template <typename scalar_t>
 __global__ void __launch_bounds__(kLarsThreads) lars_sums_kernel(Table table, float wd,
-                                                                 float* __restrict__ sums) {
+                                                                 float* __restrict__ sums,
+                                                                 const float* __restrict__ skip) {
+  if (skip != nullptr && *skip != 0.f) return;
   const int64_t c = blockIdx.x;
   const int64_t i = table.tensor(c);
   const scalar_t* w = table.ptr<const scalar_t>(i, 0);
@@ -78,7 +80,8 @@ __global__ void __launch_bounds__(kLarsThreads) lars_sums_kernel(Table table, fl
 template <typename scalar_t>
 __global__ void __launch_bounds__(kLarsThreads) lars_update_kernel(
     Table table, const float* __restrict__ sums, float lr, float momentum, float wd,
-    float trust_coefficient, bool nesterov) {
+    float trust_coefficient, bool nesterov, const float* __restrict__ skip) {
+  if (skip != nullptr && *skip != 0.f) return;  // a skipped step: found_inf set on the device
   const int64_t c = blockIdx.x;
   const int64_t i = table.tensor(c);
   scalar_t* w = table.ptr<scalar_t>(i, 0);
@@ -100,10 +103,11 @@ __global__ void __launch_bounds__(kLarsThreads) lars_update_kernel(
 
 void lars_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList bufs, double lr,
                     double momentum, double weight_decay, double trust_coefficient, bool nesterov,
-                    bool exclude) {
+                    bool exclude, const c10::optional<at::Tensor>& found_inf) {
   const std::vector<at::Tensor> g = lars_checked_grads(params, grads, bufs);
   const int64_t count = static_cast<int64_t>(params.size());
   if (count == 0) return;
+  lars_check_found_inf(found_inf, params[0]);
   const auto dtype = params[0].scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
               "fastclr: the CUDA LARS step takes float32, bfloat16 or float16 parameters, got ",
@@ -139,15 +143,17 @@ void lars_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
   at::Tensor sums;
   if (!exclude) sums = at::zeros({2 * count}, params[0].options().dtype(at::kFloat));
 
+  const float* skip = found_inf.has_value() ? found_inf->const_data_ptr<float>() : nullptr;
+
   FASTCLR_DISPATCH_FLOAT_HALF_TYPES(dtype, "lars_step_cuda", [&] {
     float* norms = exclude ? nullptr : sums.data_ptr<float>();
     if (!exclude) {
-      lars_sums_kernel<scalar_t><<<n_chunks, kLarsThreads, 0, stream>>>(table, wd, norms);
+      lars_sums_kernel<scalar_t><<<n_chunks, kLarsThreads, 0, stream>>>(table, wd, norms, skip);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     lars_update_kernel<scalar_t><<<n_chunks, kLarsThreads, 0, stream>>>(
         table, norms, static_cast<float>(lr), static_cast<float>(momentum), wd,
-        static_cast<float>(trust_coefficient), nesterov);
+        static_cast<float>(trust_coefficient), nesterov, skip);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

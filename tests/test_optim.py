@@ -137,6 +137,36 @@ def test_state_dict_round_trip_continues_identically(impl, device):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("impl,device", IMPLS)
+def test_found_inf_skips_the_step_on_the_device(impl, device):
+    """step(found_inf=flag): a nonzero flag leaves weights and momentum untouched (NaN gradients
+    included), a zero one is the ordinary step; the flag is a device tensor, never read on the host."""
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(12, 9), nn.BatchNorm1d(9), nn.Linear(9, 3)).to(device)
+    twin = copy.deepcopy(model)
+    opt = LARS(lars_param_groups(model, 1e-4), lr=0.3, impl=impl)
+    ref = LARS(lars_param_groups(twin, 1e-4), lr=0.3, impl=impl)
+    x = torch.randn(8, 12, device=device)
+    for m, o in ((model, opt), (twin, ref)):
+        m(x).pow(2).mean().backward()
+        o.step()
+    state = [(p.detach().clone(), opt.state[p]["momentum_buffer"].clone()) for p in model.parameters()]
+    for p in model.parameters():
+        p.grad.fill_(float("nan"))
+    opt.step(found_inf=torch.ones(1, device=device))
+    for p, (w, v) in zip(model.parameters(), state):
+        assert torch.equal(p, w) and torch.equal(opt.state[p]["momentum_buffer"], v)
+    for m, o in ((model, opt), (twin, ref)):
+        o.zero_grad()
+        m(x).pow(2).mean().backward()
+    opt.step(found_inf=torch.zeros(1, device=device))
+    ref.step()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="one-element"):
+        opt.step(found_inf=torch.zeros(2, device=device))
+
+
 def test_grad_scaler_skips_non_finite_steps():
     torch.manual_seed(0)
     model = nn.Linear(8, 4)

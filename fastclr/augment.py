@@ -23,10 +23,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR_STD = (0.2470, 0.2435, 0.2616)
+from .data import CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD  # noqa: F401 - re-exported
 _GREY = (0.299, 0.587, 0.114)  # ITU-R 601 luma, as torchvision's rgb_to_grayscale
 # RGB -> YIQ and back: hue is a rotation of the (I, Q) plane.
 _YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))
@@ -62,8 +59,9 @@ class TorchSimCLRAugment:
         scale, ratio: the random resized crop's area fraction and aspect-ratio ranges.
         flip: probability of a horizontal flip (0.5; 0 for data where mirror images differ).
 
-    ``aug(images_uint8, generator=None) -> (view1, view2)``; ``return_params=True`` also returns
-    the parameters drawn (per sample and view), for tests.
+    ``aug(images_uint8, generator=None, views=2) -> (view_1, ..., view_views)``, every view's
+    parameters drawn independently; ``return_params=True`` also returns the parameters drawn
+    (per sample and view), for tests.
     """
 
     def __init__(self, size: int, *, strength: float = 0.5, blur: bool | None = None,
@@ -93,6 +91,7 @@ class TorchSimCLRAugment:
         self.channels_last = channels_last
         self.scale, self.ratio = tuple(scale), tuple(ratio)
         self.flip = float(flip)
+        self._consts = {}  # constant tensors per device, made once: no host-to-device copy per call
         # kernel ~10% of the side, odd (the paper: 23 px at 224)
         self.blur_kernel = max(3, int(round(0.1 * size)) // 2 * 2 + 1)
 
@@ -101,10 +100,11 @@ class TorchSimCLRAugment:
                 f"solarize={self.solarize}, dtype={self.dtype})")
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None,
-                 return_params: bool = False):
+                 return_params: bool = False, views: int = 2):
+        if isinstance(views, bool) or not isinstance(views, int) or views < 1:
+            raise ValueError(f"TorchSimCLRAugment: views must be an int >= 1, got {views!r}")
         x = _check_images(images)
-        b = x.shape[0]
-        x = torch.cat([x, x])  # both views at once: 2B samples, independent parameters
+        x = torch.cat([x] * views)  # all views at once: views x B samples, independent parameters
         params = {}
         x = self._crop_flip(x, generator, params)
         x = self._colour(x, generator, params)
@@ -114,15 +114,19 @@ class TorchSimCLRAugment:
             sol = self._rand(x, generator) < self.solarize
             x = torch.where(sol[:, None, None, None] & (x >= 0.5), 1 - x, x)
             params["solarize"] = sol
-        mean = x.new_tensor(self.mean)[None, :, None, None]
-        std = x.new_tensor(self.std)[None, :, None, None]
+        mean = self._const("mean", self.mean, x.device)[None, :, None, None]
+        std = self._const("std", self.std, x.device)[None, :, None, None]
         x = ((x - mean) / std).to(self.dtype)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        v1, v2 = x[:b], x[b:]
-        if return_params:
-            return v1, v2, params
-        return v1, v2
+        out = x.chunk(views)
+        return (*out, params) if return_params else out
+
+    def _const(self, name: str, value, device) -> torch.Tensor:
+        key = (name, device)
+        if key not in self._consts:
+            self._consts[key] = torch.tensor(value, dtype=torch.float32, device=device)
+        return self._consts[key]
 
     @staticmethod
     def _rand(x: torch.Tensor, generator, *shape) -> torch.Tensor:
@@ -185,10 +189,10 @@ class TorchSimCLRAugment:
         jitter = self._rand(x, generator) < 0.8
         order = torch.argsort(self._rand(x, generator, 4), dim=1)
         eye = torch.eye(3, device=dev).expand(n, 3, 3)
-        grey = torch.tensor(_GREY, device=dev)
+        grey = self._const("grey", _GREY, dev)
         ones_grey = torch.ones(3, 1, device=dev) @ grey[None, :]  # rows: the grey weights
-        yiq = torch.tensor(_YIQ, device=dev)
-        iyiq = torch.linalg.inv(yiq)
+        yiq = self._const("yiq", _YIQ, dev)
+        iyiq = self._const("iyiq", torch.linalg.inv(torch.tensor(_YIQ)).tolist(), dev)
         cos, sin = torch.cos(2 * math.pi * hue), torch.sin(2 * math.pi * hue)
         rot = torch.zeros(n, 3, 3, device=dev)
         rot[:, 0, 0] = 1
@@ -255,33 +259,24 @@ def dali_available() -> bool:
     return True
 
 
-class _ArraySource:
-    """Batches of an in-memory uint8 array for DALI's external_source: a fresh permutation per
-    epoch (seeded by seed + epoch), this shard's contiguous slice of it, StopIteration at the
-    end of the epoch. Shards together cover every index exactly once per epoch."""
+class _OrderedSource:
+    """DALI external_source callback: batch ``iteration`` of DALI's epoch ``epoch_idx`` is
+    batch ``start_batch + iteration`` (first epoch) or ``iteration`` (later ones) of epoch
+    ``start_epoch + epoch_idx`` in ``fastclr.data.BatchOrder`` -- the training loop's scheme --,
+    read by ``load(indices)``; StopIteration at the end of each epoch."""
 
-    def __init__(self, images, labels, batch_size, seed, shard_id, num_shards, drop_last):
-        import numpy as np
-        self.images, self.labels = images, labels
-        self.batch_size, self.seed, self.drop_last = batch_size, seed, drop_last
-        n = len(images)
-        self.lo, self.hi = n * shard_id // num_shards, n * (shard_id + 1) // num_shards
-        self.np = np
-
-    def __len__(self):
-        k = self.hi - self.lo
-        return k // self.batch_size if self.drop_last else -(-k // self.batch_size)
-
-    def indices(self, epoch):
-        n = len(self.images)
-        return self.np.random.default_rng((self.seed, epoch)).permutation(n)[self.lo:self.hi]
+    def __init__(self, order, load, start_epoch, start_batch):
+        self.order, self.load = order, load
+        self.start_epoch, self.start_batch = start_epoch, start_batch
 
     def __call__(self, info):
-        idx = self.indices(info.epoch_idx)[info.iteration * self.batch_size:(info.iteration + 1) * self.batch_size]
-        if len(idx) == 0 or (self.drop_last and len(idx) < self.batch_size):
+        k = info.iteration + (self.start_batch if info.epoch_idx == 0 else 0)
+        if k >= len(self.order):
             raise StopIteration
-        return ([self.np.ascontiguousarray(self.images[i]) for i in idx],
-                [self.np.array([self.labels[i]], dtype=self.np.int64) for i in idx])
+        idx = self.order.batch(self.start_epoch + info.epoch_idx, k)
+        if len(idx) == 0:
+            raise StopIteration
+        return self.load(idx.tolist())
 
 
 def _dali_view(images, size, strength, blur, solarize, scale=(0.08, 1.0), flip=0.5):
@@ -313,84 +308,102 @@ def dali_loader(source, batch_size: int, size: int, *, device: str = "gpu", labe
                 mean=IMAGENET_MEAN, std=IMAGENET_STD, dtype: torch.dtype = torch.float32,
                 channels_last: bool = False, seed: int = 0, shard_id: int = 0,
                 num_shards: int = 1, drop_last: bool = True, num_threads: int = 2,
-                scale=(0.08, 1.0), flip: float = 0.5):
-    """A DALI pipeline and iterator yielding ``(view1, view2, labels)`` torch tensors (NCHW,
-    normalised, ``dtype``) on the training device, one pass per epoch (iterate again for the next
-    epoch: it reshuffles).
+                scale=(0.08, 1.0), flip: float = 0.5, views: int = 2, start_epoch: int = 0,
+                start_batch: int = 0):
+    """A DALI pipeline and iterator yielding ``(view_1, ..., view_views, labels)`` torch tensors
+    (NCHW, normalised, ``dtype``) on the training device, one pass per epoch (iterate again for
+    the next epoch).
 
-    ``source``: an in-memory uint8 array (N, H, W, 3) (with ``labels`` (N,) or none), fed by
-    external_source; or the path of a folder of class folders of JPEG/PNG images, read by
-    ``fn.readers.file`` and decoded on the GPU ("mixed") when ``device="gpu"``. ``device="cpu"``
-    runs DALI without a GPU (device_id=None). Sharding: ``shard_id`` of ``num_shards`` (one per
-    process); same seed, same batches and augmentations.
+    ``source``: an in-memory uint8 array (N, H, W, 3) (with ``labels`` (N,) or none), or the
+    path of a folder of class folders of JPEG/PNG images (``torchvision.datasets.ImageFolder``'s
+    files and labels; decoded on the GPU, "mixed", when ``device="gpu"``). Either way the images
+    come through external_source in ``fastclr.data.BatchOrder`` -- the training loop's shuffle
+    and sharding: epoch ``e``'s permutation from ``(seed, e)``, shard ``shard_id`` of
+    ``num_shards`` taking its part of every global batch of ``num_shards x batch_size`` --, the
+    first pass being epoch ``start_epoch`` from batch ``start_batch`` (to resume a run).
+    ``device="cpu"`` runs DALI without a GPU (device_id=None).
     """
-    import os
-
-    import numpy as np
     from nvidia.dali import fn, pipeline_def, types
     from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-    if device not in ("gpu", "cpu"):
-        raise ValueError(f"dali_loader: device must be 'gpu' or 'cpu', got {device!r}")
-    if not 0 <= shard_id < num_shards:
-        raise ValueError(f"dali_loader: need 0 <= shard_id < num_shards, got {shard_id} of {num_shards}")
-    if batch_size < 1 or size < 1:
-        raise ValueError(f"dali_loader: batch_size and size must be >= 1, got {batch_size}, {size}")
-    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise TypeError(f"dali_loader: dtype must be float32, bfloat16 or float16, got {dtype}")
+    _check_dali_args(device, batch_size, size, shard_id, num_shards, dtype, views)
     blur = size >= 96 if blur is None else bool(blur)
     out_type = {torch.float32: types.FLOAT, torch.float16: types.FLOAT16,
                 torch.bfloat16: types.FLOAT}[dtype]  # bfloat16: cast after DALI
     gpu = device == "gpu"
-    device_id = torch.cuda.current_device() if gpu else None
+    root, n, load = _dali_source(source, labels)
+    from .data import BatchOrder
+    order = BatchOrder(n, batch_size * num_shards, seed=seed, rank=shard_id, world_size=num_shards,
+                       drop_last=drop_last)
+    callback = _OrderedSource(order, load, start_epoch, start_batch)
 
+    @pipeline_def(enable_conditionals=True)
+    def pipe():
+        imgs, labs = fn.external_source(source=callback, num_outputs=2, batch=True, batch_info=True,
+                                        dtype=[types.UINT8, types.INT64],
+                                        layout=["HWC" if root is None else "", ""])
+        if root is not None:
+            imgs = fn.decoders.image(imgs, device="mixed" if gpu else "cpu", output_type=types.RGB)
+        elif gpu:
+            imgs = imgs.gpu()
+        out = []
+        for _ in range(views):
+            v = _dali_view(imgs, size, strength, blur, solarize, scale, flip)
+            out.append(fn.crop_mirror_normalize(v, dtype=out_type, output_layout="CHW",
+                                                mean=[255 * m for m in mean],
+                                                std=[255 * s for s in std]))
+        return (*out, labs)
+
+    pipeline = pipe(batch_size=batch_size, num_threads=num_threads,
+                    device_id=torch.cuda.current_device() if gpu else None,
+                    seed=seed + 7919 * shard_id + 104729 * start_epoch, exec_dynamic=True)
+    pipeline.build()
+    names = [f"view{i + 1}" for i in range(views)] + ["labels"]
+    policy = LastBatchPolicy.DROP if drop_last else LastBatchPolicy.PARTIAL
+    with _naming_undecodable_files(root):  # the iterator runs its first batches right away
+        it = DALIGenericIterator(pipeline, names, auto_reset=True, last_batch_policy=policy)
+    return _DaliTorchLoader(it, names, dtype, channels_last, root, len(order))
+
+
+def _check_dali_args(device, batch_size, size, shard_id, num_shards, dtype, views):
+    if device not in ("gpu", "cpu"):
+        raise ValueError(f"dali_loader: device must be 'gpu' or 'cpu', got {device!r}")
+    if not 0 <= shard_id < num_shards:
+        raise ValueError(f"dali_loader: need 0 <= shard_id < num_shards, got {shard_id} of {num_shards}")
+    if batch_size < 1 or size < 1 or views < 1:
+        raise ValueError(f"dali_loader: batch_size, size and views must be >= 1, got {batch_size}, "
+                         f"{size}, {views}")
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"dali_loader: dtype must be float32, bfloat16 or float16, got {dtype}")
+
+
+def _dali_source(source, labels):
+    """(folder root or None, number of images, load(indices) -> (images, labels) lists)."""
+    import os
+
+    import numpy as np
     if isinstance(source, (str, os.PathLike)):
         root = os.fspath(source)
         if not os.path.isdir(root):
             raise FileNotFoundError(f"dali_loader: no such image folder: {root}")
-        array_source = None
-    else:
-        images = np.asarray(source)
-        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-            raise ValueError("dali_loader: an array source must be uint8 (N, H, W, 3), got "
-                             f"{images.dtype} {images.shape}")
-        lab = np.zeros(len(images), np.int64) if labels is None else np.asarray(labels, np.int64)
-        if len(lab) != len(images):
-            raise ValueError(f"dali_loader: {len(lab)} labels for {len(images)} images")
-        array_source = _ArraySource(images, lab, batch_size, seed, shard_id, num_shards, drop_last)
+        import torchvision
+        samples = torchvision.datasets.ImageFolder(root).samples
 
-    @pipeline_def(enable_conditionals=True)
-    def pipe():
-        if array_source is not None:
-            imgs, labs = fn.external_source(source=array_source, num_outputs=2, batch=True,
-                                            batch_info=True, dtype=[types.UINT8, types.INT64],
-                                            layout=["HWC", ""])
-            if gpu:
-                imgs = imgs.gpu()
-        else:
-            files, labs = fn.readers.file(file_root=root, shard_id=shard_id, num_shards=num_shards,
-                                          random_shuffle=True, seed=seed, name="Reader")
-            imgs = fn.decoders.image(files, device="mixed" if gpu else "cpu", output_type=types.RGB)
-        views = []
-        for _ in range(2):
-            v = _dali_view(imgs, size, strength, blur, solarize, scale, flip)
-            views.append(fn.crop_mirror_normalize(v, dtype=out_type, output_layout="CHW",
-                                                  mean=[255 * m for m in mean],
-                                                  std=[255 * s for s in std]))
-        return views[0], views[1], labs
+        def load(idx):
+            return ([np.fromfile(samples[i][0], dtype=np.uint8) for i in idx],
+                    [np.array([samples[i][1]], np.int64) for i in idx])
+        return root, len(samples), load
+    images = np.asarray(source)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError("dali_loader: an array source must be uint8 (N, H, W, 3), got "
+                         f"{images.dtype} {images.shape}")
+    lab = np.zeros(len(images), np.int64) if labels is None else np.asarray(labels, np.int64)
+    if len(lab) != len(images):
+        raise ValueError(f"dali_loader: {len(lab)} labels for {len(images)} images")
 
-    pipeline = pipe(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
-                    seed=seed + 7919 * shard_id, exec_dynamic=True)
-    pipeline.build()
-    policy = LastBatchPolicy.DROP if drop_last else LastBatchPolicy.PARTIAL
-    if array_source is not None:
-        it = DALIGenericIterator(pipeline, ["view1", "view2", "labels"], auto_reset=True,
-                                 last_batch_policy=policy)
-        return _DaliTorchLoader(it, dtype, channels_last, None, len(array_source))
-    with _naming_undecodable_files(root):  # the iterator decodes its first batch right away
-        it = DALIGenericIterator(pipeline, ["view1", "view2", "labels"], reader_name="Reader",
-                                 auto_reset=True, last_batch_policy=policy)
-    return _DaliTorchLoader(it, dtype, channels_last, root, None)
+    def load(idx):
+        return ([np.ascontiguousarray(images[i]) for i in idx], [lab[i:i + 1] for i in idx])
+    return None, len(images), load
 
 
 def _undecodable_files(root: str, limit: int = 10) -> list:
@@ -418,7 +431,7 @@ def _naming_undecodable_files(root: str):
     try:
         yield
     except RuntimeError as exc:
-        if "decoders" not in str(exc):
+        if root is None or "decod" not in str(exc).lower():
             raise
         bad = _undecodable_files(root)
         if not bad:
@@ -429,31 +442,28 @@ def _naming_undecodable_files(root: str):
 
 
 class _DaliTorchLoader:
-    """(view1, view2, labels) batches from a DALIGenericIterator; labels as a (B,) int64. A
-    decoding failure is re-raised naming the files that cannot be decoded (DALI's own message
+    """(view_1, ..., view_V, labels) batches from a DALIGenericIterator; labels as a (B,) int64.
+    A decoding failure is re-raised naming the files that cannot be decoded (DALI's own message
     does not)."""
 
-    def __init__(self, iterator, dtype, channels_last, root, batches):
-        self.iterator, self.dtype, self.root, self.batches = iterator, dtype, root, batches
-        self.channels_last = channels_last
+    def __init__(self, iterator, names, dtype, channels_last, root, batches):
+        self.iterator, self.names, self.dtype, self.root = iterator, names, dtype, root
+        self.channels_last, self.batches = channels_last, batches
 
     def __len__(self):
-        return self.batches if self.batches is not None else len(self.iterator)
+        """Batches of a whole epoch (a first epoch resumed at ``start_batch`` has fewer)."""
+        return self.batches
 
     def __iter__(self):
-        if self.root is None:
-            yield from self._batches()
-            return
         with _naming_undecodable_files(self.root):
             yield from self._batches()
 
     def _batches(self):
         for batch in self.iterator:
             out = batch[0]
-            v1, v2 = out["view1"], out["view2"]
+            views = [out[name] for name in self.names[:-1]]
             if self.dtype == torch.bfloat16:
-                v1, v2 = v1.to(torch.bfloat16), v2.to(torch.bfloat16)
+                views = [v.to(torch.bfloat16) for v in views]
             if self.channels_last:
-                v1 = v1.contiguous(memory_format=torch.channels_last)
-                v2 = v2.contiguous(memory_format=torch.channels_last)
-            yield v1, v2, out["labels"].reshape(-1).long()
+                views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+            yield (*views, out["labels"].reshape(-1).long())

@@ -9,6 +9,12 @@ in memory as uint8 arrays (N, H, W, 3); an image folder stays on disk.
   folder it unpacks to) in ``data_dir``; never downloaded.
 - ``imagefolder``: ``data_dir/train/<class>/*`` and ``data_dir/val/<class>/*``.
 - ``synthetic``: random images and labels, for throughput runs (evaluation is meaningless).
+
+The training loop takes its batches from here through one interface, ``train_batches`` (an
+object with ``len()`` = steps per epoch and ``epoch(e, start)`` yielding ``(x, labels)``), and
+every source -- in-memory arrays, an image folder through DataLoader workers, DALI -- orders an
+epoch by one scheme, ``BatchOrder``: so a run resumed at any batch sees the same images in the
+same order as an uninterrupted one, whichever source it uses, on any number of processes.
 """
 from __future__ import annotations
 
@@ -20,8 +26,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .augment import CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD
-
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2470, 0.2435, 0.2616)
 DATASETS = ("digits", "cifar10", "cifar100", "imagefolder", "synthetic")
 _CIFAR = {
     "cifar10": ("cifar-10-python.tar.gz", "cifar-10-batches-py",
@@ -166,50 +174,180 @@ def _synthetic(n: int, size: int) -> ArrayDataset:
     return ArrayDataset("synthetic", x[k:], y[k:], x[:k], y[:k], 10, IMAGENET_MEAN, IMAGENET_STD)
 
 
-def shard_indices(n: int, global_batch: int, local: int, rank: int, seed: int, epoch: int,
-                  start: int = 0):
-    """Yields this rank's indices of global batches ``start..n // global_batch - 1`` of ``epoch``:
-    the permutation drawn from ``(seed, epoch)``, global batch ``k`` its slice
-    ``[k B, (k + 1) B)``, rank ``r`` the ``r``-th ``local``-sized part of that."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    perm = torch.randperm(n, generator=g)
-    for k in range(start, n // global_batch):
-        lo = k * global_batch + rank * local
-        yield perm[lo:lo + local]
+class BatchOrder:
+    """The one shuffle/shard scheme of every training source.
+
+    Epoch ``e`` is the permutation of ``range(n)`` drawn from ``(seed, e)``; global batch ``k``
+    is its slice ``[k B, (k + 1) B)`` and rank ``r`` of ``W`` takes the ``r``-th of the ``W``
+    equal parts of it. So ``W`` processes of ``B / W`` images see exactly the images one
+    process of ``B`` sees, and a run resumed at any batch sees what an uninterrupted one does.
+    ``drop_last`` (the training loop's choice: the loss wants full batches) drops the last
+    partial global batch; otherwise it is kept (rank by rank, as far as it reaches).
+    """
+
+    def __init__(self, n: int, global_batch: int, *, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, drop_last: bool = True):
+        if global_batch < 1 or global_batch % world_size:
+            raise ValueError(f"the global batch ({global_batch}) must be a positive multiple of the "
+                             f"number of processes ({world_size})")
+        if drop_last and global_batch > n:
+            raise ValueError(f"--batch-size {global_batch} is larger than the training set ({n} images)")
+        self.n, self.global_batch, self.seed, self.rank = n, global_batch, seed, rank
+        self.local = global_batch // world_size
+        self.drop_last = drop_last
+        self._perm = (None, None)
+
+    def __len__(self) -> int:
+        full, rest = divmod(self.n, self.global_batch)
+        return full + (1 if rest and not self.drop_last else 0)
+
+    def batch(self, epoch: int, k: int) -> torch.Tensor:
+        """This rank's indices (int64) of global batch ``k`` of ``epoch`` (maybe empty at the
+        end of an epoch without drop_last)."""
+        if self._perm[0] != epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm = (epoch, torch.randperm(self.n, generator=g))
+        lo = k * self.global_batch + self.rank * self.local
+        return self._perm[1][lo:min(lo + self.local, (k + 1) * self.global_batch)]
+
+    def epoch(self, epoch: int, start: int = 0):
+        """This rank's index tensors of batches ``start..len-1`` of ``epoch``."""
+        for k in range(start, len(self)):
+            yield self.batch(epoch, k)
 
 
 class ArrayBatches:
-    """Global batches of an in-memory dataset, deterministic and resumable.
+    """Training batches of an in-memory dataset in ``BatchOrder``: ``epoch(e, start)`` yields
+    ``(uint8 (b, 3, H, W), labels (b,))`` for batches ``start..len-1`` of epoch ``e``."""
 
-    Epoch ``e`` is a permutation drawn from ``(seed, e)``; global batch ``k`` is its slice
-    ``[k B, (k + 1) B)`` and rank ``r`` of ``W`` takes the ``r``-th of the ``W`` equal parts of it.
-    So ``W`` processes of ``B / W`` images see exactly the images one process of ``B`` sees, and a
-    resumed run picks up at any batch. The last partial batch is dropped (the loss wants full
-    batches).
-    """
+    augmented = False  # the loop augments the uint8 images itself
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, global_batch: int, *, seed: int = 0,
                  rank: int = 0, world_size: int = 1):
-        if global_batch % world_size:
-            raise ValueError(f"the global batch ({global_batch}) must be a multiple of the number of "
-                             f"processes ({world_size})")
-        if global_batch > len(images):
-            raise ValueError(f"--batch-size {global_batch} is larger than the training set "
-                             f"({len(images)} images)")
+        self.order = BatchOrder(len(images), global_batch, seed=seed, rank=rank, world_size=world_size)
         self.images = torch.from_numpy(images)
         self.labels = torch.from_numpy(labels)
-        self.global_batch, self.seed = global_batch, seed
-        self.local = global_batch // world_size
-        self.rank = rank
 
     def __len__(self) -> int:
-        return len(self.images) // self.global_batch
+        return len(self.order)
 
     def epoch(self, epoch: int, start: int = 0):
-        """Yields ``(uint8 (b, 3, H, W), labels (b,))`` for batches ``start..len-1`` of ``epoch``."""
-        for idx in shard_indices(len(self.images), self.global_batch, self.local, self.rank,
-                                 self.seed, epoch, start):
-            yield self.images[idx].permute(0, 3, 1, 2), self.labels[idx]
+        pin = torch.cuda.is_available()  # pinned: the copy to the GPU does not block the host
+        for idx in self.order.epoch(epoch, start):
+            x, y = self.images[idx].permute(0, 3, 1, 2), self.labels[idx]
+            yield (x.pin_memory(), y.pin_memory()) if pin else (x, y)
+
+
+class FolderBatches:
+    """Training batches of an image folder in ``BatchOrder``: decoded and resized to a
+    ``size``-pixel square in DataLoader workers (the loop augments them), same interface as
+    ``ArrayBatches``. The files are ``torchvision.datasets.ImageFolder``'s, in its order."""
+
+    augmented = False
+
+    def __init__(self, root: str, size: int, global_batch: int, *, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, workers: int = 4):
+        import torchvision
+        from torchvision.transforms import v2 as T
+        self.ds = torchvision.datasets.ImageFolder(
+            root, transform=T.Compose([T.Resize((size, size), antialias=True), T.PILToTensor()]))
+        self.order = BatchOrder(len(self.ds), global_batch, seed=seed, rank=rank, world_size=world_size)
+        self.workers = workers
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def epoch(self, epoch: int, start: int = 0):
+        batches = list(self.order.epoch(epoch, start))
+        if not batches:
+            return
+        loader = torch.utils.data.DataLoader(self.ds, batch_sampler=[b.tolist() for b in batches],
+                                             num_workers=self.workers,
+                                             pin_memory=torch.cuda.is_available())
+        yield from loader
+
+
+class DaliBatches:
+    """Training batches augmented by DALI (``fastclr.augment.dali_loader``) in ``BatchOrder``:
+    ``epoch(e, start)`` yields ``((view_1, ..., view_V), labels)`` on the training device.
+
+    DALI runs ahead of the loop, so its source is told once, at the first ``epoch()`` call, where
+    the run starts; later calls must continue epoch by epoch. A resumed run sees the same images
+    in the same order; DALI's own random draws (the augmentation) start afresh."""
+
+    augmented = True
+
+    def __init__(self, source, global_batch: int, *, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, **loader_kw):
+        self.source, self.loader_kw, self.seed = source, loader_kw, seed
+        self.global_batch, self.rank, self.world = global_batch, rank, world_size
+        self.loader, self.next_epoch = None, None
+
+    def __len__(self) -> int:
+        if self.loader is None:  # counted without starting DALI, which would pin the start
+            n = len(self.source) if not isinstance(self.source, (str, os.PathLike)) else \
+                len(_image_folder_files(self.source))
+            return len(BatchOrder(n, self.global_batch, world_size=self.world))
+        return len(self.loader)
+
+    def _open(self, epoch, start):
+        from . import augment
+        if self.loader is None:
+            self.loader = augment.dali_loader(
+                self.source, self.global_batch // self.world, seed=self.seed, shard_id=self.rank,
+                num_shards=self.world, start_epoch=epoch, start_batch=start, **self.loader_kw)
+            self.next_epoch = (epoch, start)
+        return self.loader
+
+    def epoch(self, epoch: int, start: int = 0):
+        loader = self._open(epoch, start)
+        if (epoch, start) != self.next_epoch:
+            raise RuntimeError(f"DaliBatches: epoch {epoch} batch {start} asked for, but DALI is "
+                               f"set up to continue at epoch {self.next_epoch[0]} batch "
+                               f"{self.next_epoch[1]}")
+        self.next_epoch = (epoch + 1, 0)
+        for *views, labels in loader:
+            yield tuple(views), labels
+
+
+def _image_folder_files(root) -> list:
+    import torchvision
+    return torchvision.datasets.ImageFolder(root).samples
+
+
+def train_batches(ds, global_batch: int, *, seed: int = 0, rank: int = 0, world_size: int = 1,
+                  workers: int = 4, size: int = 32, dali: dict | None = None):
+    """The training batches of ``ds`` for one process: ``ArrayBatches`` / ``FolderBatches``
+    (uint8 images for the loop's torch augmentation), or ``DaliBatches`` when ``dali`` holds
+    ``dali_loader``'s augmentation arguments. All in ``BatchOrder``."""
+    kw = dict(seed=seed, rank=rank, world_size=world_size)
+    if dali is not None:
+        source = ds.train_images if isinstance(ds, ArrayDataset) else ds.train_dir
+        labels = ds.train_labels if isinstance(ds, ArrayDataset) else None
+        return DaliBatches(source, global_batch, labels=labels, size=size, mean=ds.mean,
+                           std=ds.std, **kw, **dali)
+    if isinstance(ds, ArrayDataset):
+        return ArrayBatches(ds.train_images, ds.train_labels, global_batch, **kw)
+    return FolderBatches(ds.train_dir, int(round(size * 256 / 224)), global_batch, workers=workers, **kw)
+
+
+def eval_batches(ds, split: str, size: int, *, workers: int = 4, batch: int = 512):
+    """(uint8 (b, 3, size, size), labels) batches of a split ("train" | "test"), unaugmented, in
+    order: arrays resized if needed; a folder resized (short side size x 256/224) and
+    centre-cropped in DataLoader workers."""
+    if isinstance(ds, ArrayDataset):
+        images = ds.train_images if split == "train" else ds.test_images
+        labels = torch.from_numpy(ds.train_labels if split == "train" else ds.test_labels)
+        for lo in range(0, len(images), batch):
+            yield eval_arrays(images[lo:lo + batch], size), labels[lo:lo + batch]
+        return
+    import torchvision
+    from torchvision.transforms import v2 as T
+    folder = torchvision.datasets.ImageFolder(
+        ds.train_dir if split == "train" else ds.val_dir,
+        transform=T.Compose([T.Resize(int(round(size * 256 / 224)), antialias=True),
+                             T.CenterCrop(size), T.PILToTensor()]))
+    yield from torch.utils.data.DataLoader(folder, batch_size=batch, num_workers=workers)
 
 
 def eval_arrays(images: np.ndarray, size: int) -> torch.Tensor:

@@ -48,13 +48,25 @@ def all_gather_with_grad(x: torch.Tensor, group=None) -> torch.Tensor:
     backward reduce-scatters (sums over ranks) the gradient, each rank getting its own slice."""
     if not is_distributed(group):
         return x
-    shape = torch.tensor(x.shape, device=x.device)
-    shapes = [torch.empty_like(shape) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(shapes, shape, group=group)
-    if any(not torch.equal(s, shape) for s in shapes):
-        raise ValueError("all_gather_with_grad: every rank must pass the same shape, got "
-                         f"{[tuple(s.tolist()) for s in shapes]}")
+    _check_same_shape(tuple(x.shape), group)
     return _AllGather.apply(x, group)
+
+
+_CHECKED_SHAPES: set = set()
+
+
+def _check_same_shape(shape: tuple, group) -> None:
+    """Every rank passes ``shape``: checked (one small all_gather on the host, a synchronisation)
+    the first time a shape is seen in a group, then remembered, so a training loop's steady
+    state makes no host synchronisation here."""
+    key = (id(group), shape)
+    if key in _CHECKED_SHAPES:
+        return
+    shapes = [None] * dist.get_world_size(group)
+    dist.all_gather_object(shapes, shape, group=group)
+    if any(s != shape for s in shapes):
+        raise ValueError(f"all_gather_with_grad: every rank must pass the same shape, got {shapes}")
+    _CHECKED_SHAPES.add(key)
 
 
 def local_rows(rows: torch.Tensor, n: int, group=None) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """The training loop end to end: tiny runs on the digits, resume equivalence, SIGTERM, bad
-checkpoints, non-finite losses, the final JSON line, and torchrun with 2 gloo processes."""
+checkpoints, non-finite losses, the final JSON line, configs, no host synchronisation per step,
+and torchrun with 2 gloo processes (a rank killed and restarted included)."""
 import csv
 import json
 import os
@@ -43,36 +44,50 @@ def test_tiny_run_outputs(tmp_path, capsys):
     assert all(r["knn_top1"] for r in rows)  # --eval-every 1, and the final one
     assert os.path.getsize(os.path.join(out, "curves.png")) > 1000
     assert any(n.startswith("events.out.tfevents") for n in os.listdir(os.path.join(out, "tensorboard")))
-    state = torch.load(res["checkpoint"], weights_only=True)
+    state = torch.load(res["checkpoint"], weights_only=True)["run"]
     assert state["epoch"] == 2 and state["batch"] == 0 and state["step"] == res["steps"]
     assert not [n for n in os.listdir(out) if ".tmp" in n]
+    import yaml
+    with open(os.path.join(out, "config.yaml")) as f:
+        saved = yaml.safe_load(f)
+    assert saved["width"] == 4 and saved["epochs"] == 2 and "resume" not in saved
 
 
 def _signal_at(monkeypatch, at_step, signum=signal.SIGTERM):
     """Deliver a real signal to this process while step `at_step` is being computed."""
-    real = train._Augmenter.__call__
+    real = train.TorchViews.__call__
 
     def call(self, x, step):
         if step == at_step:
             os.kill(os.getpid(), signum)
         return real(self, x, step)
-    monkeypatch.setattr(train._Augmenter, "__call__", call)
+    monkeypatch.setattr(train.TorchViews, "__call__", call)
 
 
-def test_resume_after_signal_mid_epoch_equals_uninterrupted(tmp_path, monkeypatch, capsys):
+def _ckpt(path):
+    return torch.load(path, weights_only=True)["run"]
+
+
+@pytest.mark.parametrize("log_every, stopped_at, message", [
+    ("1", (1, 2, 5), "in epoch 2 of 3, after batch 2 of 3 (step 5)"),  # mid-epoch
+    ("10", (2, 0, 6), "after epoch 2 of 3 (step 6)"),  # read at the end of the epoch
+])
+def test_resume_after_signal_equals_uninterrupted(tmp_path, monkeypatch, capsys, log_every,
+                                                   stopped_at, message):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    args = TINY + ["--epochs", "3"]
+    args = TINY + ["--epochs", "3", "--log-every", log_every]
     full = train.main(args + ["--out", a])
-    _signal_at(monkeypatch, 4)  # epoch 2 of 3 steps each: mid-epoch
+    _signal_at(monkeypatch, 4)  # while step 5 (epoch 2 of 3 steps each) is computed
     with pytest.raises(SystemExit) as exc:
         train.main(args + ["--out", b])
     assert exc.value.code == 128 + signal.SIGTERM
     err = capsys.readouterr().err
-    assert "stopped by SIGTERM" in err and "--resume" in err
-    state = torch.load(os.path.join(b, "checkpoint.pt"), weights_only=True)
-    assert (state["epoch"], state["batch"], state["step"]) == (1, 2, 5)
+    assert f"stopped by SIGTERM {message}" in err and "--resume" in err
+    state = _ckpt(os.path.join(b, "checkpoint.pt"))
+    assert (state["epoch"], state["batch"], state["step"]) == stopped_at
     monkeypatch.undo()
     resumed = train.main(args + ["--out", b, "--resume", "auto"])
+    assert f"resumed {message}" in capsys.readouterr().out  # one numbering in both messages
     for k in ("knn_top1", "linear_top1", "final_loss", "steps"):
         assert resumed[k] == full[k], k
     assert _metrics(a) == _metrics(b)
@@ -81,9 +96,9 @@ def test_resume_after_signal_mid_epoch_equals_uninterrupted(tmp_path, monkeypatc
 def test_sigint_also_checkpoints(tmp_path, monkeypatch):
     _signal_at(monkeypatch, 1, signal.SIGINT)
     with pytest.raises(SystemExit) as exc:
-        train.main(TINY + ["--out", str(tmp_path)])
+        train.main(TINY + ["--out", str(tmp_path), "--log-every", "1"])
     assert exc.value.code == 128 + signal.SIGINT
-    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 2
+    assert _ckpt(tmp_path / "checkpoint.pt")["step"] == 2
 
 
 def test_sigterm_subprocess(tmp_path):
@@ -104,7 +119,7 @@ def test_sigterm_subprocess(tmp_path):
             proc.kill()
     assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
     assert "stopped by SIGTERM" in err
-    state = torch.load(ckpt, weights_only=True)
+    state = _ckpt(ckpt)
     assert 0 < state["step"] < 200 * 3
 
 
@@ -119,12 +134,27 @@ def test_bad_checkpoints(tmp_path, capsys):
         bad.write_bytes(f.read()[:5000])
     with pytest.raises(SystemExit, match=r"cannot read checkpoint .*corrupt\.pt"):
         train.main(TINY + ["--out", out, "--resume", str(bad)])
+    noise = tmp_path / "noise.pt"
+    noise.write_bytes(os.urandom(4096))
+    with pytest.raises(SystemExit) as exc:
+        train.main(TINY + ["--out", out, "--resume", str(noise)])
+    assert "noise.pt is not a checkpoint" in str(exc.value) and "weights_only" not in str(exc.value)
+    pickled = tmp_path / "pickled.pt"
+    torch.save({"obj": argparse_namespace()}, pickled)
+    with pytest.raises(SystemExit) as exc:
+        train.main(TINY + ["--out", out, "--resume", str(pickled)])
+    assert "not a fastclr checkpoint" in str(exc.value) and "weights_only" not in str(exc.value)
     other = tmp_path / "other.pt"
     torch.save({"weights": torch.zeros(3)}, other)
     with pytest.raises(SystemExit, match=r"other\.pt is not a fastclr training checkpoint"):
         train.main(TINY + ["--out", out, "--resume", str(other)])
     with pytest.raises(SystemExit, match=r"no checkpoint at .*missing\.pt"):
         train.main(TINY + ["--out", out, "--resume", str(tmp_path / "missing.pt")])
+
+
+def argparse_namespace():
+    import argparse
+    return argparse.Namespace(a=1)  # not loadable with weights_only=True
 
 
 def _nan_at(monkeypatch, steps):
@@ -150,11 +180,35 @@ def test_nonfinite_loss_is_skipped_and_counted(tmp_path, monkeypatch):
 def test_too_many_nonfinite_losses_stop_the_run(tmp_path, monkeypatch, capsys):
     _nan_at(monkeypatch, set(range(2, 100)))
     with pytest.raises(SystemExit) as exc:
-        train.main(TINY + ["--out", str(tmp_path), "--max-bad-steps", "3"])
+        train.main(TINY + ["--out", str(tmp_path), "--max-bad-steps", "3", "--log-every", "1"])
     assert exc.value.code == 3
     assert "3 steps in a row had a non-finite loss" in capsys.readouterr().err
-    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    state = _ckpt(tmp_path / "checkpoint.pt")
     assert state["step"] == 5 and state["bad_steps"] == 3
+
+
+def test_nonfinite_steps_change_nothing(tmp_path, monkeypatch):
+    """Skipped steps leave the weights and LARS's momentum exactly as they were (the flag is
+    read on the device), and the stop is seen at the next read (default --log-every 10: here the
+    end of epoch 2)."""
+    args = TINY + ["--epochs", "3", "--max-bad-steps", "2"]
+    _nan_at(monkeypatch, {3, 4, 5})  # every step of epoch 2
+    with pytest.raises(SystemExit) as exc:
+        train.main(args + ["--out", str(tmp_path / "a")])
+    assert exc.value.code == 3
+    bad = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
+    assert (bad["run"]["step"], bad["run"]["bad_steps"], bad["run"]["epoch"]) == (6, 3, 2)
+    monkeypatch.undo()
+    _signal_at(monkeypatch, 1)  # seen at the end of epoch 1: a checkpoint after 3 good steps
+    with pytest.raises(SystemExit):
+        train.main(args + ["--out", str(tmp_path / "b")])
+    good = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
+    assert good["run"]["step"] == 3
+    for k, v in good["model"].items():
+        if not k.endswith("num_batches_tracked"):  # BN's counters count the forwards
+            assert torch.equal(v, bad["model"][k]) or "running" in k, k
+    for i, s in good["optimizer"]["state"].items():
+        assert torch.equal(s["momentum_buffer"], bad["optimizer"]["state"][i]["momentum_buffer"])
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -123,9 +123,12 @@ class TorchSimCLRAugment:
         return (*out, params) if return_params else out
 
     def _const(self, name: str, value, device) -> torch.Tensor:
+        """``value`` (a list, or a function making a CPU tensor) as a float32 tensor on ``device``,
+        made on first use only."""
         key = (name, device)
         if key not in self._consts:
-            self._consts[key] = torch.tensor(value, dtype=torch.float32, device=device)
+            v = value() if callable(value) else torch.tensor(value)
+            self._consts[key] = v.to(device=device, dtype=torch.float32)
         return self._consts[key]
 
     @staticmethod
@@ -192,7 +195,7 @@ class TorchSimCLRAugment:
         grey = self._const("grey", _GREY, dev)
         ones_grey = torch.ones(3, 1, device=dev) @ grey[None, :]  # rows: the grey weights
         yiq = self._const("yiq", _YIQ, dev)
-        iyiq = self._const("iyiq", torch.linalg.inv(torch.tensor(_YIQ)).tolist(), dev)
+        iyiq = self._const("iyiq", lambda: torch.linalg.inv(torch.tensor(_YIQ)), dev)
         cos, sin = torch.cos(2 * math.pi * hue), torch.sin(2 * math.pi * hue)
         rot = torch.zeros(n, 3, 3, device=dev)
         rot[:, 0, 0] = 1

@@ -281,14 +281,16 @@ class DaliBatches:
                  world_size: int = 1, **loader_kw):
         self.source, self.loader_kw, self.seed = source, loader_kw, seed
         self.global_batch, self.rank, self.world = global_batch, rank, world_size
-        self.loader, self.next_epoch = None, None
+        self.loader, self.next_epoch, self._len = None, None, None
 
     def __len__(self) -> int:
-        if self.loader is None:  # counted without starting DALI, which would pin the start
+        # counted once, without starting DALI (which would pin the start): the loop asks often,
+        # and counting a folder means scanning it
+        if self._len is None:
             n = len(self.source) if not isinstance(self.source, (str, os.PathLike)) else \
                 len(_image_folder_files(self.source))
-            return len(BatchOrder(n, self.global_batch, world_size=self.world))
-        return len(self.loader)
+            self._len = len(BatchOrder(n, self.global_batch, world_size=self.world))
+        return self._len
 
     def _open(self, epoch, start):
         from . import augment

@@ -399,8 +399,21 @@ def setup_distributed(device_arg: str):
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=_attempt_store(world),
+                                rank=rank, world_size=world)
     return device, rank, world
+
+
+def _attempt_store(world: int):
+    """torchrun's agent serves one store for all restarts of the workers, so a restarted attempt
+    would find the keys of the failed one (gloo then connects to a dead worker's address, NCCL
+    reads a stale id): each attempt gets its own prefix. None (env://) outside torchrun."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=False)
+    return dist.PrefixStore(f"fastclr/attempt_{attempt}/", store)
 
 
 class TorchViews:

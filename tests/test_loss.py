@@ -85,7 +85,11 @@ def test_zero_rows_follow_f_normalize(seed, impl, device):
     tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(loss.cpu().double(), rloss, **tol)
     assert g1[2].abs().max() > 0  # g / eps: large, not zero
-    torch.testing.assert_close(g1.cpu().double(), r1, rtol=1e-4 if dtype == torch.float32 else 1e-10, atol=0)
+    # the zero row's gradient is ~1e12 times the others: each part checked at its own scale
+    # (float32: an element far below its rows' largest may lose digits to cancellation)
+    g1, rows = g1.cpu().double(), torch.arange(6) != 2
+    torch.testing.assert_close(g1[2], r1[2], rtol=1e-4 if dtype == torch.float32 else 1e-10, atol=0)
+    torch.testing.assert_close(g1[rows], r1[rows], **tol)
     torch.testing.assert_close(g2.cpu().double(), r2, **tol)
     torch.testing.assert_close(gt.cpu().double(), rt, **tol)
 

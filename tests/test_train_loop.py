@@ -345,3 +345,20 @@ def test_loop_functions_are_short():
     lengths = {n.name: n.end_lineno - n.lineno + 1 for n in ast.walk(tree)
                if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
     assert max(lengths.values()) < 60, sorted(lengths.items(), key=lambda kv: -kv[1])[:3]
+
+
+def test_each_torchrun_attempt_gets_its_own_keys(monkeypatch):
+    """torchrun's agent keeps one store across restarts (its keys of a killed attempt remain):
+    the process group's store is prefixed by the attempt, so attempt 1 does not see attempt 0's."""
+    import torch.distributed as dist
+    server = dist.TCPStore("127.0.0.1", 0, 1, is_master=True)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(server.port))
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    train._attempt_store(2).set("rank_0", "a dead worker's address")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    assert not train._attempt_store(2).check(["rank_0"])
+    assert train._attempt_store(2).num_keys() >= 1  # the same server: the key is there, unseen
+    monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT")
+    assert train._attempt_store(2) is None  # not under torchrun: env:// as before

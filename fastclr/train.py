@@ -10,6 +10,10 @@ Losses: NT-Xent (SimCLR), multi-view SimCLR (``--views V``: V augmented views pe
 other view of the same image a positive) and supervised contrastive pretraining (``--loss
 supcon``: images of the same class are positives; ``--positives mean|sum``).
 
+A batch larger than the encoder's activations fit: ``--micro-batch B`` embeds B images (with
+their views) at a time and still computes the loss on the whole batch, with its exact
+gradients (gradient caching, fastclr.grad_cache; BatchNorm statistics are then per micro-batch).
+
 Several GPUs or machines: ``torchrun --nproc-per-node K -m fastclr.train ...`` (DDP; NCCL on GPUs,
 gloo on CPU). --batch-size is the global batch; each rank takes an equal share, the loss sees the
 whole global batch (fastclr.distributed), and gradients equal the single-process ones.
@@ -44,6 +48,7 @@ from fastclr import augment as aug_mod
 from fastclr import data as data_mod
 from fastclr import evaluate, models
 from fastclr.loss import IMPLS as LOSS_IMPLS
+from fastclr.grad_cache import grad_cache_backward
 from fastclr.loss import nt_xent_fused, supcon_fused
 
 CKPT_FORMAT = "fastclr-checkpoint-2"
@@ -94,6 +99,10 @@ FLAGS = (
                     help="ntxent: SimCLR (views of the same image are positives); supcon: "
                          "supervised contrastive (images of the same class are positives)")),
     ("--views", dict(type=int, default=2, help="augmented views per image (> 2: multi-view)")),
+    ("--micro-batch", dict(type=int, help="gradient caching: forward at most this many images (with "
+                                          "their views) at a time on each process, the loss still on "
+                                          "the whole batch (exact gradients without BatchNorm; with it, "
+                                          "statistics per micro-batch). Default: the whole batch at once")),
     ("--positives", dict(choices=("mean", "sum"), default="mean",
                          help="with several positives per row: mean of their logits (SupCon's "
                               "L_out) or logsumexp (L_in, solo-learn's multi-positive SimCLR)")),
@@ -203,8 +212,9 @@ def _check_args(args, parser) -> None:
     for name in _NON_NEGATIVE:
         if getattr(args, name) < 0:
             bad(name, ">= 0")
-    if args.proj_hidden is not None and args.proj_hidden < 1:
-        bad("proj_hidden", ">= 1")
+    for name in ("proj_hidden", "micro_batch"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            bad(name, ">= 1")
     if args.views < 2:
         bad("views", ">= 2 (a contrastive loss needs two views of an image)")
     if not 0 < args.crop_scale <= 1:
@@ -559,14 +569,22 @@ def train_step(run: Run, x, labels) -> None:
     views = x if run.augment is None else run.augment(x, step)
     for group in run.optimizer.param_groups:
         group["lr"] = run.lr_at(step)
-    with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
-        _, z = run.forward(torch.cat(views))
-    loss, top1 = contrastive_loss(run, z.float(), labels, len(views))
     run.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    loss, top1 = forward_backward(run, tuple(views), labels)
     found = nonfinite_flag(loss, run.raw_model.parameters(), run.group)
     run.optimizer.step(found_inf=found)
-    run.sums.add(loss.detach(), top1, found)
+    run.sums.add(loss, top1, found)
+
+
+def forward_backward(run: Run, views: tuple, labels):
+    """The step's gradients and its detached (loss, top-1): the encoder under autocast, the
+    loss in float32; with --micro-batch through gradient caching (fastclr.grad_cache)."""
+    def loss_fn(z):
+        with torch.autocast(run.device.type, enabled=False):
+            return contrastive_loss(run, z.float(), labels, len(views))
+    with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
+        micro = run.args.micro_batch or views[0].shape[0]
+        return grad_cache_backward(run.forward, views, loss_fn, micro)
 
 
 # --- the loop ---------------------------------------------------------------------------------

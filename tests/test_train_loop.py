@@ -129,8 +129,8 @@ def _setup(tmp_path, *extra):
     return train.setup_run(args, device, rank, world)
 
 
-@pytest.mark.parametrize("extra", [[], ["--loss", "supcon"], ["--views", "3"]],
-                         ids=["ntxent", "supcon", "views3"])
+@pytest.mark.parametrize("extra", [[], ["--loss", "supcon"], ["--views", "3"], ["--micro-batch", "150"]],
+                         ids=["ntxent", "supcon", "views3", "micro-batch"])
 def test_steady_state_step_makes_no_host_sync(tmp_path, extra):
     run = _setup(tmp_path, *extra)
     batches = run.batches.epoch(0)
@@ -156,9 +156,10 @@ def test_the_count_sees_a_sync():
 
 
 @pytest.mark.cuda
-def test_no_sync_on_gpu(tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--micro-batch", "150"]], ids=["plain", "micro-batch"])
+def test_no_sync_on_gpu(tmp_path, extra):
     """On a GPU: torch's own sync detector raises at any synchronising call in the step."""
-    run = _setup(tmp_path, "--device", "cuda", "--augment", "torch")
+    run = _setup(tmp_path, "--device", "cuda", "--augment", "torch", *extra)
     batches = run.batches.epoch(0)
     train.train_step(run, *next(batches))
     torch.cuda.synchronize()
@@ -193,6 +194,39 @@ def test_views_augment_independently():
     assert len(v) == 3 and all(t.shape == (5, 3, 8, 8) for t in v)
     assert not torch.equal(v[0], v[1]) and not torch.equal(v[1], v[2])
     assert all(torch.equal(p, q) for p, q in zip(v, views(x, 0)))  # seeded by the step
+
+
+# --- gradient caching ---------------------------------------------------------------------------
+
+def test_micro_batch_forwards_micro_batches(tmp_path):
+    """--micro-batch 150 of 400 images: three micro-batches (150, 150, 100 images, both views
+    together), each forwarded without and then with autograd."""
+    run = _setup(tmp_path, "--micro-batch", "150")
+    rows = []
+    run.raw_model.register_forward_hook(lambda m, i, o: rows.append((i[0].shape[0], torch.is_grad_enabled())))
+    train.train_step(run, *next(run.batches.epoch(0)))
+    assert rows == [(300, False), (300, False), (200, False), (300, True), (300, True), (200, True)]
+
+
+def test_micro_batch_runs_and_resumes_exactly(tmp_path, monkeypatch):
+    a = train.main(TINY + ["--micro-batch", "64", "--out", str(tmp_path / "a")])
+    _signal_at(monkeypatch, 3)
+    with pytest.raises(SystemExit):
+        train.main(TINY + ["--micro-batch", "64", "--out", str(tmp_path / "b"), "--log-every", "1"])
+    monkeypatch.undo()
+    b = train.main(TINY + ["--micro-batch", "64", "--out", str(tmp_path / "b"), "--resume", "auto"])
+    assert (a["final_loss"], a["knn_top1"], a["linear_top1"]) == (b["final_loss"], b["knn_top1"], b["linear_top1"])
+    # the whole batch in one micro-batch is the plain step, bit for bit
+    c = train.main(TINY + ["--micro-batch", "400", "--out", str(tmp_path / "c")])
+    d = train.main(TINY + ["--out", str(tmp_path / "d")])
+    assert (c["final_loss"], c["knn_top1"]) == (d["final_loss"], d["knn_top1"])
+    assert a["final_loss"] != d["final_loss"]  # BatchNorm statistics per micro-batch differ
+
+
+def test_bad_micro_batch_flag(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(TINY + ["--micro-batch", "0"])
+    assert "--micro-batch must be >= 1, got 0" in capsys.readouterr().err
 
 
 # --- resume: the schedule, finished runs, step checkpoints ----------------------------------------

@@ -112,18 +112,7 @@ def worker(impl, m, n, d, k, repeats, device) -> dict:
     try:
         search = make_search(impl, k, device)
         search(q[:64], bank[:4096])  # imports, thread pools
-        if device == "cuda":
-            torch.cuda.synchronize()
-            base = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-            _, idx = search(q, bank)
-            torch.cuda.synchronize()
-            row["peak_extra_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
-        else:
-            base = common.rss_bytes()
-            common.reset_peak_rss()
-            _, idx = search(q, bank)
-            row["peak_extra_mb"] = (common.rss_bytes("VmHWM:") - base) / 2**20
+        row["peak_extra_mb"], (_, idx) = common.peak_extra_mb(device, lambda: search(q, bank))
         ref = reference_indices(q, bank, k)
         row["index_mismatches"] = int((idx.cpu().long() != ref.cpu()).sum())
         row["status"] = "ok"

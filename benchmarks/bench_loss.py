@@ -181,20 +181,8 @@ def worker(impl: str, m: int, d: int, repeats: int, temperature: float, device: 
 
         loss_fn(z1[:64], z2[:64]).backward()  # lazy initialisation, compilation, thread pool
         z1.grad = z2.grad = None
-        if device == "cuda":
-            torch.cuda.synchronize()
-            base = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-            fwd_bwd()
-            torch.cuda.synchronize()
-            row["peak_extra_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
-            timer = common.cuda_median_time
-        else:
-            base = common.rss_bytes()
-            common.reset_peak_rss()
-            fwd_bwd()
-            row["peak_extra_mb"] = (common.rss_bytes("VmHWM:") - base) / 2**20
-            timer = common.median_time
+        row["peak_extra_mb"], _ = common.peak_extra_mb(device, fwd_bwd)
+        timer = common.cuda_median_time if device == "cuda" else common.median_time
         if repeats == 0:
             row["status"] = "ok"
             return row

@@ -97,6 +97,24 @@ def reset_peak_rss() -> None:
         f.write("5")
 
 
+def peak_extra_mb(device: str, fn) -> tuple:
+    """(MiB, fn's result): the memory fn needs beyond what is held when it starts. CPU: the rise
+    of the process's resident high-water mark (reset just before); GPU: max_memory_allocated
+    minus memory_allocated before it."""
+    import torch
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        out = fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20, out
+    base = rss_bytes()
+    reset_peak_rss()
+    out = fn()
+    return (rss_bytes("VmHWM:") - base) / 2**20, out
+
+
 def cuda_median_time(fn, repeats: int, warmup: int = 2) -> tuple[float, list]:
     """Median seconds of fn on the current CUDA stream, timed with CUDA events."""
     import torch

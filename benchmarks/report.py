@@ -3,7 +3,7 @@
     python -m benchmarks.report                       # benchmarks/results -> benchmarks/report
     python -m benchmarks.report --no-readme           # leave README.md alone
 
-For every kind of benchmark (loss, supcon, lars, augment, train, knn) and device (and, for
+For every kind of benchmark (loss, supcon, scale, lars, augment, train, grad_cache, knn) and device (and, for
 supcon, labels pattern), the newest results file
 under --results (searched recursively, so committed GPU suite folders count) becomes one section:
 the hardware, the versions, the date, the command that reproduces it, the table and a plot.
@@ -20,11 +20,12 @@ from pathlib import Path
 from benchmarks import common
 
 ROOT = Path(__file__).resolve().parent.parent
-KINDS = ("loss", "supcon", "scale", "lars", "augment", "train", "knn")
+KINDS = ("loss", "supcon", "scale", "lars", "augment", "train", "grad_cache", "knn")
 TITLES = {"loss": "NT-Xent loss: time and memory", "supcon": "SupCon loss (mean positives): time and memory",
           "scale": "Distributed loss: one rank's share",
           "lars": "LARS step",
           "augment": "Two-view augmentation", "train": "End-to-end training step, one component swapped",
+          "grad_cache": "Gradient caching: a large batch in micro-batches",
           "knn": "kNN search (the evaluation monitor)"}
 BEGIN, END = "<!-- benchmarks:begin -->", "<!-- benchmarks:end -->"
 
@@ -113,6 +114,13 @@ def plot_train(d, path):
           f"training step, {common.where(d)}", "images/s (higher is better)", path)
 
 
+def plot_grad_cache(d, path):
+    ok = [r for r in d["rows"] if r.get("kind") != "largest_batch" and r.get("status") == "ok"]
+    _bars([f"{r['model']} batch {r['batch']}: " + (f"micro {r['micro_batch']}" if r["micro_batch"] else "plain")
+           for r in ok], [r["peak_extra_mb"] for r in ok],
+          f"training step's peak extra memory, {common.where(d)}", "MiB (lower is better)", path)
+
+
 def plot_scale(d, path):
     ok = [r for r in d["rows"] if r.get("status") == "ok"]
     _bars([f"{r['loss']}, M={r['M']}: W={r['W']}" for r in ok], [r["rank_s"] for r in ok],
@@ -137,11 +145,12 @@ def plot_knn(d, path):
 
 
 def tables(kind, d) -> str:
-    from benchmarks import bench_augment, bench_knn, bench_lars, bench_loss, bench_scale, bench_train
+    from benchmarks import (bench_augment, bench_grad_cache, bench_knn, bench_lars, bench_loss, bench_scale,
+                            bench_train)
     if kind in ("loss", "supcon"):  # a GPU's rows are read against the matmul peak measured with them
         return bench_loss.tables(d["rows"], d.get("matmul_peak_tflops"))
     return {"lars": bench_lars.table, "augment": bench_augment.table, "train": bench_train.table,
-            "knn": bench_knn.table, "scale": bench_scale.table}[kind](d["rows"])
+            "knn": bench_knn.table, "scale": bench_scale.table, "grad_cache": bench_grad_cache.table}[kind](d["rows"])
 
 
 def section(kind, d, img_rel: str) -> str:
@@ -168,7 +177,7 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     plotters = {"loss": plot_loss, "supcon": plot_loss, "scale": plot_scale, "lars": plot_lars, "augment": plot_augment, "train": plot_train,
-                "knn": plot_knn}
+                "grad_cache": plot_grad_cache, "knn": plot_knn}
     sections_local, sections_readme = [], []
     for device in ("cpu", "cuda"):
         for (kind, dev, labels), d in sorted(latest.items(), key=lambda kv: (KINDS.index(kv[0][0]), kv[0][2])):

@@ -56,6 +56,7 @@ def grad_cache_backward(model, inputs, loss_fn, micro_batch):
     bounds = [(s, min(s + micro_batch, n)) for s in range(0, n, micro_batch)]
     states, pieces = _first_pass(model, views, bounds)
     z = _assemble(pieces, len(views)).detach().requires_grad_(True)
+    del pieces
     out = loss_fn(z)
     loss, extras = _split_loss(out)
     _backward(loss)

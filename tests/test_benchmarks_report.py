@@ -45,6 +45,13 @@ def test_report_sections_plots_and_readme(tmp_path):
         {"impl": i, "queries": 100, "bank": 1000, "D": 8, "k": 5, "status": "ok", "search_s": t,
          "peak_extra_mb": 3.0, "index_mismatches": 0, "device": "cpu"}
         for i, t in (("fastclr", 0.5), ("faiss", 0.4))])
+    _write(res, "grad_cache", "2026-02-01T00:00:00", [
+        {"model": "resnet18", "size": 32, "batch": b, "micro_batch": m, "mode": "cached" if m else "plain",
+         "status": "ok", "peak_extra_mb": mem, "step_s": t, "images_per_s": b / t, "device": "cpu"}
+        for b, m, mem, t in ((128, None, 1000.0, 5.0), (1024, 128, 1100.0, 50.0), (1024, None, 9000.0, 40.0))]
+        + [{"kind": "largest_batch", "model": "resnet18", "size": 32, "device": "cpu", "mode": "plain",
+            "micro_batch": None, "largest_batch": 1024, "peak_extra_mb": 9000.0, "stopped_by": "oom at batch 2048",
+            "status": "ok"}])
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- benchmarks:begin -->\nstale\n<!-- benchmarks:end -->\noutro\n")
     out = tmp_path / "report"
@@ -58,6 +65,9 @@ def test_report_sections_plots_and_readme(tmp_path):
     assert "| cpu | 131072+ | 90 | search cap |" in text
     assert "| resnet18 | 64 | **naive** | fastclr | torch | 150 | 0.50x |" in text
     assert "| 100 x 1000, 8, 5 | fastclr | 0.500 | 1.25x | 3 | 0 of 500 |" in text
+    # gradient caching: memory against plain at the micro-batch, time against plain at the batch
+    assert "| resnet18 | 32 | 1024 | 128 | 1100 | 1.10x | 50.00 | 1.25x | 20 |" in text
+    assert "| resnet18 | 32 | plain | 1024 | 9000 | oom at batch 2048 |" in text
     assert "labels classes:100 — CPU" in text and "labels views:4 — CPU" in text
     assert "| ntxent | 4096 | 128 | 4 | 1024 | 0.340 | 0.34x | 0.25x |" in text
     assert "| 4096 | 128 | cpu | 0.0667 | 0.2000 | 0.20x | 9 |" in text

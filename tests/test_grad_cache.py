@@ -298,3 +298,14 @@ def test_on_a_gpu_dropout_masks_bf16_channels_last(seed):
     assert torch.equal(torch.rand(3, device="cuda"), after)
     for g, r in zip(_grads(model), _grads(twin)):
         torch.testing.assert_close(g, r, rtol=1e-2, atol=1e-2 * r.abs().max().item())
+
+
+def test_bench_grad_cache_runs(capsys):
+    """The benchmark's smoke test (tiny sizes): every configuration and the largest-batch search."""
+    from benchmarks import bench_grad_cache
+    bench_grad_cache.main(["--batch", "32", "--micro-batch", "8", "--image-size", "8", "--repeats", "1",
+                           "--largest", "--largest-cap", "64", "--no-save"])
+    out = capsys.readouterr().out
+    assert "| resnet18 | 8 | 32 | 8 |" in out and "| resnet18 | 8 | 32 | plain |" in out
+    assert "| resnet18 | 8 | plain | none |" in out  # the plain search starts at 512, over the cap
+    assert "cached, micro-batch 8 | 64 |" in out and "| search cap |" in out

@@ -52,7 +52,7 @@ def grad_cache_backward(model, inputs, loss_fn, micro_batch):
         out = loss_fn(_embeddings(model(_slice(views, 0, n)), len(views) * n))
         loss, extras = _split_loss(out)
         _backward(loss)
-        return _result(out, loss, extras)
+        return _result(loss, extras)
     bounds = [(s, min(s + micro_batch, n)) for s in range(0, n, micro_batch)]
     states, pieces = _first_pass(model, views, bounds)
     z = _assemble(pieces, len(views)).detach().requires_grad_(True)
@@ -63,7 +63,7 @@ def grad_cache_backward(model, inputs, loss_fn, micro_batch):
     if z.grad is None:
         raise RuntimeError("grad_cache_backward: the loss does not depend on the embeddings")
     _second_pass(model, views, bounds, states, _disassemble(z.grad, bounds, len(views), n))
-    return _result(out, loss, extras)
+    return _result(loss, extras)
 
 
 def _check_micro_batch(micro_batch) -> int:
@@ -115,7 +115,7 @@ def _split_loss(out):
     return (out[0], out[1:]) if isinstance(out, tuple) else (out, None)
 
 
-def _result(out, loss, extras):
+def _result(loss, extras):
     if extras is None:
         return loss.detach()
     return (loss.detach(), *extras)

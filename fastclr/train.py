@@ -421,8 +421,9 @@ def _attempt_store(world: int):
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
     if attempt is None or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return None
+    from torch.distributed.constants import default_pg_timeout  # what env:// would wait
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
-                          is_master=False)
+                          is_master=False, timeout=default_pg_timeout)
     return dist.PrefixStore(f"fastclr/attempt_{attempt}/", store)
 
 

@@ -47,8 +47,8 @@ import fastclr
 from fastclr import augment as aug_mod
 from fastclr import data as data_mod
 from fastclr import evaluate, models
-from fastclr.loss import IMPLS as LOSS_IMPLS
 from fastclr.grad_cache import grad_cache_backward
+from fastclr.loss import IMPLS as LOSS_IMPLS
 from fastclr.loss import nt_xent_fused, supcon_fused
 
 CKPT_FORMAT = "fastclr-checkpoint-2"

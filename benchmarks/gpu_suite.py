@@ -98,7 +98,7 @@ def stages() -> list:
                                "--steps", "5")], results=("train",)),
         Stage("sanitize", "compute-sanitizer memcheck and racecheck, small case", 25, 60, sanitize),
         Stage("grad-cache", "ResNet-50 224 px bf16: batch 4096 in micro-batches of 256 vs plain 256; "
-              "largest batch plain / cached", 80, 120,
+              "largest batch plain / cached", 80, 150,
               [_bench("benchmarks.bench_grad_cache", "--repeats", "2", "--timeout", "60")],
               results=("grad_cache",)),
         Stage("train-digits", "the digits default training run on the GPU", 35, 120, [train]),

@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
-import time
 
 from benchmarks import common
 
@@ -60,17 +58,15 @@ def _setup(arch, batch, size, device):
     return model, opt, views
 
 
-def _sync(device):
-    import torch
-    if device == "cuda":
-        torch.cuda.synchronize()
+def _row(arch, batch, micro, size, device) -> dict:
+    """What names a configuration (micro 0: the plain step), as every row of it starts."""
+    return {"model": arch, "batch": batch, "micro_batch": micro or None, "size": size, "device": device,
+            "mode": "cached" if micro else "plain"}
 
 
 def worker(arch: str, batch: int, micro: int, size: int, device: str, repeats: int) -> dict:
     """One configuration in this process (micro 0: the plain step). repeats 0: memory only."""
-    import torch
-    row = {"model": arch, "batch": batch, "micro_batch": micro or None, "size": size, "device": device,
-           "mode": "cached" if micro else "plain"}
+    row = _row(arch, batch, micro, size, device)
     try:
         model, opt, views = _setup(arch, batch, size, device)
         # warm-up on 4 images (threads, kernels), smaller than every configuration measured, so
@@ -78,15 +74,9 @@ def worker(arch: str, batch: int, micro: int, size: int, device: str, repeats: i
         _step(model, opt, tuple(v[:4] for v in views), 2 if micro else 0)
         # every parameter's .grad and LARS state exist now: the step's extra memory is the rest
         row["peak_extra_mb"], _ = common.peak_extra_mb(device, lambda: _step(model, opt, views, micro))
-        times = []
-        for _ in range(repeats):
-            _sync(device)
-            t0 = time.perf_counter()
-            _step(model, opt, views, micro)
-            _sync(device)
-            times.append(time.perf_counter() - t0)
-        if times:
-            step = statistics.median(times)
+        if repeats:  # the memory step was the warm-up at this size
+            timer = common.cuda_median_time if device == "cuda" else common.median_time
+            step, times = timer(lambda: _step(model, opt, views, micro), repeats, warmup=0)
             row.update(step_s=step, times_s=times, images_per_s=batch / step)
         row["status"] = "ok"
     except (RuntimeError, MemoryError) as exc:  # an out-of-memory is a result, not a crash
@@ -98,8 +88,7 @@ def worker(arch: str, batch: int, micro: int, size: int, device: str, repeats: i
 def run_one(arch, batch, micro, size, device, repeats, timeout) -> dict:
     cmd = [sys.executable, "-m", "benchmarks.bench_grad_cache", "--worker", arch, str(batch),
            str(micro or 0), str(size), device, str(repeats)]
-    base = {"model": arch, "batch": batch, "micro_batch": micro or None, "size": size,
-            "device": device, "mode": "cached" if micro else "plain"}
+    base = _row(arch, batch, micro, size, device)
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:

@@ -3,7 +3,15 @@
 // the autograd formulas in fastclr/ops.py.
 #include <torch/library.h>
 
-TORCH_LIBRARY(fastclr, m) {
+// The namespace: fastclr, or the one the CPU harness of the CUDA kernels (tests/cuda_on_cpu/)
+// declares these same schemas in, beside fastclr's own. TORCH_LIBRARY pastes its argument
+// unexpanded, hence the indirection.
+#ifndef FASTCLR_OPS_LIB
+#define FASTCLR_OPS_LIB fastclr
+#endif
+#define FASTCLR_LIBRARY_(lib, m) TORCH_LIBRARY(lib, m)
+
+FASTCLR_LIBRARY_(FASTCLR_OPS_LIB, m) {
   // Forward of NT-Xent and its label-defined family (SupCon, multi-view SimCLR) on the rows
   // z = [z1; z2] (M rows), normalisation fused. Positives of row i: without labels (paired
   // mode: z1, z2 of one shape (N, D), M = 2N), p(i) = (i + N) mod M; with labels (M,) integers,

@@ -8,11 +8,6 @@
 // the device (zero-norm guard included) and updates v and w. float32 math and float32
 // momentum buffers whatever the parameter dtype (float32, bfloat16, float16).
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
 
 #include <cstdint>
 #include <vector>
@@ -113,10 +108,10 @@ void lars_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
               "fastclr: the CUDA LARS step takes float32, bfloat16 or float16 parameters, got ",
               dtype);
   for (int64_t i = 0; i < count; ++i) {
-    TORCH_CHECK(params[i].is_cuda() && params[i].device() == params[0].device(),
+    TORCH_CHECK(params[i].device() == params[0].device(),
                 "fastclr: lars_step_ (CUDA) needs all params on one CUDA device");
   }
-  const c10::cuda::CUDAGuard guard(params[0].device());
+  const DeviceGuard guard(params[0].device());
 
   std::vector<int64_t> host;
   for (int64_t i = 0; i < count; ++i) {
@@ -133,12 +128,8 @@ void lars_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
   }
   if (n_chunks == 0) return;
   TORCH_CHECK(n_chunks <= 2147483647, "fastclr: too many LARS chunks");
-  at::Tensor pinned = at::empty({static_cast<int64_t>(host.size())},
-                                at::TensorOptions().dtype(at::kLong).pinned_memory(true));
-  std::copy(host.begin(), host.end(), pinned.data_ptr<int64_t>());
-  const at::Tensor table_t = pinned.to(params[0].device(), /*non_blocking=*/true);
+  const at::Tensor table_t = device_table(host, params[0].device());
   const Table table{table_t.const_data_ptr<int64_t>(), n_chunks};
-  const auto stream = c10::cuda::getCurrentCUDAStream();
   const float wd = exclude ? 0.f : static_cast<float>(weight_decay);
   at::Tensor sums;
   if (!exclude) sums = at::zeros({2 * count}, params[0].options().dtype(at::kFloat));
@@ -147,20 +138,17 @@ void lars_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
 
   FASTCLR_DISPATCH_FLOAT_HALF_TYPES(dtype, "lars_step_cuda", [&] {
     float* norms = exclude ? nullptr : sums.data_ptr<float>();
-    if (!exclude) {
-      lars_sums_kernel<scalar_t><<<n_chunks, kLarsThreads, 0, stream>>>(table, wd, norms, skip);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
-    lars_update_kernel<scalar_t><<<n_chunks, kLarsThreads, 0, stream>>>(
-        table, norms, static_cast<float>(lr), static_cast<float>(momentum), wd,
-        static_cast<float>(trust_coefficient), nesterov, skip);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const dim3 grid(static_cast<unsigned>(n_chunks)), block(kLarsThreads);
+    if (!exclude) launch_kernel(lars_sums_kernel<scalar_t>, grid, block, 0, table, wd, norms, skip);
+    launch_kernel(lars_update_kernel<scalar_t>, grid, block, 0, table, norms,
+                  static_cast<float>(lr), static_cast<float>(momentum), wd,
+                  static_cast<float>(trust_coefficient), nesterov, skip);
   });
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fastclr, CUDA, m) {
+FASTCLR_KERNEL_IMPL(m) {
   m.impl("lars_step_", &lars_step_cuda);
 }
 

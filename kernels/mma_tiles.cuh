@@ -4,7 +4,6 @@
 #pragma once
 
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAException.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <mma.h>
@@ -148,14 +147,6 @@ __device__ void score_tile(float* scores, typename MmaTraits<scalar_t>::storage*
                             wmma::mem_row_major);
   }
   __syncthreads();
-}
-
-template <typename Kernel>
-void allow_dynamic_smem(Kernel kernel, size_t bytes) {
-  if (bytes > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(bytes)));
-  }
 }
 
 }  // namespace

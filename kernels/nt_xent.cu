@@ -23,13 +23,9 @@
 //
 // One kernel body per stage, templated over the input type through MmaTraits.
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAStream.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAException.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <mma.h>
-#include <torch/library.h>
 
 #include <cstdint>
 #include <limits>
@@ -55,12 +51,18 @@ __device__ __forceinline__ float pair_max(float v) {
   return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
 }
 
+// The row kernels (norm, finish): one warp per row, 8 rows per block.
+constexpr int kRowsPerBlock = 8;
+constexpr int kRowThreads = kRowsPerBlock * 32;
+inline unsigned row_blocks(int64_t m) {
+  return static_cast<unsigned>((m + kRowsPerBlock - 1) / kRowsPerBlock);
+}
+
 template <typename scalar_t>
-__global__ void __launch_bounds__(256) nt_xent_norm_kernel(const scalar_t* __restrict__ z1,
-                                                           const scalar_t* __restrict__ z2,
-                                                           float* __restrict__ norm, int64_t n,
-                                                           int64_t m, int64_t d) {
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * 8 + threadIdx.x / 32;
+__global__ void __launch_bounds__(kRowThreads) nt_xent_norm_kernel(
+    const scalar_t* __restrict__ z1, const scalar_t* __restrict__ z2, float* __restrict__ norm,
+    int64_t n, int64_t m, int64_t d) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (row >= m) return;
   const scalar_t* src = row_ptr(z1, z2, row, n, d);
@@ -129,7 +131,7 @@ __global__ void __launch_bounds__(kThreads) nt_xent_fwd_kernel(
     int64_t count) {
   using L = SmemLayout<scalar_t>;
   using storage = typename L::storage;
-  extern __shared__ __align__(128) unsigned char smem[];
+  FASTCLR_DYNAMIC_SMEM(smem);
   storage* a_s = reinterpret_cast<storage*>(smem);
   storage* b_s = a_s + L::kStage;
   float* scores = reinterpret_cast<float*>(smem + L::kRegion0);
@@ -330,7 +332,7 @@ __global__ void __launch_bounds__(kThreads) nt_xent_bwd_kernel(
     return count > 0 && (hits(lo) || (!kLabels && hits(n + lo)));
   };
   if (!meets(bi) && !meets(bj)) return;
-  extern __shared__ __align__(128) unsigned char smem[];
+  FASTCLR_DYNAMIC_SMEM(smem);
   storage* a_s = reinterpret_cast<storage*>(smem);
   storage* b_s = a_s + L::kStage;
   storage* zb = a_s;  // region 0 again, once the score product is done
@@ -424,12 +426,12 @@ __global__ void __launch_bounds__(kThreads) nt_xent_bwd_kernel(
 // One warp per row: grad_u = G / tau; grad_z = (grad_u - (u . grad_u) u) / norm (grad_u / eps
 // where the norm was clamped).
 template <typename scalar_t>
-__global__ void __launch_bounds__(256) nt_xent_finish_kernel(
+__global__ void __launch_bounds__(kRowThreads) nt_xent_finish_kernel(
     const scalar_t* __restrict__ z1, const scalar_t* __restrict__ z2,
     const float* __restrict__ norm, const float* __restrict__ temperature,
     const float* __restrict__ g, scalar_t* __restrict__ gz1, scalar_t* __restrict__ gz2,
     int64_t n, int64_t m, int64_t d) {
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * 8 + threadIdx.x / 32;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (row >= m) return;
   const float inv_tau = 1.f / *temperature;
@@ -491,7 +493,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nt_xent_forward_cuda(
     const at::Tensor& temperature_in, bool mean_positives, bool compute_accuracy, int64_t row_lo,
     int64_t row_count) {
   const int64_t m = check_cuda_inputs(z1_in, z2_in, labels_in, temperature_in);
-  const c10::cuda::CUDAGuard guard(z1_in.device());
+  const DeviceGuard guard(z1_in.device());
   const at::Tensor z1 = z1_in.contiguous(), z2 = z2_in.contiguous();
   const at::Tensor temperature = temperature_in.to(at::kFloat).contiguous();
   const bool with_labels = labels_in.has_value();
@@ -516,22 +518,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nt_xent_forward_cuda(
     stats[3].zero_();
   }
   const int64_t blocks = (with_labels ? 1 : 2) * ((count + kTile - 1) / kTile);
-  const auto stream = c10::cuda::getCurrentCUDAStream();
   FASTCLR_DISPATCH_FLOAT_HALF_TYPES(z1.scalar_type(), "nt_xent_forward_cuda", [&] {
-    nt_xent_norm_kernel<scalar_t><<<(m + 7) / 8, 256, 0, stream>>>(
-        z1.const_data_ptr<scalar_t>(), z2.const_data_ptr<scalar_t>(), norm.data_ptr<float>(), n, m, d);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    constexpr size_t smem = SmemLayout<scalar_t>::kForward;
+    launch_kernel(nt_xent_norm_kernel<scalar_t>, dim3(row_blocks(m)), dim3(kRowThreads), 0,
+                  z1.const_data_ptr<scalar_t>(), z2.const_data_ptr<scalar_t>(), norm.data_ptr<float>(),
+                  n, m, d);
     auto launch = [&](auto kernel) {
       if (blocks == 0) return;
-      allow_dynamic_smem(kernel, smem);
-      kernel<<<blocks, kThreads, smem, stream>>>(
+      launch_kernel(kernel, dim3(blocks), dim3(kThreads), SmemLayout<scalar_t>::kForward,
           z1.const_data_ptr<scalar_t>(), z2.const_data_ptr<scalar_t>(),
           with_labels ? labels.const_data_ptr<int64_t>() : nullptr, norm.const_data_ptr<float>(),
           temperature.const_data_ptr<float>(), loss.data_ptr<float>(), stats.data_ptr<float>(),
           compute_accuracy ? rank.data_ptr<int32_t>() : nullptr, n, m, d, mean_positives, lo,
           count);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     if (with_labels) {
       launch(nt_xent_fwd_kernel<scalar_t, true>);
@@ -548,7 +546,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nt_xent_backward_cuda(
     bool mean_positives, const at::Tensor& norm_in, const at::Tensor& stats_in, int64_t row_lo,
     int64_t row_count) {
   const int64_t m = check_cuda_inputs(z1_in, z2_in, labels_in, temperature_in);
-  const c10::cuda::CUDAGuard guard(z1_in.device());
+  const DeviceGuard guard(z1_in.device());
   const at::Tensor z1 = z1_in.contiguous(), z2 = z2_in.contiguous();
   const at::Tensor temperature = temperature_in.to(at::kFloat).contiguous();
   const bool with_labels = labels_in.has_value();
@@ -568,30 +566,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nt_xent_backward_cuda(
   at::Tensor g = at::zeros({m, d}, fopts);
   at::Tensor tpart = at::zeros({nb * nb}, fopts);
   at::Tensor grad_z1 = at::empty_like(z1), grad_z2 = at::empty_like(z2);
-  const auto stream = c10::cuda::getCurrentCUDAStream();
   TORCH_CHECK(nb <= 65535, "fastclr: the CUDA backward handles M <= ", 65535 * kTile, " rows");
   FASTCLR_DISPATCH_FLOAT_HALF_TYPES(z1.scalar_type(), "nt_xent_backward_cuda", [&] {
-    constexpr size_t smem = SmemLayout<scalar_t>::kBackward;
     auto launch = [&](auto kernel) {
-      allow_dynamic_smem(kernel, smem);
-      kernel<<<dim3(nb, nb), kThreads, smem, stream>>>(
+      launch_kernel(kernel, dim3(nb, nb), dim3(kThreads), SmemLayout<scalar_t>::kBackward,
           z1.const_data_ptr<scalar_t>(), z2.const_data_ptr<scalar_t>(),
           with_labels ? labels.const_data_ptr<int64_t>() : nullptr, norm.const_data_ptr<float>(),
           temperature.const_data_ptr<float>(), stats.const_data_ptr<float>(),
           w.const_data_ptr<float>(), g.data_ptr<float>(), tpart.data_ptr<float>(), n, m, d,
           mean_positives, lo, count);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     if (with_labels) {
       launch(nt_xent_bwd_kernel<scalar_t, true>);
     } else {
       launch(nt_xent_bwd_kernel<scalar_t, false>);
     }
-    nt_xent_finish_kernel<scalar_t><<<(m + 7) / 8, 256, 0, stream>>>(
-        z1.const_data_ptr<scalar_t>(), z2.const_data_ptr<scalar_t>(), norm.const_data_ptr<float>(),
-        temperature.const_data_ptr<float>(), g.const_data_ptr<float>(),
-        grad_z1.data_ptr<scalar_t>(), grad_z2.data_ptr<scalar_t>(), n, m, d);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_kernel(nt_xent_finish_kernel<scalar_t>, dim3(row_blocks(m)), dim3(kRowThreads), 0,
+                  z1.const_data_ptr<scalar_t>(), z2.const_data_ptr<scalar_t>(),
+                  norm.const_data_ptr<float>(), temperature.const_data_ptr<float>(),
+                  g.const_data_ptr<float>(), grad_z1.data_ptr<scalar_t>(),
+                  grad_z2.data_ptr<scalar_t>(), n, m, d);
   });
   // dL/dtau = -(1/tau) sum_i w_i sum_{j != i} c_ij s_ij, on the device: no sync.
   at::Tensor grad_t = -tpart.sum() / temperature.reshape({});
@@ -600,7 +594,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nt_xent_backward_cuda(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fastclr, CUDA, m) {
+FASTCLR_KERNEL_IMPL(m) {
   m.impl("nt_xent_forward", &nt_xent_forward_cuda);
   m.impl("nt_xent_backward", &nt_xent_backward_cuda);
 }

@@ -8,10 +8,6 @@
 // fastclr::normalized_similarity_backward (csrc/similarity_cpu.cpp), the same on every device.
 // knn_topk on CUDA streams bank tiles of this kernel from Python (fastclr/similarity.py).
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <c10/cuda/CUDAException.h>
-#include <torch/library.h>
 
 #include <cstdint>
 
@@ -31,7 +27,7 @@ __global__ void __launch_bounds__(kThreads) normalized_similarity_kernel(
     const float* __restrict__ rb, float* __restrict__ out, int64_t m, int64_t k, int64_t d) {
   using storage = typename MmaTraits<scalar_t>::storage;
   constexpr int kStage = kTile * (kKc + kPad);
-  extern __shared__ __align__(128) unsigned char smem[];
+  FASTCLR_DYNAMIC_SMEM(smem);
   storage* a_s = reinterpret_cast<storage*>(smem);
   storage* b_s = a_s + kStage;
   float* scores = reinterpret_cast<float*>(smem + sizeof(storage) * 2 * kStage);
@@ -67,7 +63,7 @@ at::Tensor normalized_similarity_cuda(const at::Tensor& a_in, const at::Tensor& 
                   a_in.scalar_type() == at::kBFloat16,
               "normalized_similarity: the CUDA kernel takes float32, bfloat16 or float16, got ",
               a_in.scalar_type());
-  const c10::cuda::CUDAGuard guard(a_in.device());
+  const DeviceGuard guard(a_in.device());
   const at::Tensor a = a_in.contiguous(), b = b_in.contiguous();
   const int64_t m = a.size(0), k = b.size(0), d = a.size(1);
   at::Tensor out = at::empty({m, k}, a.options().dtype(at::kFloat));
@@ -77,23 +73,21 @@ at::Tensor normalized_similarity_cuda(const at::Tensor& a_in, const at::Tensor& 
   TORCH_CHECK(grid_y <= 65535, "normalized_similarity: the CUDA kernel takes at most ",
               65535 * kTile, " rows in b (split b), got ", k);
   const at::Tensor ra = inv_norms(a), rb = inv_norms(b);
-  const auto stream = c10::cuda::getCurrentCUDAStream();
   FASTCLR_DISPATCH_FLOAT_HALF_TYPES(a.scalar_type(), "normalized_similarity_cuda", [&] {
     using storage = typename MmaTraits<scalar_t>::storage;
     constexpr size_t smem = sizeof(storage) * 2 * kTile * (kKc + kPad) + sizeof(float) * kTile * kScoreLd;
-    allow_dynamic_smem(normalized_similarity_kernel<scalar_t>, smem);
     const dim3 grid(static_cast<unsigned>((m + kTile - 1) / kTile), static_cast<unsigned>(grid_y));
-    normalized_similarity_kernel<scalar_t><<<grid, kThreads, smem, stream>>>(
-        a.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(), ra.const_data_ptr<float>(),
-        rb.const_data_ptr<float>(), out.data_ptr<float>(), m, k, d);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_kernel(normalized_similarity_kernel<scalar_t>, grid, dim3(kThreads), smem,
+                  a.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(),
+                  ra.const_data_ptr<float>(), rb.const_data_ptr<float>(), out.data_ptr<float>(),
+                  m, k, d);
   });
   return out;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fastclr, CUDA, m) {
+FASTCLR_KERNEL_IMPL(m) {
   m.impl("normalized_similarity", &normalized_similarity_cuda);
 }
 

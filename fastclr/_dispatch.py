@@ -7,7 +7,10 @@ one that runs, by one rule (DESIGN.md, Dispatch; the README's dispatch table):
   tensors -> the hand-written CUDA kernel where the op's measured table says it beats Triton,
   else Triton, else the CUDA kernel when only it is there. Otherwise the op's fallback (the
   pure-PyTorch "reference", or LARS's "foreach"), with one warning per op that says why.
-- an explicit ``impl`` runs that backend or raises an error saying why it cannot.
+- an explicit ``impl`` runs that backend or raises an error saying why it cannot. On CPU
+  tensors "triton" runs under triton's interpreter (TRITON_INTERPRET=1) and "cuda" on the CUDA
+  kernels' CPU harness once the tests have loaded it (``ops.use_cuda_on_cpu``); "auto" never
+  picks either.
 
 One vocabulary: "reference" | "cpu" (the C++ kernels) | "triton" | "cuda" | "foreach";
 "cpp" is accepted as an alias of "cpu" (LARS's old name). Resolving a backend is also what
@@ -131,9 +134,11 @@ def check_available(op: Op, backend: str, device: torch.device, dtype, given: st
             raise TypeError(f"{fn}: impl='triton' supports float32, bfloat16 and float16, got "
                             "torch.float64 (use impl='cpu' or 'reference')")
     elif backend == "cuda":
-        if device.type != "cuda":
+        if device.type == "cpu" and ops.cuda_on_cpu():
+            pass  # the CUDA kernels on the CPU harness (the tests load it)
+        elif device.type != "cuda":
             raise ValueError(f"{fn}: impl='cuda' needs CUDA {things}, got {things} on {device}")
-        if not ops.compiled_with_cuda():
+        elif not ops.compiled_with_cuda():
             why = ops.extension_error() or ("fastclr._C was built without its CUDA kernels (no "
                                             "CUDA toolkit at build time, or FASTCLR_CUDA=0)")
             raise RuntimeError(f"{fn}: impl='cuda' needs the compiled CUDA kernels: {why}")

@@ -9,7 +9,7 @@ import numbers
 import torch
 from torch import nn
 
-from fastclr import _dispatch, distributed, reference
+from fastclr import _dispatch, distributed, ops, reference
 from fastclr._autograd import local_row_mask
 from fastclr._dispatch import check_row_pair, describe as _describe
 
@@ -67,7 +67,8 @@ def _temperature_tensor(temperature, dtype: torch.dtype, device: torch.device,
     return torch.full((), value, dtype=dtype, device=device)
 
 
-# The compiled ops serve CPU and CUDA tensors alike (the dispatcher picks the kernel).
+# The compiled ops serve CPU and CUDA tensors alike (torch's dispatcher picks the kernel by
+# device; ops.library names the CUDA kernels' CPU harness for impl="cuda" on CPU tensors).
 _FORWARD_OPS = {"cpu": "nt_xent_forward", "cuda": "nt_xent_forward",
                 "triton": "nt_xent_triton_forward"}
 
@@ -122,7 +123,7 @@ def nt_xent_fused(z1: torch.Tensor, z2: torch.Tensor, temperature=0.5, *, impl: 
         rows = reference.nt_xent(z1, z2, t, reduction="none")
         rank = reference.positive_rank(reference.similarity_logits(z1, z2, t)) if return_accuracy else None
     else:
-        forward = getattr(torch.ops.fastclr, _FORWARD_OPS[backend])
+        forward = getattr(ops.library(backend, z1.device), _FORWARD_OPS[backend])
         # paired positives (no labels; with one positive per row both forms are NT-Xent), the
         # loss of this rank's rows only (its share of both views), against every gathered row
         rows, _, _, rank = forward(z1, z2, None, t, False, bool(return_accuracy), lo, n)
@@ -230,7 +231,7 @@ def _supcon_rows(z, labels, temperature, positives, impl, return_accuracy, lo, c
         rank = reference.supcon_rank(z, labels, t) if return_accuracy else None
         same = labels[:, None] == labels[None, :]
         return rows, same.sum(1) - 1, rank
-    forward = getattr(torch.ops.fastclr, _FORWARD_OPS[backend])
+    forward = getattr(ops.library(backend, z.device), _FORWARD_OPS[backend])
     # all rows in "z1", none in "z2": the kernels' row source is [z1; z2]
     rows, stats, _, rank = forward(z, z[:0], labels, t, positives == "mean", bool(return_accuracy),
                                    lo, count)

@@ -101,34 +101,70 @@ def nt_xent_backward_fake(grad_rows, z1, z2, labels, temperature):
             temperature.new_empty((), dtype=accumulation_dtype(z1.dtype)))
 
 
-if _C is not None:
+def _register_library(lib: str) -> None:
+    """The fake kernels and autograd formulas of the compiled ops of namespace ``lib``: fastclr's
+    own, or the CPU harness's of the CUDA kernels (the same schemas, see ``use_cuda_on_cpu``)."""
+    ops = getattr(torch.ops, lib)
 
-    @torch.library.register_fake("fastclr::nt_xent_forward")
+    @torch.library.register_fake(f"{lib}::nt_xent_forward")
     def _nt_xent_forward_fake(z1, z2, labels, temperature, mean_positives, compute_accuracy,
                               row_lo=0, row_count=-1):
         return nt_xent_forward_fake(z1, z2, labels, temperature, compute_accuracy)
 
-    @torch.library.register_fake("fastclr::nt_xent_backward")
+    @torch.library.register_fake(f"{lib}::nt_xent_backward")
     def _nt_xent_backward_fake(grad_rows, z1, z2, labels, temperature, mean_positives, norm, stats,
                                row_lo=0, row_count=-1):
         return nt_xent_backward_fake(grad_rows, z1, z2, labels, temperature)
 
-    _backward, _setup_context = autograd_formula(torch.ops.fastclr.nt_xent_backward)
-    torch.library.register_autograd("fastclr::nt_xent_forward", _backward,
+    _backward, _setup_context = autograd_formula(ops.nt_xent_backward)
+    torch.library.register_autograd(f"{lib}::nt_xent_forward", _backward,
                                     setup_context=_setup_context)
 
-    @torch.library.register_fake("fastclr::normalized_similarity")
+    @torch.library.register_fake(f"{lib}::normalized_similarity")
     def _normalized_similarity_fake(a, b):
         torch._check(a.dim() == 2 and b.dim() == 2 and a.shape[1] == b.shape[1],
                      lambda: "a (M, D), b (K, D)")
         return a.new_empty((a.shape[0], b.shape[0]), dtype=accumulation_dtype(a.dtype))
 
-    @torch.library.register_fake("fastclr::knn_topk")
+    @torch.library.register_fake(f"{lib}::knn_topk")
     def _knn_topk_fake(queries, bank, k, chunk):
         torch._check(queries.dim() == 2 and bank.dim() == 2 and queries.shape[1] == bank.shape[1],
                      lambda: "queries (M, D), bank (K, D)")
         vals = queries.new_empty((queries.shape[0], k), dtype=accumulation_dtype(queries.dtype))
         return vals, queries.new_empty((queries.shape[0], k), dtype=torch.long)
 
-    torch.library.register_autograd("fastclr::normalized_similarity", similarity_backward,
+    torch.library.register_autograd(f"{lib}::normalized_similarity", similarity_backward,
                                     setup_context=similarity_setup_context)
+
+
+if _C is not None:
+    _register_library("fastclr")
+
+
+# The CUDA kernels executed on the CPU (tests/cuda_on_cpu/ builds them): kernels/*.cu compiled by
+# the host compiler against an execution runtime, registered for CPU tensors as
+# torch.ops.fastclr_cuda_on_cpu.*. Loaded only by the tests; then impl="cuda" takes CPU tensors.
+CUDA_ON_CPU_LIB = "fastclr_cuda_on_cpu"
+_cuda_on_cpu = False
+
+
+def use_cuda_on_cpu(library_path: str) -> None:
+    """Loads the CPU harness's op library (once): impl="cuda" then runs CPU tensors through it."""
+    global _cuda_on_cpu
+    if not _cuda_on_cpu:
+        torch.ops.load_library(library_path)
+        _register_library(CUDA_ON_CPU_LIB)
+        _cuda_on_cpu = True
+
+
+def cuda_on_cpu() -> bool:
+    """True when the CUDA kernels' CPU harness is loaded (see ``use_cuda_on_cpu``)."""
+    return _cuda_on_cpu
+
+
+def library(backend: str, device: torch.device):
+    """The namespace of compiled ops that runs ``backend`` on ``device``: torch.ops.fastclr (its
+    C++ and CUDA kernels, by device), or the harness's for the CUDA kernels on CPU tensors."""
+    if backend == "cuda" and device.type == "cpu":
+        return getattr(torch.ops, CUDA_ON_CPU_LIB)
+    return torch.ops.fastclr

@@ -27,7 +27,7 @@ import warnings
 import torch
 from torch import nn
 
-from fastclr import _dispatch
+from fastclr import _dispatch, ops
 
 IMPLS = (*_dispatch.OPS["LARS"].impls, "cpp")  # "cpp": the old name of "cpu", still taken
 _NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
@@ -152,7 +152,7 @@ class LARS(torch.optim.Optimizer):
                 if backend == "foreach":
                     _foreach_step(ps, gs, bs, *hyper, skip)
                 else:  # one compiled call: the CPU or CUDA kernel, by the dispatcher
-                    torch.ops.fastclr.lars_step_(ps, gs, bs, *hyper, skip)
+                    ops.library(backend, device).lars_step_(ps, gs, bs, *hyper, skip)
         return loss
 
 

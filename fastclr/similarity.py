@@ -12,7 +12,7 @@ import numbers
 
 import torch
 
-from fastclr import _dispatch, reference
+from fastclr import _dispatch, ops, reference
 from fastclr._dispatch import check_row_pair
 
 IMPLS = _dispatch.OPS["normalized_similarity"].impls
@@ -37,7 +37,7 @@ def normalized_similarity(a: torch.Tensor, b: torch.Tensor, *, impl: str = "auto
     if backend == "reference":
         return reference.normalized_similarity(a, b)
     if backend in ("cpu", "cuda"):  # one op, a kernel per device
-        return torch.ops.fastclr.normalized_similarity(a, b)
+        return ops.library(backend, a.device).normalized_similarity(a, b)
     return torch.ops.fastclr.normalized_similarity_triton(a, b)
 
 
@@ -76,7 +76,7 @@ def knn_topk(queries: torch.Tensor, bank: torch.Tensor, k: int, *, impl: str = "
             return reference.knn_topk(queries, bank, k)
         if backend == "cpu":
             return torch.ops.fastclr.knn_topk(queries, bank, k, chunk)
-        sim = (torch.ops.fastclr.normalized_similarity if backend == "cuda"
+        sim = (ops.library(backend, queries.device).normalized_similarity if backend == "cuda"
                else torch.ops.fastclr.normalized_similarity_triton)
         return _streamed_topk(queries, bank, k, chunk, sim)
 

@@ -26,3 +26,20 @@ def seed():
     torch.manual_seed(s)
     print(f"torch seed {s}")
     return s
+
+
+@pytest.fixture(autouse=True)
+def _cuda_kernels_on_cpu(request):
+    """Tests marked cuda_on_cpu (the "cuda_on_cpu" backend rows) run impl="cuda" on CPU tensors:
+    the CUDA kernels' CPU harness is built (once, incrementally) and loaded first."""
+    if request.node.get_closest_marker("cuda_on_cpu") is not None:
+        import cuda_on_cpu
+        cuda_on_cpu.load()
+
+
+@pytest.fixture
+def without_cuda_on_cpu(monkeypatch):
+    """As in a user's process, where the CPU harness is never loaded: impl="cuda" needs CUDA
+    tensors (the harness may have been loaded by an earlier test)."""
+    from fastclr import ops
+    monkeypatch.setattr(ops, "_cuda_on_cpu", False)

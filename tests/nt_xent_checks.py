@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+import cuda_on_cpu
 import fastclr
 from fastclr import ops, reference
 
@@ -16,10 +17,22 @@ needs_triton_cuda = [pytest.mark.cuda, pytest.mark.skipif(
 
 needs_cuda_kernel = [pytest.mark.cuda, pytest.mark.skipif(
     not ops.compiled_with_cuda(), reason="fastclr._C was built without its CUDA kernels")]
+# The CUDA kernels executed on the CPU (tests/cuda_on_cpu/, loaded by conftest's fixture for the
+# tests this mark names): impl="cuda" on CPU tensors.
+needs_cuda_on_cpu = [pytest.mark.cuda_on_cpu, pytest.mark.skipif(
+    bool(cuda_on_cpu.unavailable()), reason=f"CUDA kernels' CPU harness: {cuda_on_cpu.unavailable()}")]
 
+# Which backend runs a check: (impl, device, marks). A newcomer's table of who ran what:
+#   cpu            the C++ kernels (csrc/), natively                          CI
+#   triton_interp  the Triton kernels on CPU tensors, triton's interpreter    CI
+#   cuda_on_cpu    the CUDA kernels (kernels/*.cu) on CPU tensors, executed
+#                  by the CPU harness (one thread per CUDA thread)            CI
+#   triton_cuda    the Triton kernels on a GPU                                GPU suite
+#   cuda           the CUDA kernels on a GPU                                  GPU suite
 BACKENDS = {
     "cpu": ("cpu", "cpu", [needs_ext]),
     "triton_interp": ("triton", "cpu", [needs_interp]),
+    "cuda_on_cpu": ("cuda", "cpu", needs_cuda_on_cpu),
     "triton_cuda": ("triton", "cuda", needs_triton_cuda),
     "cuda": ("cuda", "cuda", needs_cuda_kernel),
 }

@@ -53,7 +53,7 @@ def test_unknown_impl():
         fastclr.nt_xent_fused(torch.randn(3, 2), torch.randn(3, 2), impl="fast")
 
 
-def test_cuda_impl_input_checks(monkeypatch):
+def test_cuda_impl_input_checks(monkeypatch, without_cuda_on_cpu):
     with pytest.raises(ValueError, match="impl='cuda' needs CUDA tensors"):
         fastclr.nt_xent_fused(torch.randn(3, 2), torch.randn(3, 2), impl="cuda")
     monkeypatch.setattr(ops, "compiled_with_cuda", lambda: False)

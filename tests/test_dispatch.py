@@ -47,6 +47,7 @@ def _environment(monkeypatch, column):
     monkeypatch.setattr(ops, "compiled_with_cuda", lambda: ext and ext_cuda)
     monkeypatch.setattr(ops, "triton_available", lambda: triton)
     monkeypatch.setattr(ops, "triton_interpreting", lambda: False)
+    monkeypatch.setattr(ops, "cuda_on_cpu", lambda: False)  # a user's process: no CPU harness
     monkeypatch.setattr(ops, "extension_error", lambda: "" if ext else "fastclr._C missing (test)")
     monkeypatch.setattr(ops, "triton_error", lambda: "" if triton else "triton missing (test)")
     return torch.device(device)

@@ -2,7 +2,8 @@
 
 Backends: the C++ kernel ("cpu"); the Triton kernels on CPU tensors through triton's
 interpreter ("triton_interp", small sizes, what CI runs) and on a GPU ("triton_cuda", large
-sizes, run by benchmarks/gpu_suite.sh).
+sizes, run by benchmarks/gpu_suite.sh); the CUDA kernels on CPU tensors through their CPU
+harness ("cuda_on_cpu", small sizes, CI) and on a GPU ("cuda", the GPU suite).
 """
 import pytest
 import torch
@@ -19,6 +20,9 @@ SHAPES = {
     "cpu": [(1, 8), (2, 5), (3, 1), (37, 19), (200, 64), (1000, 130)],
     # (37, 300): wider than ROWS_MAX_D, so the pairs backward kernel runs too.
     "triton_interp": [(1, 19), (3, 64), (37, 19), (37, 130), (37, 300), (200, 19), (200, 64), (200, 130)],
+    # more than one 64-row tile (the backward's off-diagonal tile pairs, the rotated column
+    # order), D over one K chunk (32) and one gradient chunk (64)
+    "cuda_on_cpu": [(1, 19), (3, 64), (37, 19), (37, 130), (70, 300), (100, 64)],
     "triton_cuda": [(1, 19), (37, 19), (1000, 130), (4097, 64), (8192, 128), (3000, 2048)],
     "cuda": [(1, 19), (37, 19), (1000, 130), (4097, 64), (8192, 128), (3000, 2048)],
 }

@@ -27,7 +27,7 @@ def test_nt_xent_gradgradcheck(seed, impl):
     assert torch.autograd.gradgradcheck(fn, (z1, z2, t))
 
 
-@pytest.mark.parametrize("impl,device", backends("cpu", "triton_interp", "triton_cuda", "cuda"))
+@pytest.mark.parametrize("impl,device", backends("cpu", "triton_interp", "cuda_on_cpu", "triton_cuda", "cuda"))
 def test_gradient_penalty_matches_reference(seed, impl, device):
     """The issue's repro: grad(g.pow(2).sum(), z1) with g = grad(loss, z1, create_graph=True)."""
     z1 = torch.randn(8, 16, device=device, requires_grad=True)

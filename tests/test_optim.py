@@ -9,11 +9,14 @@ from torch import nn
 import fastclr
 from fastclr import ops
 from fastclr.optim import LARS, lars_param_groups
+from nt_xent_checks import needs_cuda_on_cpu
 
 IMPLS = [
     pytest.param("foreach", "cpu", id="foreach-cpu"),
     pytest.param("cpp", "cpu", id="cpp", marks=pytest.mark.skipif(
         not fastclr.extension_available(), reason="extension not built")),
+    # kernels/lars.cu on CPU tensors, through the CUDA kernels' CPU harness
+    pytest.param("cuda", "cpu", id="cuda_on_cpu", marks=needs_cuda_on_cpu),
     pytest.param("cuda", "cuda", id="cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
         not ops.compiled_with_cuda(), reason="built without the CUDA kernels")]),
     pytest.param("foreach", "cuda", id="foreach-cuda", marks=pytest.mark.cuda),
@@ -36,7 +39,8 @@ def reference_step(w, g, v, lr, momentum, wd, tc, nesterov, exclude):
 
 
 def make_params(device, dtype=torch.float32):
-    shapes = [(64, 32), (32,), (10, 3, 3, 3), (5, 5), (7,), (300, 41)]
+    # (351, 400): over two of the CUDA kernel's 65536-element chunks, the last one partial
+    shapes = [(64, 32), (32,), (10, 3, 3, 3), (5, 5), (7,), (351, 400)]
     params = [torch.randn(s, device=device).to(dtype) for s in shapes]
     params[3].zero_()  # zero-norm weight: trust ratio 1
     return [nn.Parameter(p) for p in params]

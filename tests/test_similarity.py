@@ -1,8 +1,8 @@
 """normalized_similarity and knn_topk: every backend against the float64 reference.
 
 Backends: the C++ kernel ("cpu"), Triton on CPU tensors through the interpreter
-("triton_interp", CI) and on a GPU ("triton_cuda", gpu_suite.sh), and the CUDA kernel
-("cuda", gpu_suite.sh).
+("triton_interp", CI) and on a GPU ("triton_cuda", gpu_suite.sh), and the CUDA kernel on CPU
+tensors through its CPU harness ("cuda_on_cpu", CI) and on a GPU ("cuda", gpu_suite.sh).
 """
 import pytest
 import torch
@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import fastclr
 from fastclr import ops, reference
 from nt_xent_checks import needs_cuda_kernel as needs_cuda_kernels
-from nt_xent_checks import needs_ext, needs_interp, needs_triton_cuda
+from nt_xent_checks import needs_cuda_on_cpu, needs_ext, needs_interp, needs_triton_cuda
 
 BACKENDS = {
     "cpu": ("cpu", "cpu", [needs_ext]),
@@ -19,6 +19,7 @@ BACKENDS = {
     # instructions; "cpu" uses bf16 where the CPU has it)
     "cpu_fp32screen": ("cpu", "cpu", [needs_ext]),
     "triton_interp": ("triton", "cpu", [needs_interp]),
+    "cuda_on_cpu": ("cuda", "cpu", needs_cuda_on_cpu),  # kernels/similarity.cu, CPU harness
     "triton_cuda": ("triton", "cuda", needs_triton_cuda),
     "cuda": ("cuda", "cuda", needs_cuda_kernels),  # kernels/similarity.cu
 }
@@ -27,6 +28,7 @@ SHAPES = {
     "cpu": [(1, 1, 1), (3, 7, 5), (37, 300, 19), (130, 1000, 64), (600, 5000, 130)],
     "cpu_fp32screen": [(3, 7, 5), (130, 1000, 64), (600, 5000, 130)],
     "triton_interp": [(1, 1, 3), (3, 7, 5), (37, 100, 19), (70, 130, 64)],
+    "cuda_on_cpu": [(1, 1, 3), (3, 7, 5), (37, 100, 19), (70, 130, 64), (65, 200, 100)],
     "triton_cuda": [(1, 1, 3), (37, 300, 19), (1000, 4097, 128), (3000, 20000, 256)],
     "cuda": [(1, 1, 3), (37, 300, 19), (1000, 4097, 128), (3000, 20000, 256)],
 }
@@ -216,7 +218,7 @@ def test_knn_topk_exact_duplicates_equal_reference(seed, impl, device):
     (lambda q, b: fastclr.normalized_similarity(q, b, impl="gpu"), "impl must be one of"),
     (lambda q, b: fastclr.knn_topk(q, b, 2, impl="cuda"), "impl='cuda' needs CUDA tensors"),
 ])
-def test_bad_inputs(bad, match):
+def test_bad_inputs(bad, match, without_cuda_on_cpu):
     with pytest.raises((ValueError, TypeError), match=match):
         bad(torch.randn(4, 5), torch.randn(10, 5))
 
@@ -274,6 +276,7 @@ CROWDED = {  # backend -> (near-duplicate rows, other rows, ks, chunk)
     "cpu": (3000, 1000, (1, 7, 300), 513),
     "cpu_fp32screen": (3000, 1000, (1, 7, 300), 513),
     "triton_interp": (150, 40, (1, 7), 64),
+    "cuda_on_cpu": (150, 40, (1, 7), 64),
     "triton_cuda": (30000, 10000, (1, 7, 300), 4096),
     "cuda": (30000, 10000, (1, 7, 300), 4096),
 }

@@ -90,6 +90,7 @@ def check(impl, device, m, d, kind, positives, reduction, tau=0.2, dtype=torch.f
 
 SHAPES = {"cpu": [(2, 3), (7, 5), (37, 19), (300, 64), (1030, 33)],
           "triton_interp": [(2, 3), (37, 19), (130, 64), (70, 300)],
+          "cuda_on_cpu": [(2, 3), (37, 19), (130, 64), (70, 300)],
           "triton_cuda": [(37, 19), (1000, 130), (4097, 64), (3000, 1024)],
           "cuda": [(37, 19), (1000, 130), (4097, 64), (3000, 1024)]}
 KINDS = ("classes", "singletons", "one_class", "distinct", "views2", "views3", "views4")

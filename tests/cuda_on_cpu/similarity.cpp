@@ -1,0 +1,2 @@
+// kernels/similarity.cu, host wrappers and kernels alike, built for the CPU harness.
+#include "kernels/similarity.cu"

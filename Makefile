@@ -1,6 +1,11 @@
 # Two commands set everything up on a fresh machine and then do the work:
 #   make train   - venv + install (editable) + build, then `python -m fastclr.train`
 #   make test    - the same set-up, then the whole test suite (and the benchmarks' smoke test)
+# The CUDA kernels executed on the CPU (tests/cuda_on_cpu/; no GPU, no nvcc build needed):
+#   make test-cuda-on-cpu  - builds the CPU harness from kernels/ as on disk (only what changed)
+#                            and runs every check of the "cuda_on_cpu" backend rows
+#   make sanitize          - the same kernels under AddressSanitizer + UBSan, then ThreadSanitizer
+#                            (sanitize-address, sanitize-thread one at a time)
 # On a machine already set up they start their real work at once: the install is redone only
 # when pyproject.toml or setup.py change, the extension only when its sources change (ninja).
 SHELL := /bin/bash
@@ -17,7 +22,7 @@ INSTALL_STAMP := $(VENV)/.fastclr-installed
 EXT_STAMP := build/.fastclr-ext
 EXT_SOURCES := setup.py csrc/build.txt csrc/build_definition.py $(wildcard csrc/*.cpp csrc/*.h kernels/*.cu kernels/*.cuh)
 
-.PHONY: train test build bench install clean
+.PHONY: train test test-cuda-on-cpu sanitize sanitize-address sanitize-thread build bench install clean
 
 train: $(EXT_STAMP)
 	$(PY) -m fastclr.train
@@ -25,6 +30,24 @@ train: $(EXT_STAMP)
 # the tests, and every bench_* entry point once (a smoke test, not a timing)
 test: $(EXT_STAMP)
 	$(PY) -m pytest tests benchmarks/test_benchmarks.py --benchmark-disable $(PYTEST_ARGS)
+
+# Needs the installed package only: a kernel edit rebuilds the harness, not the nvcc extension.
+test-cuda-on-cpu: $(INSTALL_STAMP)
+	$(PY) -m pytest tests -m cuda_on_cpu $(PYTEST_ARGS)
+
+# The sanitizers' share of those checks: every kernel, mode and dtype, at the smaller shapes.
+SANITIZE_SELECT ?= -m cuda_on_cpu -k "not saturated and not 300-128 and not 150-130 and not 70x300"
+sanitize: sanitize-address sanitize-thread
+
+sanitize-address: $(INSTALL_STAMP)
+	FASTCLR_SANITIZE=address ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
+	  LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so) $$($(CXX) -print-file-name=libstdc++.so)" \
+	  $(PY) -m pytest tests $(SANITIZE_SELECT) $(PYTEST_ARGS)
+
+sanitize-thread: $(INSTALL_STAMP)
+	FASTCLR_SANITIZE=thread TSAN_OPTIONS=halt_on_error=1 OMP_NUM_THREADS=1 \
+	  LD_PRELOAD="$$($(CXX) -print-file-name=libtsan.so)" \
+	  $(PY) -m pytest tests $(SANITIZE_SELECT) $(PYTEST_ARGS)
 
 build: $(EXT_STAMP)
 

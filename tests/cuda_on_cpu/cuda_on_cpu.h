@@ -239,7 +239,7 @@ void run_block(Kernel kernel, const Params& params, dim3 block, uint3 index, uns
   while (done.load() < nthreads) {
     std::this_thread::sleep_for(std::chrono::microseconds(100));
     if (std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() > limit) {
-      std::fprintf(stderr, "cuda_on_cpu: block (%u,%u,%u) still running after %.0f s (a deadlocked barrier?)\n",
+      std::fprintf(stderr, "cuda_on_cpu: block (%u,%u,%u) still running after %.0f s (a deadlock: a barrier never completed, or a wait on another block?)\n",
                    index.x, index.y, index.z, limit);
       std::abort();
     }

@@ -1,7 +1,10 @@
 """Reads csrc/build.txt, the one build definition (sources, flags, defines, arch default) that
-setup.py and tests/test_cuda_build.py share; CMakeLists.txt parses the same file itself."""
+setup.py, tests/test_cuda_build.py and tests/cuda_on_cpu/resources.py share; CMakeLists.txt
+parses the same file itself."""
 from __future__ import annotations
 
+import shutil
+import sysconfig
 from pathlib import Path
 
 PATH = Path(__file__).resolve().parent / "build.txt"
@@ -26,3 +29,16 @@ def read(path: Path = PATH) -> dict:
 def arch_list(definition: dict) -> str:
     """TORCH_CUDA_ARCH_LIST's form of the default archs: "8.0;9.0"."""
     return ";".join(definition["cuda-archs"])
+
+
+def nvcc_command(definition: dict, source: Path, out: Path) -> list:
+    """The nvcc line setup.py's build runs for ``source`` (torch's BuildExtension: its -std and
+    COMMON_NVCC_FLAGS, then build.txt's nvcc flags, defines and archs)."""
+    from torch.utils import cpp_extension
+
+    includes = [f"-I{p}" for p in cpp_extension.include_paths()] + [f"-I{sysconfig.get_paths()['include']}"]
+    archs = [f"-gencode=arch=compute_{a.replace('.', '')},code=sm_{a.replace('.', '')}"
+             for a in definition["cuda-archs"]]
+    return [shutil.which("nvcc"), "-c", str(source), "-o", str(out), "-std=c++20", "-Xcompiler", "-fPIC",
+            *cpp_extension.COMMON_NVCC_FLAGS, *definition["nvcc-flags"],
+            *(f"-D{d}" for d in definition["cuda-defines"]), *archs, *includes]

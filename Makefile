@@ -14,7 +14,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # torch from this project's machines' local package store (a CUDA build that runs on CPU).
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
-EXTRAS ?= test,bench,dali
+EXTRAS ?= train,test,bench,dali
 PYTEST_ARGS ?=
 export MAX_JOBS ?= 2
 

@@ -2,10 +2,15 @@
 
 Sources, flags, defines and the default archs come from csrc/build.txt, the one build definition
 that CMakeLists.txt and the CUDA compile test read too. Environment: FASTCLR_CUDA=0 skips the
-CUDA sources; TORCH_CUDA_ARCH_LIST picks the archs (default: build.txt's); CUDA_HOME is found
-next to nvcc when unset; MAX_JOBS bounds ninja.
+CUDA sources; FASTCLR_EXT=0 skips the extension altogether (a pure-Python install: the reference
+and the Triton kernels), and where it cannot be built (no C++ compiler) the install goes on
+without it, saying why, unless FASTCLR_EXT=1 demands it; TORCH_CUDA_ARCH_LIST picks the archs
+(default: build.txt's); CUDA_HOME is found next to nvcc when unset; MAX_JOBS bounds ninja.
+Beside the extension, fastclr/_C.json records the torch it was built against (fastclr refuses
+to load it under another torch) or why it was not built.
 """
 import importlib.util
+import json
 import os
 import shutil
 from pathlib import Path
@@ -38,6 +43,8 @@ def guess_cuda_home():
 
 
 def extensions():
+    if os.environ.get("FASTCLR_EXT") == "0":
+        return [], None
     guess_cuda_home()
     bd = build_definition()
     build = bd.read()
@@ -61,15 +68,30 @@ def extensions():
 
 
 ext_modules, BuildExtension = extensions()
+if BuildExtension is None:  # FASTCLR_EXT=0: pure Python
+    setup()
+else:
+    class BuildInTree(BuildExtension):
+        """Objects always go to build/temp, also for `pip install -e` (which otherwise uses a fresh
+        temporary folder): ninja then rebuilds only what changed, whoever asks for the build. A
+        build that fails installs fastclr without its extension, unless FASTCLR_EXT=1."""
 
+        def finalize_options(self):
+            super().finalize_options()
+            self.build_temp = str(ROOT / "build" / "temp")
 
-class BuildInTree(BuildExtension):
-    """Objects always go to build/temp, also for `pip install -e` (which otherwise uses a fresh
-    temporary folder): ninja then rebuilds only what changed, whoever asks for the build."""
+        def run(self):
+            import torch
+            status = {"torch": torch.__version__}
+            try:
+                super().run()
+            except Exception as exc:  # no compiler, a failed compile
+                if os.environ.get("FASTCLR_EXT") == "1":
+                    raise
+                status = {"error": f"the extension could not be built at install time ({type(exc).__name__}: {exc})"}
+                print(f"fastclr: WARNING: installing without the compiled extension: {status['error']}")
+            info = Path(self.get_ext_fullpath("fastclr._C")).parent / "_C.json"
+            info.parent.mkdir(parents=True, exist_ok=True)
+            info.write_text(json.dumps(status) + "\n")
 
-    def finalize_options(self):
-        super().finalize_options()
-        self.build_temp = str(ROOT / "build" / "temp")
-
-
-setup(ext_modules=ext_modules, cmdclass={"build_ext": BuildInTree.with_options(use_ninja=True)})
+    setup(ext_modules=ext_modules, cmdclass={"build_ext": BuildInTree.with_options(use_ninja=True)})

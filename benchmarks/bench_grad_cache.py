@@ -46,7 +46,7 @@ def _setup(arch, batch, size, device):
     import torch
 
     import fastclr
-    from fastclr import models
+    from fastclr.app import models
     gpu = device == "cuda"
     torch.manual_seed(0)
     model = models.build_model(arch, cifar_stem=size <= 64).to(device)

@@ -84,7 +84,7 @@ def test_augment_two_views(benchmark, pipeline):
     benchmark.group = f"two-view augmentation, 1024 images at 32 px ({DEVICE})"
     data = np.random.default_rng(0).integers(0, 256, (1024, 32, 32, 3), dtype=np.uint8)
     if pipeline == "fastclr-torch":
-        from fastclr.augment import TorchSimCLRAugment
+        from fastclr.app.augment import TorchSimCLRAugment
         aug = TorchSimCLRAugment(32)
         x = torch.from_numpy(data).to(DEVICE)
 
@@ -93,7 +93,7 @@ def test_augment_two_views(benchmark, pipeline):
                 aug(x[i:i + 256])
             _sync()
     elif pipeline == "fastclr-dali":
-        from fastclr.augment import dali_available, dali_loader
+        from fastclr.app.augment import dali_available, dali_loader
         if not dali_available():
             pytest.skip("nvidia-dali not installed")
         loader = dali_loader(data, 256, 32, device="gpu" if DEVICE == "cuda" else "cpu")

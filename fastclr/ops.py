@@ -12,13 +12,35 @@ import torch
 from fastclr._autograd import autograd_formula, similarity_backward, similarity_setup_context
 from fastclr.reference import accumulation_dtype
 
-try:
-    from fastclr import _C  # noqa: F401  (importing it registers torch.ops.fastclr.*)
-except ImportError as exc:  # pragma: no cover - exercised only without a build
-    _C = None
-    _LOAD_ERROR: Exception | None = exc
+def _build_mismatch(record=None) -> str:
+    """Why fastclr._C must not be loaded here ('' when it may): the build's record (fastclr/_C.json,
+    written by setup.py) names another torch -- loading it could crash the process -- or says
+    the extension could not be built."""
+    import json
+    from pathlib import Path
+    try:
+        info = json.loads(Path(record or Path(__file__).parent / "_C.json").read_text())
+    except (OSError, ValueError):
+        return ""
+    if "error" in info:
+        return info["error"]
+    built = info.get("torch", torch.__version__)
+    if built != torch.__version__:
+        return (f"it was built against torch {built}, but this is torch {torch.__version__}: reinstall "
+                "fastclr against this torch (pip install --no-build-isolation --force-reinstall "
+                "--no-deps fastclr, or `make build` in a clone)")
+    return ""
+
+
+_C = None
+_LOAD_ERROR: Exception | None = None
+if _build_mismatch():
+    _LOAD_ERROR = ImportError(_build_mismatch())
 else:
-    _LOAD_ERROR = None
+    try:
+        from fastclr import _C  # noqa: F401  (importing it registers torch.ops.fastclr.*)
+    except ImportError as exc:  # pragma: no cover - exercised only without a build
+        _LOAD_ERROR = exc
 
 
 # The Triton ops (torch.ops.fastclr.*_triton) are registered when fastclr.triton is imported,
@@ -63,8 +85,9 @@ def extension_error() -> str:
     """Why the compiled extension could not be loaded ('' when it was)."""
     if _LOAD_ERROR is None:
         return ""
-    return (f"fastclr._C could not be imported ({_LOAD_ERROR}); build it with "
-            "`pip install -e . --no-build-isolation` or `make build`")
+    return (f"fastclr._C could not be loaded ({_LOAD_ERROR}); without it the reference and the "
+            "Triton kernels run. Build it with a C++ compiler present: `pip install "
+            "--no-build-isolation .` (FASTCLR_EXT=1 makes a failed build an error) or `make build`")
 
 
 def compiled_with_cuda() -> bool:

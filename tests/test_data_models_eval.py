@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastclr import data, evaluate, models
+from fastclr.app import data, evaluate, models
 
 
 def test_digits_split():

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from fastclr import train
+from fastclr.app import train
 
 # A tiny but real run: ResNet-18 at width 4 on 8 px digits, 3 steps per epoch.
 TINY = ["--epochs", "2", "--batch-size", "400", "--width", "4", "--image-size", "8",

@@ -12,10 +12,10 @@ import time
 import pytest
 import torch
 
-from fastclr import data, train
+from fastclr.app import data, train
 from test_train import REPO, TINY, _signal_at
 
-CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.yaml")))
+CONFIGS = sorted(glob.glob(os.path.join(train.CONFIG_DIR, "*.yaml")))
 
 
 # --- configuration ------------------------------------------------------------------------------
@@ -44,21 +44,31 @@ def test_every_shipped_config_parses_and_resolves(path):
 
 
 def test_published_recipes_say_what_they_are():
-    solo = train.parse_args(["--config", os.path.join(REPO, "configs", "cifar10_resnet18_solo_learn.yaml")])
+    solo = train.parse_args(["--config", os.path.join(train.CONFIG_DIR, "cifar10_resnet18_solo_learn.yaml")])
     assert (solo.batch_size, solo.base_lr, solo.temperature, solo.proj_hidden, solo.proj_dim,
             solo.epochs) == (256, 0.4, 0.2, 2048, 256, 1000)
-    b9 = train.parse_args(["--config", os.path.join(REPO, "configs", "cifar10_resnet50_simclr_b9.yaml")])
+    b9 = train.parse_args(["--config", os.path.join(train.CONFIG_DIR, "cifar10_resnet50_simclr_b9.yaml")])
     assert (b9.backbone, b9.batch_size, b9.temperature) == ("resnet50", 1024, 0.5)
-    inet = train.parse_args(["--config", os.path.join(REPO, "configs", "imagenet_resnet50_simclr.yaml")])
+    inet = train.parse_args(["--config", os.path.join(train.CONFIG_DIR, "imagenet_resnet50_simclr.yaml")])
     assert (inet.batch_size, inet.base_lr, inet.lr_scaling, inet.temperature, inet.weight_decay,
             inet.epochs) == (4096, 0.3, "linear", 0.1, 1e-6, 100)
 
 
 def test_default_config_is_the_default_run():
-    """configs/digits.yaml spells out what `python -m fastclr.train` does with no flags."""
+    """the shipped digits recipe spells out what `python -m fastclr.train` does with no flags."""
     default = train.run_config(train.parse_args([]))
-    from_file = train.run_config(train.parse_args(["--config", os.path.join(REPO, "configs", "digits.yaml")]))
+    from_file = train.run_config(train.parse_args(["--config", os.path.join(train.CONFIG_DIR, "digits.yaml")]))
     assert default == from_file
+
+
+def test_config_by_name_is_the_shipped_recipe(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # any folder: the recipes are package data
+    by_name = train.run_config(train.parse_args(["--config", "cifar10_resnet50_simclr_b9"]))
+    by_path = train.run_config(train.parse_args(
+        ["--config", os.path.join(train.CONFIG_DIR, "cifar10_resnet50_simclr_b9.yaml")]))
+    assert by_name == by_path
+    with pytest.raises(SystemExit, match="neither a file nor a shipped recipe .*digits"):
+        train.parse_args(["--config", "digitz"])
 
 
 def test_command_line_overrides_config(tmp_path):

@@ -23,7 +23,11 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .data import CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD  # noqa: F401 - re-exported
+# Per-channel normalisation of the datasets (fastclr.app.data imports them from here).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2470, 0.2435, 0.2616)
 _GREY = (0.299, 0.587, 0.114)  # ITU-R 601 luma, as torchvision's rgb_to_grayscale
 # RGB -> YIQ and back: hue is a rotation of the (I, Q) plane.
 _YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))
@@ -265,7 +269,7 @@ def dali_available() -> bool:
 class _OrderedSource:
     """DALI external_source callback: batch ``iteration`` of DALI's epoch ``epoch_idx`` is
     batch ``start_batch + iteration`` (first epoch) or ``iteration`` (later ones) of epoch
-    ``start_epoch + epoch_idx`` in ``fastclr.data.BatchOrder`` -- the training loop's scheme --,
+    ``start_epoch + epoch_idx`` in ``fastclr.app.data.BatchOrder`` -- the training loop's scheme --,
     read by ``load(indices)``; StopIteration at the end of each epoch."""
 
     def __init__(self, order, load, start_epoch, start_batch):
@@ -320,7 +324,7 @@ def dali_loader(source, batch_size: int, size: int, *, device: str = "gpu", labe
     ``source``: an in-memory uint8 array (N, H, W, 3) (with ``labels`` (N,) or none), or the
     path of a folder of class folders of JPEG/PNG images (``torchvision.datasets.ImageFolder``'s
     files and labels; decoded on the GPU, "mixed", when ``device="gpu"``). Either way the images
-    come through external_source in ``fastclr.data.BatchOrder`` -- the training loop's shuffle
+    come through external_source in ``fastclr.app.data.BatchOrder`` -- the training loop's shuffle
     and sharding: epoch ``e``'s permutation from ``(seed, e)``, shard ``shard_id`` of
     ``num_shards`` taking its part of every global batch of ``num_shards x batch_size`` --, the
     first pass being epoch ``start_epoch`` from batch ``start_batch`` (to resume a run).

@@ -26,10 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR_STD = (0.2470, 0.2435, 0.2616)
+from . import augment
+from .augment import CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD  # noqa: F401 - re-exported
 DATASETS = ("digits", "cifar10", "cifar100", "imagefolder", "synthetic")
 _CIFAR = {
     "cifar10": ("cifar-10-python.tar.gz", "cifar-10-batches-py",
@@ -268,7 +266,7 @@ class FolderBatches:
 
 
 class DaliBatches:
-    """Training batches augmented by DALI (``fastclr.augment.dali_loader``) in ``BatchOrder``:
+    """Training batches augmented by DALI (``fastclr.app.augment.dali_loader``) in ``BatchOrder``:
     ``epoch(e, start)`` yields ``((view_1, ..., view_V), labels)`` on the training device.
 
     DALI runs ahead of the loop, so its source is told once, at the first ``epoch()`` call, where
@@ -293,7 +291,6 @@ class DaliBatches:
         return self._len
 
     def _open(self, epoch, start):
-        from . import augment
         if self.loader is None:
             self.loader = augment.dali_loader(
                 self.source, self.global_batch // self.world, seed=self.seed, shard_id=self.rank,

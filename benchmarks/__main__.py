@@ -7,7 +7,7 @@
 Each part is one of the benchmarks/bench_*.py scripts, run with the suite's settings below; each
 writes its machine-readable results file to benchmarks/results/ (or --out-dir). Then
 ``python -m benchmarks.report`` turns every results file there into markdown tables and PNG plots
-(benchmarks/report/) and refreshes the README's benchmark section. On the 2-core CPU dev machine
+(benchmarks/report/) and refreshes docs/benchmarks.md's benchmark section. On the 2-core CPU dev machine
 the CPU half takes about 11 minutes.
 """
 from __future__ import annotations

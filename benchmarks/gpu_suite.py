@@ -1,18 +1,21 @@
-"""Every GPU check of fastclr that matters, in one call that fits a 15-minute device lease.
+"""Every GPU check and benchmark of fastclr, in one command for any machine with a CUDA GPU.
 
-    bash benchmarks/gpu_suite.sh                # run (a GPU machine; results to $OUT)
+    bash benchmarks/gpu_suite.sh [OUT_DIR] [--budget SECONDS] [--wheels DIR]
     bash benchmarks/gpu_suite.sh --plan         # anywhere: the stages, estimates, budget, files
 
-The stages run in order of value and share one time budget (GPU_SUITE_BUDGET_S, default 550 s,
-counted from the suite's start). A stage starts only when the time left covers its estimate;
-otherwise it is recorded as skipped, with the reason. A running stage is stopped at its cap or
-when the budget runs out, whichever comes first. Everything a stage writes lands in a scratch
-folder; at the end at most MAX_FILES files are put in the output folder ($OUT on the device):
-summary.md (every stage: ran / skipped / failed, its seconds, its table), results.tar.gz (every
-log, results file and training output) and the results files that ``python -m benchmarks.report``
-reads. ``bash benchmarks/import_gpu_results.sh DIR`` commits them and regenerates the README.
+The stages run in order of value and share one time budget (``--budget``, or GPU_SUITE_BUDGET_S;
+default 550 s, counted from the suite's start), so that a short session on a GPU yields the most
+important results first. A stage starts only when the time left covers its estimate; otherwise
+it is recorded as skipped, with the reason. A running stage is stopped at its cap or when the
+budget runs out, whichever comes first. Everything a stage writes lands in a scratch folder; at
+the end OUT_DIR (default benchmarks/results/gpu-<date>) receives a handful of files, easy to copy
+off a remote machine: summary.md (every stage: ran / skipped / failed, its seconds, its table),
+results.tar.gz (every log, results file and training output) and the results files that
+``python -m benchmarks.report`` reads. ``python -m benchmarks.import_results OUT_DIR`` files them
+into benchmarks/results/ and regenerates docs/benchmarks.md.
 
-Peers missing on the machine travel as wheels in .whl/ (benchmarks/fetch_gpu_wheels.sh); they
+On a machine without internet, the peers it compares against come as wheels in a folder
+(``--wheels DIR``, default .whl/; benchmarks/fetch_gpu_wheels.sh downloads them elsewhere); they
 are installed into a scratch folder first. Exit status: 0 when every stage that ran passed,
 1 when one failed, 2 when no CUDA GPU is visible.
 """
@@ -33,10 +36,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-MAX_FILES = 8  # what the device tool returns from $OUT
+MAX_FILES = 8  # the output folder stays a handful of files, easy to copy off a remote machine
 DEFAULT_BUDGET_S = 550
-# the plan's estimates must fit in this, whatever the budget says: a 600 s command, started
-# within a 900 s lease (the machine's start, the transfers and the give-back take the rest)
+# the plan's estimates must fit in this, whatever the budget says: the whole default suite is
+# meant to end within 10 minutes of the machine's time, set-up included
 PLAN_LIMIT_S = 560
 RESERVE_S = 10  # packing the results at the end
 PY = os.environ.get("PYTHON", "python3")
@@ -110,14 +113,15 @@ def returned_files(plan: list) -> list:
     return ["summary.md", "results.tar.gz"] + [f"{k}-cuda-<date>.json" for k in kinds]
 
 
-def budget() -> int:
-    raw = os.environ.get("GPU_SUITE_BUDGET_S", str(DEFAULT_BUDGET_S))
+def budget(given=None) -> int:
+    """The time budget in seconds: --budget, else GPU_SUITE_BUDGET_S, else the default."""
+    raw = str(given) if given is not None else os.environ.get("GPU_SUITE_BUDGET_S", str(DEFAULT_BUDGET_S))
     try:
         value = int(raw)
     except ValueError:
-        sys.exit(f"GPU_SUITE_BUDGET_S must be a whole number of seconds, got {raw!r}")
+        sys.exit(f"the budget (--budget / GPU_SUITE_BUDGET_S) must be a whole number of seconds, got {raw!r}")
     if value <= 0:
-        sys.exit(f"GPU_SUITE_BUDGET_S must be > 0, got {value}")
+        sys.exit(f"the budget (--budget / GPU_SUITE_BUDGET_S) must be > 0, got {value}")
     return value
 
 
@@ -230,11 +234,11 @@ def record_environment(work: Path, env: dict) -> tuple:
     return text, gpu is not None
 
 
-def install_wheels(work: Path, env: dict) -> str:
-    """The peers carried in .whl/, installed into a scratch folder put first on PYTHONPATH."""
-    wheels = sorted((ROOT / ".whl").glob("*.whl"))
+def install_wheels(work: Path, env: dict, folder: Path = ROOT / ".whl") -> str:
+    """The peers' wheels in ``folder``, installed into a scratch folder put first on PYTHONPATH."""
+    wheels = sorted(Path(folder).glob("*.whl"))
     if not wheels:
-        return "no .whl/ folder: peers missing on the machine read 'missing'"
+        return f"no wheels in {folder}: peers missing on the machine read 'missing'"
     site = work / "site"
     r = subprocess.run([PY, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
                         "--no-cache-dir", "--upgrade", "--target", str(site), *map(str, wheels)],
@@ -242,7 +246,7 @@ def install_wheels(work: Path, env: dict) -> str:
     if r.returncode:
         return f"wheel install failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}"
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), env.get("PYTHONPATH")]))
-    return f"installed {len(wheels)} wheels from .whl/: {', '.join(w.name.split('-')[0] for w in wheels)}"
+    return f"installed {len(wheels)} wheels from {folder}: {', '.join(w.name.split('-')[0] for w in wheels)}"
 
 
 def run_stage(stage: Stage, work: Path, env: dict, deadline: float) -> dict:
@@ -299,21 +303,24 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="bash benchmarks/gpu_suite.sh", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--plan", action="store_true", help="print the plan and check that it fits; run nothing")
-    p.add_argument("out", nargs="?", help="output folder (default: $OUT, else benchmarks/results/gpu-<date>)")
+    p.add_argument("out", nargs="?", help="output folder (default: benchmarks/results/gpu-<date>)")
+    p.add_argument("--budget", type=int, help=f"time budget in seconds (default: GPU_SUITE_BUDGET_S, "
+                                              f"else {DEFAULT_BUDGET_S})")
+    p.add_argument("--wheels", default=str(ROOT / ".whl"),
+                   help="a folder of peer wheels to install first, for machines without internet (default: .whl/)")
     args = p.parse_args(argv)
-    total, plan = budget(), stages()
+    total, plan = budget(args.budget), stages()
     if args.plan:
         return show_plan(plan, total)
     start = time.monotonic()
     deadline = start + total - RESERVE_S
-    out = Path(args.out or os.environ.get("OUT") or
-               ROOT / "benchmarks" / "results" / f"gpu-{dt.datetime.now(dt.timezone.utc):%Y%m%d-%H%M%S}")
+    out = Path(args.out or ROOT / "benchmarks" / "results" / f"gpu-{dt.datetime.now(dt.timezone.utc):%Y%m%d-%H%M%S}")
     out.mkdir(parents=True, exist_ok=True)
     if any(out.iterdir()):
-        sys.exit(f"output folder {out} is not empty: at most {MAX_FILES} files may come back")
+        sys.exit(f"output folder {out} is not empty: give an empty or new folder")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     work = Path(tempfile.mkdtemp(prefix="fastclr-gpu-suite-"))
-    notes = [install_wheels(work, env)]
+    notes = [install_wheels(work, env, Path(args.wheels))]
     env_text, gpu = record_environment(work, env)
     print(env_text, *notes, sep="\n", flush=True)
     records = []

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Every GPU check and benchmark of fastclr in one call that fits a device lease (benchmarks/gpu_suite.py
-# says what runs, in which order and within which budget):
+# Every GPU check and benchmark of fastclr in one command, on any machine with a CUDA GPU
+# (benchmarks/gpu_suite.py says what runs, in which order and within which budget):
 #
-#   bash benchmarks/gpu_suite.sh            # on a GPU machine; results to $OUT (else benchmarks/results/gpu-<date>)
-#   bash benchmarks/gpu_suite.sh --plan     # anywhere: stages, estimates, budget, returned files
-#   GPU_SUITE_BUDGET_S=300 bash benchmarks/gpu_suite.sh   # a smaller total budget (default 550 s)
+#   bash benchmarks/gpu_suite.sh [OUT_DIR]          # results to OUT_DIR (default benchmarks/results/gpu-<date>)
+#   bash benchmarks/gpu_suite.sh --budget 300       # a smaller total budget (default 550 s; or GPU_SUITE_BUDGET_S)
+#   bash benchmarks/gpu_suite.sh --wheels DIR       # install the peers from a folder of wheels first (offline machines)
+#   bash benchmarks/gpu_suite.sh --plan             # anywhere: stages, estimates, budget, files
 #
-# Then, here: bash benchmarks/import_gpu_results.sh FILES_AT  (commits the files, refreshes the README).
+# Then, where the repository is: python -m benchmarks.import_results OUT_DIR
+# (files the results under benchmarks/results/ and regenerates docs/benchmarks.md).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 exec "${PYTHON:-python3}" benchmarks/gpu_suite.py "$@"

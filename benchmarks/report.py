@@ -1,14 +1,14 @@
 """Results files -> markdown tables and PNG plots, and the README's benchmark section.
 
     python -m benchmarks.report                       # benchmarks/results -> benchmarks/report
-    python -m benchmarks.report --no-readme           # leave README.md alone
+    python -m benchmarks.report --no-readme           # leave docs/benchmarks.md alone
 
 For every kind of benchmark (loss, supcon, scale, lars, augment, train, grad_cache, knn) and device (and, for
 supcon, labels pattern), the newest results file
 under --results (searched recursively, so committed GPU suite folders count) becomes one section:
 the hardware, the versions, the date, the command that reproduces it, the table and a plot.
 The sections go to <out>/README.md and, between the README's ``<!-- benchmarks:begin -->`` and
-``<!-- benchmarks:end -->`` markers, into the project README.
+``<!-- benchmarks:end -->`` markers, into docs/benchmarks.md.
 """
 from __future__ import annotations
 
@@ -168,7 +168,7 @@ def main(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--results", default=str(common.RESULTS_DIR))
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "report"))
-    p.add_argument("--readme", default=str(ROOT / "README.md"))
+    p.add_argument("--readme", default=str(ROOT / "docs" / "benchmarks.md"), help="the doc whose benchmark section is refreshed")
     p.add_argument("--no-readme", action="store_true")
     args = p.parse_args(argv)
     latest = load_latest(Path(args.results))

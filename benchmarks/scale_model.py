@@ -1,6 +1,6 @@
 """On paper, toward internet scale: the distributed loss's per-rank work, traffic and memory.
 
-    python -m benchmarks.scale_model                     # the README's "Scaling out" table
+    python -m benchmarks.scale_model                     # docs/scaling.md's table
     python -m benchmarks.scale_model --worlds 8 64 --batches 256 --dim 256
 
 For W GPUs with b images each (M = 2 b W rows of D features, bf16), three designs of the loss:

@@ -1,7 +1,7 @@
 """The one backend dispatcher of every public op, and the input checks they share.
 
 Every op declares the backends it has (``OPS``); ``resolve(op, impl, device, dtype)`` picks the
-one that runs, by one rule (DESIGN.md, Dispatch; the README's dispatch table):
+one that runs, by one rule (docs/api.md's dispatch tables, which tests/test_dispatch.py reads):
 
 - ``impl="auto"``: CPU tensors -> the C++ kernels ("cpu") when the extension is built. CUDA
   tensors -> the hand-written CUDA kernel where the op's measured table says it beats Triton,
@@ -34,7 +34,7 @@ _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 class Op:
     """A public op's backends. ``cuda_faster``: dtype -> True where the CUDA kernel beat the
     Triton one, measured forward+backward side by side by the GPU suite's benchmark
-    (benchmarks/gpu_suite.sh, then benchmarks/import_gpu_results.sh prints the comparison);
+    (benchmarks/gpu_suite.sh, then python -m benchmarks.import_results prints the comparison);
     empty until it has run, so "auto" picks Triton."""
     name: str
     backends: tuple

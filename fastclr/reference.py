@@ -1,4 +1,4 @@
-"""The pure-PyTorch reference of NT-Xent and SupCon: the executable form of the math in DESIGN.md.
+"""The pure-PyTorch reference of NT-Xent and SupCon: the executable form of the math in docs/math.md.
 
 Every kernel is tested against these functions (run in float64). They materialise the full
 M x M similarity matrix, so they are the spec, not the fast path.
@@ -45,7 +45,7 @@ def positive_rank(s: torch.Tensor) -> torch.Tensor:
 
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature=0.5, reduction: str = "mean",
             return_accuracy: bool = False):
-    """NT-Xent of DESIGN.md: loss_i = logsumexp_{j != i} s_ij - s_{i,p(i)}.
+    """NT-Xent of docs/math.md: loss_i = logsumexp_{j != i} s_ij - s_{i,p(i)}.
 
     Same conventions as :func:`fastclr.nt_xent_fused` (but no input checks): the loss is in
     float32 for half inputs, in the input dtype otherwise; ``reduction`` is ``"mean"``,
@@ -116,7 +116,7 @@ def supcon_logits(z: torch.Tensor, labels: torch.Tensor, temperature):
 
 def supcon(z: torch.Tensor, labels: torch.Tensor, temperature=0.1, positives: str = "mean",
            reduction: str = "mean", return_accuracy: bool = False):
-    """Supervised contrastive loss of DESIGN.md (the family of NT-Xent): positives of row i are
+    """Supervised contrastive loss of docs/math.md (the family of NT-Xent): positives of row i are
     P(i) = {j != i : labels_j = labels_i}; the denominator runs over every j != i.
 
     positives="mean" (SupCon's L_out): loss_i = logsumexp_{j != i} s_ij - mean_{p in P(i)} s_ip.

@@ -186,7 +186,7 @@ def check_accuracy(impl, n, d, device="cpu"):
 
 def chunked_reference64(z1, z2, temperature, w, chunk=2048):
     """Per-row losses and the gradients (z1, z2, temperature) of sum_i w_i loss_i in float64,
-    from DESIGN.md's closed forms, in row chunks (never M x M): the oracle for batches too large
+    from docs/math.md's closed forms, in row chunks (never M x M): the oracle for batches too large
     for the reference's autograd. Uses the symmetry of s for the column term."""
     z = torch.cat([z1, z2]).double()
     m, n = z.shape[0], z.shape[0] // 2

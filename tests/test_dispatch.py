@@ -1,5 +1,5 @@
-"""The one dispatcher: every op x every impl x every environment resolves as the README's dispatch
-tables say (they are read from the README), and `import fastclr` does not import triton."""
+"""The one dispatcher: every op x every impl x every environment resolves as the documented dispatch
+tables say (read from docs/api.md), and `import fastclr` does not import triton."""
 import re
 import subprocess
 import sys
@@ -11,7 +11,7 @@ import torch
 
 from fastclr import _dispatch, ops
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = Path(__file__).resolve().parent.parent / "docs" / "api.md"
 # column -> (device, extension built, extension has CUDA kernels, triton importable)
 ENVIRONMENTS = {
     "CPU tensors": ("cpu", True, True, True),

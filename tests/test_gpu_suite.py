@@ -1,4 +1,4 @@
-"""benchmarks/gpu_suite.sh: the plan fits a device lease, and the budget / skip / packing logic
+"""benchmarks/gpu_suite.sh: the plan fits its time limit, and the budget / skip / packing logic
 works (on CPU, with stand-in stages)."""
 import json
 import os
@@ -22,7 +22,7 @@ def _plan(budget=None):
     return subprocess.run(SUITE + ["--plan"], capture_output=True, text=True, env=env, cwd="/")
 
 
-def test_plan_fits_a_device_lease():
+def test_plan_fits_its_time_limit():
     r = _plan()
     assert r.returncode == 0, r.stdout + r.stderr
     total = int(r.stdout.split("total estimate: ", 1)[1].split(" s", 1)[0])
@@ -69,7 +69,7 @@ def test_budget_skips_caps_and_packs(tmp_path, monkeypatch):
                             results=("lars",))]
     monkeypatch.setattr(gpu_suite, "stages", lambda: plan)
     monkeypatch.setattr(gpu_suite, "record_environment", lambda work, env: ("gpu stand-in", True))
-    monkeypatch.setattr(gpu_suite, "install_wheels", lambda work, env: "no wheels")
+    monkeypatch.setattr(gpu_suite, "install_wheels", lambda work, env, folder: "no wheels")
     monkeypatch.setenv("GPU_SUITE_BUDGET_S", "60")
     out = tmp_path / "out"
     assert gpu_suite.main([str(out)]) == 1
@@ -91,3 +91,36 @@ def test_output_folder_must_be_empty(tmp_path, monkeypatch):
     (tmp_path / "old.txt").write_text("x")
     with pytest.raises(SystemExit, match="not empty"):
         gpu_suite.main([str(tmp_path)])
+
+
+def test_import_results_files_a_run(tmp_path, monkeypatch):
+    """python -m benchmarks.import_results: a run's folder -> results files beside the others, the
+    summary and logs in a gpu-<date> folder; a folder without summary.md is refused."""
+    from benchmarks import import_results
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "summary.md").write_text("# fastclr GPU suite\n")
+    rows = [{"impl": i, "dtype": "bf16", "M": 16384, "D": 128, "fwd_bwd_s": t, "status": "ok"}
+            for i, t in (("triton", 0.02), ("cuda", 0.01))]
+    (run / "loss-cuda-20260101-000000.json").write_text(json.dumps({"kind": "loss", "rows": rows}))
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "loss.log").write_text("log\n")
+    with tarfile.open(run / "results.tar.gz", "w:gz") as tar:
+        tar.add(work, arcname=".")
+    results = tmp_path / "results"
+    results.mkdir()
+    dest = import_results.file_results(run, results)
+    assert (dest / "summary.md").is_file() and (dest / "loss.log").is_file()
+    assert (results / "loss-cuda-20260101-000000.json").is_file()
+    lines = import_results.triton_vs_cuda(results)
+    assert "bf16 M=16384 D=128: triton 0.0200 s, cuda 0.0100 s -> cuda faster (2.00x)" in "\n".join(lines)
+    with pytest.raises(SystemExit, match="not a GPU suite's output folder"):
+        import_results.file_results(work, results)
+
+
+def test_budget_option_overrides_the_environment(monkeypatch):
+    monkeypatch.setenv("GPU_SUITE_BUDGET_S", "300")
+    assert gpu_suite.budget() == 300 and gpu_suite.budget(120) == 120
+    with pytest.raises(SystemExit, match="must be > 0"):
+        gpu_suite.budget(0)

@@ -1,4 +1,4 @@
-"""The reference against a direct float64 transcription of DESIGN.md's formulas."""
+"""The reference against a direct float64 transcription of docs/math.md's formulas."""
 import math
 
 import pytest
@@ -45,7 +45,7 @@ def test_reference_matches_direct_formula(seed, n, d, tau):
 
 
 def test_reference_gradient_matches_design_formula(seed):
-    """The reference's autograd gradient equals DESIGN.md's closed form for dL/du and dL/dtau."""
+    """The reference's autograd gradient equals docs/math.md's closed form for dL/du and dL/dtau."""
     n, d, tau = 6, 5, 0.3
     u = torch.nn.functional.normalize(torch.randn(2 * n, d, dtype=torch.float64), dim=1)
     u1, u2 = u[:n].clone().requires_grad_(), u[n:].clone().requires_grad_()

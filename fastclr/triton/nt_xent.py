@@ -1,6 +1,6 @@
 """Triton NT-Xent and SupCon: fused normalisation + similarity + online logsumexp, lean backward.
 
-Kernels (formulas of DESIGN.md; rows z = [z1; z2], M of them, u = z / max(||z||, 1e-12)).
+Kernels (formulas of docs/math.md; rows z = [z1; z2], M of them, u = z / max(||z||, 1e-12)).
 Positives: paired mode (NT-Xent, LABELS=False), p(i) = (i + N) mod M with M = 2N; labels mode,
 every j != i of equal label. One body per kernel serves both (constexpr LABELS).
 

@@ -28,7 +28,7 @@ auto backward_op() {
   return c10::Dispatcher::singleton().findSchemaOrThrow("fastclr::nt_xent_backward", "").typed<Bwd>();
 }
 
-// Per-row losses of DESIGN.md, float64, differentiable by libtorch autograd.
+// Per-row losses of docs/math.md, float64, differentiable by libtorch autograd.
 at::Tensor direct_rows(const at::Tensor& z1, const at::Tensor& z2, const at::Tensor& t) {
   auto z = torch::cat({z1, z2});
   auto u = torch::nn::functional::normalize(z, torch::nn::functional::NormalizeFuncOptions().dim(1));

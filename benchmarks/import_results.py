@@ -71,9 +71,10 @@ def main(argv=None) -> int:
     report.main([])
     print("\n".join(triton_vs_cuda()))
     if args.commit:
-        subprocess.run(["git", "add", "benchmarks/results", "docs/benchmarks.md", "benchmarks/report"], cwd=ROOT, check=True)
-        subprocess.run(["git", "commit", "-q", "-m", f"GPU suite results of {dest.name} (python -m benchmarks.import_results)"],
+        subprocess.run(["git", "add", "benchmarks/results", "docs/benchmarks.md", "benchmarks/report"],
                        cwd=ROOT, check=True)
+        message = f"GPU suite results of {dest.name} (python -m benchmarks.import_results)"
+        subprocess.run(["git", "commit", "-q", "-m", message], cwd=ROOT, check=True)
     return 0
 
 

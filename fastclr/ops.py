@@ -12,6 +12,7 @@ import torch
 from fastclr._autograd import autograd_formula, similarity_backward, similarity_setup_context
 from fastclr.reference import accumulation_dtype
 
+
 def _build_mismatch(record=None) -> str:
     """Why fastclr._C must not be loaded here ('' when it may): the build's record (fastclr/_C.json,
     written by setup.py) names another torch -- loading it could crash the process -- or says
@@ -34,8 +35,9 @@ def _build_mismatch(record=None) -> str:
 
 _C = None
 _LOAD_ERROR: Exception | None = None
-if _build_mismatch():
-    _LOAD_ERROR = ImportError(_build_mismatch())
+_MISMATCH = _build_mismatch()
+if _MISMATCH:
+    _LOAD_ERROR = ImportError(_MISMATCH)
 else:
     try:
         from fastclr import _C  # noqa: F401  (importing it registers torch.ops.fastclr.*)

@@ -58,7 +58,8 @@ def test_installed_wheel_works_outside_the_repo(wheel, tmp_path):
     site = Path(run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], cwd=tmp_path).strip())
     # this environment's torch and the train extra, behind the venv's own site-packages
     (site / "reuse_test_env.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    run([sys.executable, "-m", "pip", "--python", str(py), "install", "--no-deps", "--no-index", "-q", str(wheel)], cwd=tmp_path)
+    run([sys.executable, "-m", "pip", "--python", str(py), "install", "--no-deps", "--no-index", "-q", str(wheel)],
+        cwd=tmp_path)
     work = tmp_path / "elsewhere"
     work.mkdir()
     code = ("import json, torch, fastclr\n"

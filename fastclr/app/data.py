@@ -28,6 +28,7 @@ import torch
 
 from . import augment
 from .augment import CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD  # noqa: F401 - re-exported
+
 DATASETS = ("digits", "cifar10", "cifar100", "imagefolder", "synthetic")
 _CIFAR = {
     "cifar10": ("cifar-10-python.tar.gz", "cifar-10-batches-py",

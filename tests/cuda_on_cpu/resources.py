@@ -124,7 +124,8 @@ def launch_report() -> dict:
     lib.fastclr_cuda_on_cpu_launches(buf, size)
     rows = [tuple(int(x) for x in line.split()) for line in buf.value.decode().splitlines()]
     symbols = {}
-    for line in subprocess.run(["nm", "--defined-only", path], capture_output=True, text=True, check=True).stdout.splitlines():
+    table = subprocess.run(["nm", "--defined-only", path], capture_output=True, text=True, check=True).stdout
+    for line in table.splitlines():
         address, _, name = line.split(maxsplit=2)
         symbols.setdefault(int(address, 16), name)
     names = demangle([symbols[offset] for offset, _, _ in rows])

@@ -12,7 +12,6 @@ to load it under another torch) or why it was not built.
 import importlib.util
 import json
 import os
-import shutil
 from pathlib import Path
 
 from setuptools import setup
@@ -27,26 +26,13 @@ def build_definition():
     return module
 
 
-def guess_cuda_home():
-    """nvcc can sit outside its toolkit (/usr/local/bin/nvcc with /usr/local/cuda beside it);
-    torch's own guess then misses libcudart, so look for the toolkit next to nvcc first."""
-    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
-        return
-    nvcc = shutil.which("nvcc")
-    if nvcc is None:
-        return
-    prefix = Path(nvcc).resolve().parent.parent
-    for candidate in (prefix, prefix / "cuda", Path(nvcc).parent.parent / "cuda"):
-        if (candidate / "include" / "cuda_runtime.h").exists():
-            os.environ["CUDA_HOME"] = str(candidate)
-            return
-
-
 def extensions():
     if os.environ.get("FASTCLR_EXT") == "0":
         return [], None
-    guess_cuda_home()
     bd = build_definition()
+    toolkit = bd.cuda_toolkit()  # before torch's cpp_extension reads CUDA_HOME
+    if toolkit is not None:
+        os.environ.setdefault("CUDA_HOME", str(toolkit))
     build = bd.read()
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", bd.arch_list(build))
     from torch.utils import cpp_extension

@@ -3,6 +3,7 @@ setup.py, tests/test_cuda_build.py and tests/cuda_on_cpu/resources.py share; CMa
 parses the same file itself."""
 from __future__ import annotations
 
+import os
 import shutil
 import sysconfig
 from pathlib import Path
@@ -29,6 +30,23 @@ def read(path: Path = PATH) -> dict:
 def arch_list(definition: dict) -> str:
     """TORCH_CUDA_ARCH_LIST's form of the default archs: "8.0;9.0"."""
     return ";".join(definition["cuda-archs"])
+
+
+def cuda_toolkit() -> Path | None:
+    """The CUDA toolkit's root: CUDA_HOME or CUDA_PATH when set, else found next to nvcc -- nvcc
+    can sit outside its toolkit (/usr/local/bin/nvcc with /usr/local/cuda beside it), where
+    torch's own guess misses libcudart. None without either."""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            return Path(os.environ[var])
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    prefix = Path(nvcc).resolve().parent.parent
+    for candidate in (prefix, prefix / "cuda", Path(nvcc).parent.parent / "cuda"):
+        if (candidate / "include" / "cuda_runtime.h").exists():
+            return candidate
+    return None
 
 
 def nvcc_command(definition: dict, source: Path, out: Path) -> list:

@@ -7,17 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
+import cuda_on_cpu
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _cuda_toolkit():
-    nvcc = shutil.which("nvcc")
-    if nvcc is None:
-        return None
-    for prefix in (Path(nvcc).resolve().parent.parent, Path(nvcc).parent.parent / "cuda"):
-        if (prefix / "include" / "cuda_runtime.h").exists():
-            return prefix
-    return None
 
 
 @pytest.mark.slow
@@ -30,7 +22,7 @@ def test_cmake_build_and_cpp_tests(tmp_path):
             f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}", "-DFASTCLR_CUDA=OFF"]
     env = dict(os.environ)
     if torch.version.cuda:  # a CUDA build of libtorch: its CMake config wants the toolkit
-        toolkit = _cuda_toolkit()
+        toolkit = cuda_on_cpu.build_definition().cuda_toolkit()
         if toolkit is None:
             pytest.skip("this torch is a CUDA build and no CUDA toolkit was found for its CMake config")
         args.append(f"-DCUDA_TOOLKIT_ROOT_DIR={toolkit}")

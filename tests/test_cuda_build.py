@@ -15,7 +15,7 @@ import cuda_on_cpu
 from cuda_on_cpu import resources
 
 ROOT = Path(__file__).resolve().parent.parent
-build_definition = resources.load_build_definition()
+build_definition = cuda_on_cpu.build_definition()
 BUILD = build_definition.read()
 WERROR = ["-Werror", "all-warnings", "-Xcompiler", "-Wall,-Werror"]
 needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc on this machine")

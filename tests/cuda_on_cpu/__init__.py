@@ -16,8 +16,8 @@ and csrc/ from (``mutate.py``'s seeded-bug copies), built in a folder of its own
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -33,17 +33,20 @@ SANITIZERS = {
 RUNTIMES = {"address": "libasan.so", "thread": "libtsan.so"}
 
 
+def build_definition():
+    """csrc/build_definition.py (the one build definition), loaded from the tree."""
+    spec = importlib.util.spec_from_file_location("build_definition", ROOT / "csrc" / "build_definition.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def cuda_include() -> Path | None:
-    """The CUDA toolkit's include folder (cuda_fp16.h, vector_types.h): CUDA_HOME's, torch's
-    guess, or beside nvcc. Only headers are used; nothing is compiled by nvcc."""
-    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        for prefix in (Path(nvcc).resolve().parent.parent, Path(nvcc).parent.parent):
-            candidates += [prefix, prefix / "cuda"]
-    for c in filter(None, candidates):
-        if (Path(c) / "include" / "cuda_fp16.h").exists():
-            return Path(c) / "include"
+    """The CUDA toolkit's include folder (cuda_fp16.h, vector_types.h), found as the build finds
+    the toolkit. Only headers are used; nothing is compiled by nvcc."""
+    toolkit = build_definition().cuda_toolkit()
+    if toolkit is not None and (toolkit / "include" / "cuda_fp16.h").exists():
+        return toolkit / "include"
     return None
 
 

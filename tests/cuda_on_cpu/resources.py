@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import importlib.util
 import re
 import subprocess
 import sys
@@ -23,6 +22,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
+sys.path.insert(0, str(HERE.parent))
+from cuda_on_cpu import build_definition  # noqa: E402  (run as a script too)
 README = ROOT / "kernels" / "README.md"
 BEGIN, END = "<!-- resources:begin -->", "<!-- resources:end -->"
 
@@ -42,13 +43,6 @@ class Arch:
 
 ARCHS = {"80": Arch("A100", 167936, 166912), "90": Arch("H100", 233472, 232448)}
 STATIC_SMEM_LIMIT = 48 * 1024
-
-
-def load_build_definition():
-    spec = importlib.util.spec_from_file_location("build_definition", ROOT / "csrc" / "build_definition.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def plain_name(demangled: str) -> str:
@@ -84,7 +78,7 @@ def parse_ptxas(text: str) -> dict:
 
 def ptxas_report(source: Path) -> dict:
     """ptxas's resource report of ``source`` as the shipped build compiles it (every arch)."""
-    bd = load_build_definition()
+    bd = build_definition()
     with tempfile.TemporaryDirectory() as tmp:
         cmd = bd.nvcc_command(bd.read(), source, Path(tmp) / "k.o") + ["-Xptxas", "-v"]
         out = subprocess.run(cmd, capture_output=True, text=True)
@@ -114,7 +108,6 @@ def exercise_kernels() -> None:
 
 def launch_report() -> dict:
     """{kernel: (threads, dynamic smem)} of the launches the host wrappers made in the harness."""
-    sys.path.insert(0, str(HERE.parent))
     import cuda_on_cpu
     path = cuda_on_cpu.load()
     exercise_kernels()
@@ -157,7 +150,7 @@ def rows_of(source: str, kernels: dict, launches: dict) -> list[dict]:
 
 def report() -> list[dict]:
     launches = launch_report()
-    sources = load_build_definition().read()["cuda"]
+    sources = build_definition().read()["cuda"]
     return [row for s in sources for row in rows_of(s, ptxas_report(ROOT / s), launches)]
 
 

@@ -39,15 +39,12 @@ test-cuda-on-cpu: $(INSTALL_STAMP)
 SANITIZE_SELECT ?= -m cuda_on_cpu -k "not saturated and not 300-128 and not 150-130 and not 70x300"
 sanitize: sanitize-address sanitize-thread
 
+# tests/cuda_on_cpu/__init__.py as a script: pytest with the sanitizer's runtime preloaded and options set
 sanitize-address: $(INSTALL_STAMP)
-	FASTCLR_SANITIZE=address ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
-	  LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so) $$($(CXX) -print-file-name=libstdc++.so)" \
-	  $(PY) -m pytest tests $(SANITIZE_SELECT) $(PYTEST_ARGS)
+	$(PY) tests/cuda_on_cpu/__init__.py address tests $(SANITIZE_SELECT) $(PYTEST_ARGS)
 
 sanitize-thread: $(INSTALL_STAMP)
-	FASTCLR_SANITIZE=thread TSAN_OPTIONS=halt_on_error=1 OMP_NUM_THREADS=1 \
-	  LD_PRELOAD="$$($(CXX) -print-file-name=libtsan.so)" \
-	  $(PY) -m pytest tests $(SANITIZE_SELECT) $(PYTEST_ARGS)
+	$(PY) tests/cuda_on_cpu/__init__.py thread tests $(SANITIZE_SELECT) $(PYTEST_ARGS)
 
 build: $(EXT_STAMP)
 

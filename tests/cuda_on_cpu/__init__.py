@@ -9,8 +9,9 @@ which ``impl="cuda"`` runs CPU tensors through the CUDA kernels; the tests' "cud
 backend rows do exactly that.
 
 ``FASTCLR_SANITIZE=address`` (AddressSanitizer + UBSan) or ``=thread`` (ThreadSanitizer) builds
-an instrumented copy; the process must then have the sanitizer's runtime preloaded
-(``make sanitize`` does both). ``FASTCLR_CUDA_ON_CPU_SOURCE`` names another tree to take kernels/
+an instrumented copy; the process must then have the sanitizer's runtime preloaded: run as a
+script, ``python tests/cuda_on_cpu/__init__.py address|thread PYTEST_ARGS...`` starts pytest so
+(``make sanitize-address`` / ``sanitize-thread`` do). ``FASTCLR_CUDA_ON_CPU_SOURCE`` names another tree to take kernels/
 and csrc/ from (``mutate.py``'s seeded-bug copies), built in a folder of its own.
 """
 from __future__ import annotations
@@ -30,7 +31,12 @@ SANITIZERS = {
                 "-fno-omit-frame-pointer"],
     "thread": ["-fsanitize=thread"],
 }
-RUNTIMES = {"address": "libasan.so", "thread": "libtsan.so"}
+# What a process running the instrumented harness needs: the sanitizer's runtime preloaded (python
+# itself is not instrumented; libstdc++ beside libasan, or ASan's __cxa_throw interceptor finds
+# no real one when triton's extension throws) and its options; one OpenMP thread for TSan.
+PRELOAD = {"address": ["libasan.so", "libstdc++.so"], "thread": ["libtsan.so"]}
+OPTIONS = {"address": {"ASAN_OPTIONS": "detect_leaks=0:abort_on_error=1"},
+           "thread": {"TSAN_OPTIONS": "halt_on_error=1", "OMP_NUM_THREADS": "1"}}
 
 
 def build_definition():
@@ -64,11 +70,12 @@ def sanitizer() -> str:
     return name
 
 
-def runtime_library(name: str) -> str:
-    """The path of sanitizer ``name``'s runtime, to LD_PRELOAD into the test process."""
+def sanitizer_env(name: str) -> dict:
+    """The environment variables a process needs to run the harness under sanitizer ``name``."""
     cxx = os.environ.get("CXX", "c++")
-    return subprocess.run([cxx, f"-print-file-name={RUNTIMES[name]}"], check=True,
-                          capture_output=True, text=True).stdout.strip()
+    libs = [subprocess.run([cxx, f"-print-file-name={lib}"], check=True, capture_output=True,
+                           text=True).stdout.strip() for lib in PRELOAD[name]]
+    return {"FASTCLR_SANITIZE": name, "LD_PRELOAD": " ".join(libs), **OPTIONS[name]}
 
 
 @functools.cache
@@ -102,3 +109,9 @@ def load(verbose: bool = False) -> str:
             os.environ["LD_PRELOAD"] = preload
     ops.use_cuda_on_cpu(path)
     return path
+
+
+if __name__ == "__main__":  # python tests/cuda_on_cpu/__init__.py address|thread PYTEST_ARGS...
+    import sys
+    env = dict(os.environ, **sanitizer_env(sys.argv[1]))
+    os.execve(sys.executable, [sys.executable, "-m", "pytest", *sys.argv[2:]], env)

@@ -81,9 +81,6 @@ MUTANTS = [
            "  const bool row_ok = gi < row_end;\n", "  const bool row_ok = gi < row_end;\n  if (!row_ok) return;\n"),
 ]
 
-PRELOAD = {"address": ["libasan.so", "libstdc++.so"], "thread": ["libtsan.so"]}
-
-
 def seed(mutant: Mutant, tree: Path) -> None:
     for folder in ("kernels", "csrc"):
         shutil.copytree(ROOT / folder, tree / folder)
@@ -97,11 +94,9 @@ def seed(mutant: Mutant, tree: Path) -> None:
 def run(mutant: Mutant, tree: Path) -> tuple[bool, str]:
     env = dict(os.environ, FASTCLR_CUDA_ON_CPU_SOURCE=str(tree), FASTCLR_CUDA_ON_CPU_TIMEOUT="60")
     if mutant.sanitizer:
-        cxx = os.environ.get("CXX", "g++")
-        libs = [subprocess.run([cxx, f"-print-file-name={lib}"], capture_output=True, text=True).stdout.strip()
-                for lib in PRELOAD[mutant.sanitizer]]
-        env.update(FASTCLR_SANITIZE=mutant.sanitizer, LD_PRELOAD=" ".join(libs), OMP_NUM_THREADS="1",
-                   ASAN_OPTIONS="detect_leaks=0:abort_on_error=1", TSAN_OPTIONS="halt_on_error=1")
+        sys.path.insert(0, str(HERE.parent))
+        import cuda_on_cpu
+        env.update(cuda_on_cpu.sanitizer_env(mutant.sanitizer))
     out = subprocess.run([sys.executable, "-m", "pytest", "tests", *shlex.split(CHECKS)], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=3600)
     text = out.stdout + out.stderr

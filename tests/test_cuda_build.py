@@ -5,8 +5,6 @@ and shared memory within each arch's limits (the dynamic part from the CPU harne
 host wrappers' own launches). No GPU needed."""
 import functools
 import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -23,12 +21,9 @@ needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc on
 
 @functools.cache
 def shipped_compile(source: str):
-    """(returncode, compiler output) of the shipped nvcc line for ``source``, warnings as errors,
-    with ptxas's resource report; compiled once per test session."""
-    with tempfile.TemporaryDirectory() as tmp:
-        cmd = build_definition.nvcc_command(BUILD, ROOT / source, Path(tmp) / "k.o")
-        out = subprocess.run(cmd + WERROR + ["-Xptxas", "-v"], capture_output=True, text=True)
-    return out.returncode, out.stdout + out.stderr
+    """(returncode, output) of the shipped nvcc line for ``source``, warnings as errors, with
+    ptxas's resource report; compiled once per test session."""
+    return resources.shipped_compile(ROOT / source, tuple(WERROR))
 
 
 def test_every_cuda_source_is_in_the_build_definition():

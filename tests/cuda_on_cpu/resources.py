@@ -76,15 +76,22 @@ def parse_ptxas(text: str) -> dict:
     return {(plain_name(n), arch): v for n, ((_, arch), v) in zip(names, out.items())}
 
 
-def ptxas_report(source: Path) -> dict:
-    """ptxas's resource report of ``source`` as the shipped build compiles it (every arch)."""
+def shipped_compile(source: Path, extra: tuple = ()) -> tuple[int, str]:
+    """(return code, compiler output) of the shipped nvcc line for ``source`` (every arch) with
+    ptxas's resource report and ``extra`` flags."""
     bd = build_definition()
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = bd.nvcc_command(bd.read(), source, Path(tmp) / "k.o") + ["-Xptxas", "-v"]
+        cmd = bd.nvcc_command(bd.read(), source, Path(tmp) / "k.o") + ["-Xptxas", "-v", *extra]
         out = subprocess.run(cmd, capture_output=True, text=True)
-    if out.returncode != 0:
-        raise RuntimeError(f"nvcc failed on {source}:\n{out.stderr[-4000:]}")
-    return parse_ptxas(out.stdout + out.stderr)
+    return out.returncode, out.stdout + out.stderr
+
+
+def ptxas_report(source: Path) -> dict:
+    """ptxas's resource report of ``source`` as the shipped build compiles it (every arch)."""
+    code, text = shipped_compile(source)
+    if code != 0:
+        raise RuntimeError(f"nvcc failed on {source}:\n{text[-4000:]}")
+    return parse_ptxas(text)
 
 
 def exercise_kernels() -> None:

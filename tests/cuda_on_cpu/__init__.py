@@ -11,8 +11,9 @@ backend rows do exactly that.
 ``FASTCLR_SANITIZE=address`` (AddressSanitizer + UBSan) or ``=thread`` (ThreadSanitizer) builds
 an instrumented copy; the process must then have the sanitizer's runtime preloaded: run as a
 script, ``python tests/cuda_on_cpu/__init__.py address|thread PYTEST_ARGS...`` starts pytest so
-(``make sanitize-address`` / ``sanitize-thread`` do). ``FASTCLR_CUDA_ON_CPU_SOURCE`` names another tree to take kernels/
-and csrc/ from (``mutate.py``'s seeded-bug copies), built in a folder of its own.
+(``make sanitize-address`` / ``sanitize-thread`` do). ``FASTCLR_CUDA_ON_CPU_SOURCE`` names
+another tree to take kernels/ and csrc/ from (``mutate.py``'s seeded-bug copies), built in a
+folder of its own.
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ OPTIONS = {"address": {"ASAN_OPTIONS": "detect_leaks=0:abort_on_error=1"},
            "thread": {"TSAN_OPTIONS": "halt_on_error=1", "OMP_NUM_THREADS": "1"}}
 
 
+@functools.cache
 def build_definition():
     """csrc/build_definition.py (the one build definition), loaded from the tree."""
     spec = importlib.util.spec_from_file_location("build_definition", ROOT / "csrc" / "build_definition.py")
@@ -47,6 +49,7 @@ def build_definition():
     return module
 
 
+@functools.cache
 def cuda_include() -> Path | None:
     """The CUDA toolkit's include folder (cuda_fp16.h, vector_types.h), found as the build finds
     the toolkit. Only headers are used; nothing is compiled by nvcc."""
@@ -91,9 +94,7 @@ def load(verbose: bool = False) -> str:
     san = sanitizer()
     suffix = f"_{san}" if san else ""
     source = Path(os.environ.get("FASTCLR_CUDA_ON_CPU_SOURCE", ROOT)).resolve()
-    build = ROOT / "build" / f"cuda-on-cpu{suffix}"
-    if source != ROOT:
-        build = source / "build" / f"cuda-on-cpu{suffix}"
+    build = source / "build" / f"cuda-on-cpu{suffix}"
     build.mkdir(parents=True, exist_ok=True)
     flags = ["-std=c++20", "-O1", "-g", "-include", "cuda_on_cpu.h", "-isystem", str(cuda_include()),
              "-Wall", "-Wno-unknown-pragmas", "-Wno-unused-function", *SANITIZERS[san]]

@@ -55,9 +55,14 @@ from fastclr.loss import nt_xent_fused, supcon_fused
 CKPT_FORMAT = "fastclr-checkpoint-2"
 # A checkpoint may only resume a run that agrees on these ...
 RUN_DEFINING = ("dataset", "backbone", "width", "cifar_stem", "head_layers", "proj_dim",
-                "proj_hidden", "batch_size", "image_size", "seed", "loss", "views", "positives")
+                "proj_hidden", "batch_size", "image_size", "seed", "loss", "views", "positives",
+                "optimizer")
 # ... and on these, which fix the learning-rate schedule (warm-up, then cosine to 0 at the end).
 SCHEDULE = ("epochs", "warmup_epochs")
+OPTIMIZERS = ("lars", "sgd", "adamw")
+ADAMW_BASE_LR = 1e-3  # --base-lr's default with --optimizer adamw (the datasets' are for LARS/SGD)
+# what a checkpoint written before a key existed meant by it
+RUN_DEFAULTS_BEFORE = {"optimizer": "lars"}
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
 
@@ -97,17 +102,25 @@ FLAGS = (
     ("--epochs", dict(type=int, help="passes over the training set")),
     ("--batch-size", dict(type=int, help="global batch (images; the loss sees V x as many views)")),
     ("--image-size", dict(type=int, help="side of the augmented views")),
-    ("--backbone", dict(default="resnet18", choices=sorted(models.BACKBONES), help="the encoder")),
-    ("--width", dict(type=int, help="channels of the first ResNet stage (64 = the standard network)")),
+    ("--backbone", dict(default="resnet18", help="the encoder: any torchvision classification model "
+                        "by name (resnet18, mobilenet_v3_small, efficientnet_b0, convnext_tiny, "
+                        "vit_b_16, ...); its classifier is replaced by the head")),
+    ("--width", dict(type=int, help="ResNets only: channels of the first stage (64 = the standard "
+                                    "network)")),
     ("--cifar-stem", dict(choices=("auto", "on", "off"), default="auto",
-                          help="3x3 stem without max-pool (auto: for views of 64 px and smaller)")),
+                          help="the small-image stem: ResNets a 3x3 stride-1 conv1 without max-pool, "
+                               "networks with a 3x3 stride-2 first convolution that stride 1 "
+                               "(auto: on for views of 64 px and smaller where it applies)")),
     ("--head-layers", dict(type=int, default=2, choices=(2, 3), help="projection-head layers")),
     ("--proj-hidden", dict(type=int, help="projection head's hidden width (default: the backbone's "
                                           "feature width)")),
     ("--proj-dim", dict(type=int, default=128, help="projection (embedding) dimension")),
-    ("--loss", dict(choices=("ntxent", "supcon"), default="ntxent",
+    ("--loss", dict(choices=("ntxent", "supcon", "supervised"), default="ntxent",
                     help="ntxent: SimCLR (views of the same image are positives); supcon: "
-                         "supervised contrastive (images of the same class are positives)")),
+                         "supervised contrastive (images of the same class are positives); "
+                         "supervised: the baseline, cross-entropy on the labels through a linear "
+                         "classifier in place of the projection head (same augmentation, epochs "
+                         "and optimizer)")),
     ("--views", dict(type=int, default=2, help="augmented views per image (> 2: multi-view)")),
     ("--micro-batch", dict(type=int, help="gradient caching: forward at most this many images (with "
                                           "their views) at a time on each process, the loss still on "
@@ -117,12 +130,16 @@ FLAGS = (
                          help="with several positives per row: mean of their logits (SupCon's "
                               "L_out) or logsumexp (L_in, solo-learn's multi-positive SimCLR)")),
     ("--temperature", dict(type=float, help="the loss's temperature tau")),
-    ("--base-lr", dict(type=float, help="lr = base_lr x batch/256 (linear) or x sqrt(batch/256)")),
+    ("--optimizer", dict(choices=OPTIMIZERS, default="lars",
+                         help="lars (fastclr.LARS), sgd (momentum) or adamw (torch's fused ones); "
+                              "weight decay never on biases and norms, for all three")),
+    ("--base-lr", dict(type=float, help="lr = base_lr x batch/256 (linear) or x sqrt(batch/256) "
+                                        f"(adamw's default: {ADAMW_BASE_LR})")),
     ("--lr-scaling", dict(choices=("linear", "sqrt"), default="linear", help="see --base-lr")),
     ("--warmup-epochs", dict(type=float, help="linear warm-up, then cosine decay to 0 (a tenth of "
                                                "the run if not shorter than --epochs)")),
-    ("--weight-decay", dict(type=float, default=1e-6, help="LARS weight decay (not on biases and norms)")),
-    ("--momentum", dict(type=float, default=0.9, help="LARS momentum")),
+    ("--weight-decay", dict(type=float, default=1e-6, help="weight decay (not on biases and norms)")),
+    ("--momentum", dict(type=float, default=0.9, help="LARS's and SGD's momentum")),
     ("--trust-coefficient", dict(type=float, default=0.001, help="LARS's trust coefficient (eta)")),
     ("--loss-impl", dict(default="auto", choices=LOSS_IMPLS, help="the loss kernels' backend")),
     ("--optimizer-impl", dict(default="auto", choices=fastclr.optim.IMPLS, help="the LARS step's backend")),
@@ -197,24 +214,38 @@ def parse_args(argv=None) -> argparse.Namespace:
     if known.config:
         parser.set_defaults(**load_config(known.config, parser))
     args = parser.parse_args(argv)
+    _resolve_backbone(args, parser)
+    if args.optimizer == "adamw" and args.base_lr is None:
+        args.base_lr = ADAMW_BASE_LR
     for key, value in DATASET_DEFAULTS[args.dataset].items():
-        if getattr(args, key) is None:
+        if getattr(args, key) is None and not (key == "width" and args.backbone not in models.RESNETS):
             setattr(args, key, value)
     if args.out is None:
         args.out = os.path.join("runs", args.dataset)
     if args.cifar_stem == "auto":
-        args.cifar_stem = "on" if args.image_size <= 64 else "off"
+        args.cifar_stem = "on" if args.image_size <= 64 and models.cifar_stem_applies(args.backbone) else "off"
     if args.warmup_epochs >= args.epochs:  # a short run: a tenth of it
         args.warmup_epochs = 0.1 * args.epochs
     _check_args(args, parser)
     return args
 
 
+def _resolve_backbone(args, parser) -> None:
+    """--backbone names a torchvision classification model; --width is the ResNets' alone."""
+    try:
+        models.check_backbone_name(args.backbone)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if args.width is not None and args.backbone not in models.RESNETS:
+        parser.error(f"--width applies to the ResNets ({', '.join(models.RESNETS)}), not to "
+                     f"{args.backbone}")
+
+
 def _check_args(args, parser) -> None:
     def bad(name, rule):
         parser.error(f"--{name.replace('_', '-')} must be {rule}, got {getattr(args, name)}")
     for name in _AT_LEAST_1:
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             bad(name, ">= 1")
     for name in _POSITIVE:
         if not getattr(args, name) > 0:
@@ -376,7 +407,7 @@ class Run:
     model: torch.nn.Module         # the module trained (DDP-wrapped with several processes)
     raw_model: models.SimCLRModel  # the module saved
     forward: object                # model, or its torch.compile
-    optimizer: fastclr.LARS
+    optimizer: torch.optim.Optimizer  # fastclr.LARS, or torch's fused SGD / AdamW
     augment: object
     amp_dtype: torch.dtype | None
     channels_last: bool
@@ -491,18 +522,48 @@ def _load_data(args, device, rank, world, amp_dtype, channels_last):
     return ds, batches, views
 
 
-def _build_model(args, device, channels_last):
-    model = models.build_model(args.backbone, width=args.width, cifar_stem=args.cifar_stem == "on",
-                               head_layers=args.head_layers, proj_dim=args.proj_dim,
-                               hidden=args.proj_hidden).to(device)
+def model_from_config(config: dict, num_classes: int | None = None) -> models.SimCLRModel:
+    """The model a run's configuration (``run_config``, as saved in its checkpoint) describes;
+    ``num_classes``: the supervised baseline's classifier width."""
+    return models.build_model(
+        config["backbone"], width=config["width"], cifar_stem=config["cifar_stem"] == "on",
+        head_layers=config["head_layers"], proj_dim=config["proj_dim"], hidden=config["proj_hidden"],
+        image_size=config["image_size"],
+        num_classes=num_classes if config["loss"] == "supervised" else None)
+
+
+def _build_model(args, device, channels_last, num_classes):
+    try:
+        model = model_from_config(run_config(args), num_classes).to(device)
+    except ValueError as exc:  # a backbone that cannot take these views: a message
+        raise SystemExit(f"fastclr.train: {exc}") from None
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     scale = args.batch_size / 256
     peak_lr = args.base_lr * (scale if args.lr_scaling == "linear" else math.sqrt(scale))
-    optimizer = fastclr.LARS(fastclr.lars_param_groups(model, args.weight_decay), lr=peak_lr,
-                             momentum=args.momentum, trust_coefficient=args.trust_coefficient,
-                             impl=args.optimizer_impl)
-    return model, optimizer, peak_lr
+    return model, make_optimizer(args, model, peak_lr), peak_lr
+
+
+def make_optimizer(args, model, lr: float):
+    """--optimizer over lars_param_groups (no weight decay on biases and norms, for all three):
+    fastclr.LARS, or torch's fused SGD / AdamW, which skip a step on the device when
+    ``optimizer.found_inf`` is set (optimizer_step)."""
+    groups = fastclr.lars_param_groups(model, args.weight_decay)
+    if args.optimizer == "lars":
+        return fastclr.LARS(groups, lr=lr, momentum=args.momentum,
+                            trust_coefficient=args.trust_coefficient, impl=args.optimizer_impl)
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=args.momentum, fused=True)
+    return torch.optim.AdamW(groups, lr=lr, fused=True)
+
+
+def optimizer_step(optimizer, found_inf: torch.Tensor) -> None:
+    """The step, skipped on the device (no host synchronisation) where ``found_inf`` is nonzero."""
+    if isinstance(optimizer, fastclr.LARS):
+        optimizer.step(found_inf=found_inf)
+    else:
+        optimizer.found_inf = found_inf.reshape(())  # what GradScaler hands the fused optimizers
+        optimizer.step()
 
 
 def setup_run(args, device, rank, world) -> Run:
@@ -511,7 +572,7 @@ def setup_run(args, device, rank, world) -> Run:
     amp_dtype = torch.bfloat16 if args.precision == "bf16" or (args.precision == "auto" and gpu) else None
     channels_last = args.channels_last == "on" or (args.channels_last == "auto" and gpu)
     ds, batches, views = _load_data(args, device, rank, world, amp_dtype, channels_last)
-    model, optimizer, peak_lr = _build_model(args, device, channels_last)
+    model, optimizer, peak_lr = _build_model(args, device, channels_last, ds.num_classes)
     ckpt_path = os.path.join(args.out, "checkpoint.pt")
     resume = args.resume
     if resume == "auto":
@@ -544,11 +605,14 @@ def _open_outputs(run: Run, *, resumed: bool) -> None:
     _atomic_write(os.path.join(args.out, "config.yaml"), text.encode())
     run.writer = SummaryWriter(os.path.join(args.out, "tensorboard"), purge_step=run.state.step)
     kind = {"ntxent": "SimCLR" if args.views == 2 else f"multi-view SimCLR ({args.views} views)",
-            "supcon": f"SupCon ({args.views} views, positives {args.positives})"}[args.loss]
+            "supcon": f"SupCon ({args.views} views, positives {args.positives})",
+            "supervised": f"supervised cross-entropy baseline ({args.views} views)"}[args.loss]
+    optimizer = (f"LARS impl {run.optimizer.backend(run.device)}" if args.optimizer == "lars"
+                 else args.optimizer)
     print(f"fastclr {fastclr.__version__}: {kind} on {args.dataset} ({run.steps_per_epoch} "
-          f"steps/epoch of {args.batch_size} images, {args.epochs} epochs), {args.backbone} width "
-          f"{args.width}, {run.world} process(es) on {run.device}, loss impl {args.loss_impl}, LARS "
-          f"impl {run.optimizer.backend(run.device)}, augmentation "
+          f"steps/epoch of {args.batch_size} images, {args.epochs} epochs), {args.backbone}"
+          + (f" width {args.width}" if args.width else "") + f", {run.world} process(es) on {run.device}, loss impl {args.loss_impl}, "
+          f"{optimizer}, augmentation "
           f"{'DALI' if run.augment is None else 'torch'}, {'bf16' if run.amp_dtype else 'fp32'}; "
           f"out {args.out}" + (f"; resumed {run.state.position(run.steps_per_epoch, args.epochs)}"
                                if resumed else ""), flush=True)
@@ -566,6 +630,10 @@ def contrastive_loss(run: Run, z: torch.Tensor, labels: torch.Tensor, views: int
         loss, acc = nt_xent_fused(z1, z2, args.temperature, **kw)
         return loss, acc["top1"]
     n = z.shape[0] // views
+    if args.loss == "supervised":  # z: the classifier's logits for every view
+        target = labels.to(run.device, non_blocking=True).repeat(views)
+        loss = torch.nn.functional.cross_entropy(z, target)
+        return loss, (z.detach().argmax(1) == target).float().mean()
     if args.loss == "supcon":
         ids = labels.to(run.device, non_blocking=True)
     else:  # multi-view SimCLR: an image's views share a label unique in the global batch
@@ -595,7 +663,7 @@ def train_step(run: Run, x, labels) -> None:
     run.optimizer.zero_grad(set_to_none=True)
     loss, top1 = forward_backward(run, tuple(views), labels)
     found = nonfinite_flag(loss, run.raw_model.parameters(), run.group)
-    run.optimizer.step(found_inf=found)
+    optimizer_step(run.optimizer, found)
     run.sums.add(loss, top1, found)
 
 
@@ -844,6 +912,7 @@ def _read_checkpoint(path: str) -> dict:
 
 
 def _check_same_run(path: str, theirs: dict, args, state: RunState, steps_per_epoch: int) -> None:
+    theirs = {**RUN_DEFAULTS_BEFORE, **theirs}
     diff = [f"--{k.replace('_', '-')} {theirs.get(k)!r} there, {getattr(args, k)!r} here"
             for k in RUN_DEFINING if theirs.get(k) != getattr(args, k)]
     if diff:

@@ -14,13 +14,17 @@ from fastclr.optim import LARS, lars_param_groups
 from fastclr.similarity import knn_topk, normalized_similarity
 
 __version__ = "0.1.0"
-__all__ = ["nt_xent_fused", "grad_cache_backward", "NTXentLoss", "supcon_fused", "SupConLoss", "LARS", "lars_param_groups", "TorchSimCLRAugment", "reference",
+__all__ = ["nt_xent_fused", "grad_cache_backward", "NTXentLoss", "supcon_fused", "SupConLoss", "LARS", "lars_param_groups", "TorchSimCLRAugment", "load_backbone", "reference",
            "normalized_similarity", "knn_topk", "extension_available", "extension_error", "__version__"]
 
 
 def __getattr__(name):
-    # TorchSimCLRAugment belongs to the application (fastclr.app.augment); imported on first use
+    # TorchSimCLRAugment and load_backbone belong to the application (fastclr.app: they need
+    # torchvision); imported on first use
     if name == "TorchSimCLRAugment":
         from fastclr.app.augment import TorchSimCLRAugment
         return TorchSimCLRAugment
+    if name == "load_backbone":
+        from fastclr.app.export import load_backbone
+        return load_backbone
     raise AttributeError(f"module 'fastclr' has no attribute {name!r}")

@@ -5,8 +5,8 @@ the reverse, and needs the ``train`` extra: ``pip install "fastclr[train]"``."""
 
 # module -> the distribution that provides it, for the message when the extra is missing
 TRAIN_REQUIREMENTS = {"torchvision": "torchvision", "numpy": "numpy", "tqdm": "tqdm",
-                      "sklearn": "scikit-learn", "yaml": "pyyaml", "tensorboard": "tensorboard",
-                      "matplotlib": "matplotlib"}
+                      "sklearn": "scikit-learn", "scipy": "scipy", "yaml": "pyyaml", "tensorboard": "tensorboard",
+                      "matplotlib": "matplotlib", "safetensors": "safetensors"}
 
 
 def missing_requirements() -> list:

@@ -62,6 +62,7 @@ class TorchSimCLRAugment:
         channels_last: return channels_last tensors.
         scale, ratio: the random resized crop's area fraction and aspect-ratio ranges.
         flip: probability of a horizontal flip (0.5; 0 for data where mirror images differ).
+        colour: False: no colour jitter and no grayscale (crop and flip only, as fine-tuning uses).
 
     ``aug(images_uint8, generator=None, views=2) -> (view_1, ..., view_views)``, every view's
     parameters drawn independently; ``return_params=True`` also returns the parameters drawn
@@ -71,7 +72,7 @@ class TorchSimCLRAugment:
     def __init__(self, size: int, *, strength: float = 0.5, blur: bool | None = None,
                  solarize: float = 0.0, mean=IMAGENET_MEAN, std=IMAGENET_STD,
                  dtype: torch.dtype = torch.float32, channels_last: bool = False,
-                 scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip: float = 0.5):
+                 scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip: float = 0.5, colour: bool = True):
         if not isinstance(size, int) or size < 1:
             raise ValueError(f"TorchSimCLRAugment: size must be a positive int, got {size!r}")
         if not 0 <= strength <= 4:
@@ -95,6 +96,7 @@ class TorchSimCLRAugment:
         self.channels_last = channels_last
         self.scale, self.ratio = tuple(scale), tuple(ratio)
         self.flip = float(flip)
+        self.colour = bool(colour)
         self._consts = {}  # constant tensors per device, made once: no host-to-device copy per call
         # kernel ~10% of the side, odd (the paper: 23 px at 224)
         self.blur_kernel = max(3, int(round(0.1 * size)) // 2 * 2 + 1)
@@ -111,7 +113,8 @@ class TorchSimCLRAugment:
         x = torch.cat([x] * views)  # all views at once: views x B samples, independent parameters
         params = {}
         x = self._crop_flip(x, generator, params)
-        x = self._colour(x, generator, params)
+        if self.colour:
+            x = self._colour(x, generator, params)
         if self.blur:
             x = self._gaussian_blur(x, generator, params)
         if self.solarize > 0:

@@ -358,3 +358,24 @@ def eval_arrays(images: np.ndarray, size: int) -> torch.Tensor:
     y = torch.nn.functional.interpolate(x.float(), size=(size, size), mode="bilinear",
                                         antialias=True, align_corners=False)
     return y.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def train_labels(ds) -> np.ndarray:
+    """The training split's labels (an image folder's from its file list; no image is read)."""
+    if isinstance(ds, ArrayDataset):
+        return ds.train_labels
+    import torchvision
+    return np.asarray(torchvision.datasets.ImageFolder(ds.train_dir).targets, np.int64)
+
+
+def train_images(ds, indices, size: int) -> torch.Tensor:
+    """uint8 (n, 3, size, size) training images ``indices``, unaugmented (as ``eval_batches``)."""
+    indices = np.asarray(indices)
+    if isinstance(ds, ArrayDataset):
+        return eval_arrays(ds.train_images[indices], size)
+    import torchvision
+    from torchvision.transforms import v2 as T
+    folder = torchvision.datasets.ImageFolder(
+        ds.train_dir, transform=T.Compose([T.Resize(int(round(size * 256 / 224)), antialias=True),
+                                           T.CenterCrop(size), T.PILToTensor()]))
+    return torch.stack([folder[int(i)][0] for i in indices])

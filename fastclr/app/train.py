@@ -47,7 +47,7 @@ from tqdm import tqdm
 import fastclr
 from fastclr.app import augment as aug_mod
 from fastclr.app import data as data_mod
-from fastclr.app import evaluate, models
+from fastclr.app import eval_run, models
 from fastclr.grad_cache import grad_cache_backward
 from fastclr.loss import IMPLS as LOSS_IMPLS
 from fastclr.loss import nt_xent_fused, supcon_fused
@@ -592,7 +592,7 @@ def setup_run(args, device, rank, world) -> Run:
     if run.main:
         _open_outputs(run, resumed=bool(resume))
     if args.eval_random_init and run.main and state.random_init is None:
-        state.random_init = run_evaluation(run, probe=True)
+        state.random_init = headline(run_evaluation(run, probe=True))
     return run
 
 
@@ -737,7 +737,7 @@ def end_epoch(run: Run) -> None:
     st.epoch, st.batch, st.current = st.epoch + 1, 0, EpochSums()
     last = st.epoch == args.epochs
     if run.main and args.eval_every and st.epoch % args.eval_every == 0 and not last:
-        row["knn_top1"] = run_evaluation(run, probe=False)["knn_top1"]
+        row["knn_top1"] = run_evaluation(run, probe=False)["knn"]["top1"]
     st.history.append(row)
     if run.main:
         write_metrics_csv(os.path.join(args.out, "metrics.csv"), st.history)
@@ -782,8 +782,8 @@ def finish(run: Run, stop: Stop) -> dict | None:
     if run.main:
         with _exit_on_signal(f"during the final evaluation (training is complete and saved in "
                              f"{run.ckpt_path}); --resume {run.ckpt_path} redoes the evaluation"):
-            final = run_evaluation(run, probe=True)
-        result = _write_results(run, final)
+            final = final_evaluation(run)
+        result = _write_results(run, headline(final))
         print(json.dumps(result), flush=True)
     if run.world > 1:
         dist.barrier()
@@ -800,7 +800,7 @@ def _write_results(run: Run, final: dict) -> dict:
     run.writer.close()
     plot_curves(os.path.join(args.out, "curves.png"), st.history, final)
     result = {
-        "knn_top1": final["knn_top1"], "linear_top1": final["linear_top1"],
+        **final,
         "images_per_sec": (st.step * args.batch_size / st.train_time) if st.train_time > 0 else None,
         "epochs": args.epochs, "steps": st.step, "checkpoint": os.path.abspath(run.ckpt_path),
         "final_loss": st.history[-1]["loss"] if st.history else None, "bad_steps": st.bad_steps,
@@ -830,21 +830,30 @@ def main(argv=None) -> dict | None:
 
 # --- evaluation -------------------------------------------------------------------------------
 
-def run_evaluation(run: Run, *, probe: bool) -> dict:
-    """kNN top-1 (and, with ``probe``, linear-probe top-1) of the backbone's features."""
-    args, ds = run.args, run.ds
-    kw = dict(mean=ds.mean, std=ds.std, device=run.device, dtype=run.amp_dtype,
-              channels_last=run.channels_last)
-    backbone = run.raw_model.backbone
-    split = {s: evaluate.extract_features(backbone, data_mod.eval_batches(
-        ds, s, args.image_size, workers=args.workers), **kw) for s in ("train", "test")}
-    (ftr, ytr), (fte, yte) = split["train"], split["test"]
-    out = {"knn_top1": evaluate.knn_accuracy(ftr, ytr, fte, yte, ds.num_classes, k=args.knn_k,
-                                             temperature=args.knn_temperature)}
-    if probe:
-        out["linear_top1"] = evaluate.linear_probe(ftr, ytr, fte, yte, ds.num_classes,
-                                                   epochs=args.probe_epochs, seed=args.seed)
-    return out
+def run_evaluation(run: Run, *, probe: bool, plots: str | None = None) -> dict:
+    """kNN (and, with ``probe``, the linear probe) of the backbone's features, by the protocols
+    of ``python -m fastclr.evaluate`` (eval_run.evaluate_model), without its sweeps."""
+    config = run_config(run.args)
+    s = eval_run.settings_of(config, progress=False)
+    return eval_run.evaluate_model(run.raw_model, run.ds, config, s, ("knn", "linear") if probe else ("knn",),
+                                   run.device, plots=plots, sweep=False, dtype=run.amp_dtype,
+                                   channels_last=run.channels_last, workers=run.args.workers)
+
+
+def final_evaluation(run: Run) -> dict:
+    """The end of training's evaluation, written as python -m fastclr.evaluate writes its own:
+    <out>/eval.json, eval.md and the linear probe's confusion plot."""
+    config = run_config(run.args)
+    return eval_run.evaluate_into(
+        run.args.out, "eval", lambda plots: run_evaluation(run, probe=True, plots=plots),
+        lambda results, staging: eval_run.make_report(
+            config, run.state.state_dict(), run.ckpt_path, run.ds, eval_run.settings_of(config),
+            results, ("knn", "linear"), False, staging, run.args.out))["results"]
+
+
+def headline(results: dict) -> dict:
+    """The evaluation's figures as the JSON line names them: knn_top1, knn_top5, linear_top1, ..."""
+    return {f"{p}_{k}": results[p][k] for p in ("knn", "linear") if p in results for k in ("top1", "top5")}
 
 
 # --- checkpoints ------------------------------------------------------------------------------
@@ -886,28 +895,30 @@ def checkpoint(run: Run) -> None:
         dist.barrier()
 
 
-def _read_checkpoint(path: str) -> dict:
-    """The checkpoint's contents; a file that is not one is refused, never loaded unsafely."""
+def read_checkpoint(path: str, what: str = "--resume") -> dict:
+    """The checkpoint's contents; a file that is not one is refused (messages start with ``what``),
+    never loaded unsafely."""
     if not os.path.isfile(path):
-        raise SystemExit(f"--resume: no checkpoint at {path}")
+        raise SystemExit(f"{what}: no checkpoint at {path}")
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic[:2] != b"PK" and magic[:1] != b"\x80":  # neither torch.save's zip nor a legacy pickle
-        raise SystemExit(f"--resume: {path} is not a checkpoint (not a file torch.save wrote)")
+        raise SystemExit(f"{what}: {path} is not a checkpoint (not a file torch.save wrote)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any failure to read means the same thing here
         unsafe = "weights_only" in str(exc).lower() or "global" in str(exc).lower()
         raise SystemExit(
-            f"--resume: {path} holds objects other than tensors and plain data, so it is not a fastclr "
+            f"{what}: {path} holds objects other than tensors and plain data, so it is not a fastclr "
             "checkpoint (fastclr never unpickles those: that could run code from the file)" if unsafe
-            else f"--resume: cannot read checkpoint {path} (truncated or corrupt: "
+            else f"{what}: cannot read checkpoint {path} (truncated or corrupt: "
                  f"{type(exc).__name__})") from None
     if not isinstance(state, dict) or not str(state.get("format", "")).startswith("fastclr-checkpoint"):
-        raise SystemExit(f"--resume: {path} is not a fastclr training checkpoint ({CKPT_FORMAT})")
+        raise SystemExit(f"{what}: {path} is not a fastclr training checkpoint ({CKPT_FORMAT})")
     if state["format"] != CKPT_FORMAT:
-        raise SystemExit(f"--resume: {path} was written by another version of fastclr "
-                         f"({state['format']}; this one reads {CKPT_FORMAT}); start a new run")
+        raise SystemExit(f"{what}: {path} was written by another version of fastclr "
+                         f"({state['format']}; this one reads {CKPT_FORMAT})"
+                         + ("; start a new run" if what == "--resume" else ""))
     return state
 
 
@@ -938,7 +949,7 @@ def _check_same_run(path: str, theirs: dict, args, state: RunState, steps_per_ep
 
 def restore(path: str, args, model, optimizer, state: RunState, steps_per_epoch: int) -> None:
     """Load a checkpoint of the same run into the model, optimizer, RNG and run state."""
-    ckpt = _read_checkpoint(path)
+    ckpt = read_checkpoint(path)
     run_state = RunState()
     run_state.load_state_dict(ckpt["run"])
     _check_same_run(path, ckpt["config"], args, run_state, steps_per_epoch)

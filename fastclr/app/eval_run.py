@@ -1,0 +1,351 @@
+"""``python -m fastclr.evaluate RUN_DIR_OR_CHECKPOINT``: judge a saved run's backbone with the
+protocols of fastclr/app/evaluate.py (kNN, linear probe, k-means, few-label fine-tuning, t-SNE).
+
+The checkpoint's own configuration says the dataset, the model and the preprocessing; flags pick
+the protocols (``--protocols``, default knn,linear,kmeans,tsne; ``all`` adds finetune), another
+dataset (``--dataset``/``--data-dir``: transfer), the model at random initialisation instead of
+the trained one (``--random-init``: the floor), and the protocols' settings. It writes, into the
+run folder (or ``--out``), ``eval.json`` (every figure with its protocol's settings; the few-label
+subsets' image indices), ``eval.md`` (the tables) and the plots, and prints the summary table.
+Outputs of another dataset or of the random initialisation are named ``eval_<dataset>``,
+``eval_random_init...``. Nothing is written until every protocol has finished: an evaluation
+stopped (Ctrl-C, SIGTERM) or failed leaves the folder as it was.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+import torch
+
+from . import data as data_mod
+from . import evaluate as ev
+
+EVAL_FORMAT = "fastclr-eval-1"
+DEFAULT_PROTOCOLS = ("knn", "linear", "kmeans", "tsne")
+
+
+# --- what is evaluated --------------------------------------------------------------------------
+
+def load_run(path: str, what: str = "fastclr.evaluate") -> tuple:
+    """(checkpoint contents, its path) of a run folder or a checkpoint file; anything else is
+    refused with a message naming what was wrong."""
+    from .train import read_checkpoint
+    if os.path.isdir(path):
+        ckpt = os.path.join(path, "checkpoint.pt")
+        if not os.path.isfile(ckpt):
+            raise SystemExit(f"{what}: {path} is not a fastclr run folder (it has no checkpoint.pt)")
+        path = ckpt
+    elif not os.path.exists(path):
+        raise SystemExit(f"{what}: {path} does not exist (give a run folder or its checkpoint.pt)")
+    return read_checkpoint(path, what), path
+
+
+def num_classes_of(ckpt: dict, fallback: int) -> int:
+    """The supervised baseline's classifier width, from its weights (else ``fallback``)."""
+    head = ckpt["model"].get("head.weight")
+    return int(head.shape[0]) if ckpt["config"]["loss"] == "supervised" and head is not None else fallback
+
+
+def model_of(ckpt: dict, *, random_init: bool, num_classes: int):
+    """The run's model with its trained weights (loaded strictly), or at a seeded random
+    initialisation."""
+    from .train import model_from_config
+    config = ckpt["config"]
+    torch.manual_seed(config["seed"])
+    try:
+        model = model_from_config(config, num_classes_of(ckpt, num_classes))
+        if not random_init:
+            model.load_state_dict(ckpt["model"])
+    except (ValueError, RuntimeError) as exc:
+        raise SystemExit(f"fastclr.evaluate: the checkpoint's model cannot be rebuilt here: {exc}") from None
+    return model
+
+
+# --- the protocols on a model -------------------------------------------------------------------
+
+def split_features(model, ds, config: dict, device, *, dtype=None, channels_last=False,
+                   workers: int = 4, head: bool = True, progress: bool = False) -> dict:
+    """The backbone's (and the head's) features of the training and held-out splits."""
+    size = config["image_size"]
+    kw = dict(mean=ds.mean, std=ds.std, device=device, dtype=dtype, channels_last=channels_last,
+              size=size, progress=progress)
+    split = {}
+    for name in ("train", "test"):
+        batches = data_mod.eval_batches(ds, name, size, workers=workers)
+        split[name] = ev.extract_features(model.backbone, batches, desc=f"features ({name})", **kw)
+        split[f"backbone_{name}"] = split[name][0]
+        if head:
+            split[f"head_{name}"] = ev.head_features(model.head, split[name][0])
+    return split
+
+
+def evaluate_model(model, ds, config: dict, s: ev.Settings, protocols, device, *, fresh_model=None,
+                   plots: str | None = None, sweep: bool = True, dtype=None, channels_last=False,
+                   workers: int = 4) -> dict:
+    """``{protocol: figures}`` and ``{"seconds": {protocol: s}}`` for ``model`` on ``ds``. ``plots``:
+    a path prefix for the PNGs; ``fresh_model()``: the untrained network fine-tuning compares with."""
+    model = model.to(device)
+    t0 = time.perf_counter()
+    try:
+        split = split_features(model, ds, config, device, dtype=dtype, channels_last=channels_last,
+                               workers=workers, head=sweep, progress=s.progress)
+    except ValueError as exc:
+        raise SystemExit(f"fastclr.evaluate: {ds.name} does not fit the model: {exc}") from None
+    seconds = {"features": time.perf_counter() - t0}
+    out = {}
+    for name in protocols:
+        t0 = time.perf_counter()
+        out[name] = _protocol(name, model, ds, config, s, split, device, fresh_model, plots, sweep)
+        seconds[name] = time.perf_counter() - t0
+    out["seconds"] = seconds
+    return out
+
+
+def _protocol(name, model, ds, config, s, split, device, fresh_model, plots, sweep) -> dict:
+    (_, yte), c = split["test"], ds.num_classes
+    if name == "knn":
+        return ev.knn_protocol(split, c, s, sweep=sweep)
+    if name == "linear":
+        result = ev.linear_protocol(split, c, s)
+        if plots:
+            ev.confusion_plot(f"{plots}_confusion.png", result["confusion"], "linear probe: confusion")
+        return result
+    if name == "kmeans":
+        return ev.kmeans_protocol(split["test"][0], yte, c, s)
+    if name == "tsne":
+        return ev.tsne_plot(f"{plots}_tsne.png", split["test"][0], yte, s, "t-SNE of held-out features")
+    return {f"{fraction:g}": _finetune_fraction(fraction, model, ds, config, s, device, fresh_model)
+            for fraction in s.label_fractions}
+
+
+def _finetune_fraction(fraction, model, ds, config, s, device, fresh_model) -> dict:
+    """Fine-tuning on one label fraction, from the model and from scratch, on the same images."""
+    labels = data_mod.train_labels(ds)
+    idx = ev.few_label_subset(labels, fraction, s.seed)
+    images = data_mod.train_images(ds, idx, config["image_size"])
+    y = torch.as_tensor(labels[idx])
+    out = {"images": len(idx), "indices": idx.tolist()}
+    starts = [("pretrained", model.backbone)]
+    if fresh_model is not None:
+        starts.append(("scratch", fresh_model().backbone))
+    for name, backbone in starts:
+        t0 = time.perf_counter()
+        net = ev.finetune(backbone, images, y, ds.num_classes, s, mean=ds.mean, std=ds.std,
+                          device=device, desc=f"fine-tune {name} ({fraction:g} of the labels)")
+        feats = ev.extract_features(net, data_mod.eval_batches(ds, "test", config["image_size"]),
+                                    mean=ds.mean, std=ds.std, device=device)
+        out[name] = {**ev.topk_accuracy(feats[0], feats[1]), "seconds": time.perf_counter() - t0}
+    return out
+
+
+# --- outputs ----------------------------------------------------------------------------------
+
+def summary_rows(results: dict) -> list:
+    """(protocol, figure, value) rows: the headline figures."""
+    rows = []
+    r = results
+    if "knn" in r:
+        rows += [("kNN", f"top-{k} (k={r['knn']['k']}, T={r['knn']['temperature']:g})", r["knn"][f"top{k}"])
+                 for k in (1, 5)]
+    if "linear" in r:
+        rows += [("linear probe", "top-1", r["linear"]["top1"]), ("linear probe", "top-5", r["linear"]["top5"]),
+                 ("linear probe", "macro F1", r["linear"]["macro_f1"])]
+    if "kmeans" in r:
+        rows += [("k-means", m, r["kmeans"][key]) for m, key in
+                 (("NMI", "nmi"), ("ARI", "ari"), ("cluster accuracy", "cluster_accuracy"))]
+    for frac, f in r.get("finetune", {}).items():
+        for start in ("pretrained", "scratch"):
+            if start in f:
+                rows.append((f"fine-tune {start}", f"top-1 ({frac} labels, {f['images']} images)",
+                             f[start]["top1"]))
+    return rows
+
+
+def markdown(report: dict) -> str:
+    r = report["results"]
+    lines = [f"# Evaluation: {report['model']} on {report['dataset']}", "",
+             f"Checkpoint `{report['checkpoint']}` (epoch {report['epoch']}, step {report['step']}), "
+             f"{report['backbone']}, seed {report['settings']['seed']}.", "",
+             "| protocol | figure | value |", "|---|---|---|"]
+    lines += [f"| {p} | {f} | {v:.4f} |" for p, f, v in summary_rows(r)]
+    for name, rows in r.get("knn", {}).get("sweep", {}).items():
+        lines += ["", f"## kNN sweep, {name} features", "", "| k | T | top-1 | top-5 |", "|---|---|---|---|"]
+        lines += [f"| {x['k']} | {x['temperature']:g} | {x['top1']:.4f} | {x['top5']:.4f} |" for x in rows]
+    if "linear" in r:
+        lines += ["", "## Linear probe, per class", "", "| class | precision | recall | F1 | support |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {x['class']} | {x['precision']:.3f} | {x['recall']:.3f} | {x['f1']:.3f} | "
+                  f"{x['support']} |" for x in r["linear"]["per_class"]]
+    lines += ["", "## Seconds", "", "| step | s |", "|---|---|"]
+    lines += [f"| {k} | {v:.1f} |" for k, v in r["seconds"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def print_summary(report: dict) -> None:
+    rows = summary_rows(report["results"])
+    width = max((len(p) + len(f) for p, f, _ in rows), default=0) + 3
+    print(f"{report['model']} on {report['dataset']}:")
+    for p, f, v in rows:
+        print(f"  {(p + ': ' + f).ljust(width)} {v:.4f}")
+
+
+def write_outputs(report: dict, staging: str, out: str, stem: str) -> list:
+    """eval.json and eval.md into ``staging`` (which already holds the plots), then every file
+    renamed into ``out``: each appears whole or not at all."""
+    with open(os.path.join(staging, f"{stem}.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    with open(os.path.join(staging, f"{stem}.md"), "w") as f:
+        f.write(markdown(report))
+    written = []
+    for name in sorted(os.listdir(staging)):
+        os.replace(os.path.join(staging, name), os.path.join(out, name))
+        written.append(os.path.join(out, name))
+    return written
+
+
+# --- the command ------------------------------------------------------------------------------
+
+def _fractions(text: str) -> tuple:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a comma-separated list of fractions, got {text!r}") from None
+    if not values or any(not 0 < v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"every label fraction must be in (0, 1), got {text!r}")
+    return values
+
+
+def _protocols(text: str) -> tuple:
+    names = ev.PROTOCOLS if text == "all" else tuple(p.strip() for p in text.split(",") if p.strip())
+    unknown = [p for p in names if p not in ev.PROTOCOLS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown protocol {', '.join(unknown) or text!r}; choose from "
+                                         f"{', '.join(ev.PROTOCOLS)} (or all)")
+    return names
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m fastclr.evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("run", metavar="RUN_DIR_OR_CHECKPOINT", help="a training run's folder or its checkpoint.pt")
+    a("--protocols", type=_protocols, default=DEFAULT_PROTOCOLS,
+      help=f"comma-separated, from {', '.join(ev.PROTOCOLS)}, or all (default: {','.join(DEFAULT_PROTOCOLS)})")
+    a("--dataset", choices=data_mod.DATASETS, help="evaluate on another dataset (transfer; default: "
+      "the run's)")
+    a("--data-dir", help="that dataset's folder (default: the run's)")
+    a("--random-init", action="store_true", help="the run's network at a seeded random "
+      "initialisation instead of its trained weights (the floor)")
+    a("--out", help="where the outputs go (default: the run folder)")
+    a("--label-fraction", type=_fractions, default=(0.01, 0.1),
+      help="finetune: the labelled fractions of the training split (default: 0.01,0.1)")
+    a("--finetune-steps", type=int, default=300, help="finetune: optimizer steps (default: 300)")
+    a("--finetune-lr", type=float, default=0.05, help="finetune: lr at 256 images a batch (default: 0.05)")
+    a("--no-scratch", action="store_true", help="finetune: skip the from-scratch comparison")
+    a("--knn-k", type=int, help="the headline kNN's k (default: the run's)")
+    a("--knn-temperature", type=float, help="the headline kNN's temperature (default: the run's)")
+    a("--probe-epochs", type=int, help="linear-probe epochs (default: the run's)")
+    a("--kmeans-restarts", type=int, default=10, help="k-means restarts (default: 10)")
+    a("--tsne-points", type=int, default=2000, help="t-SNE: at most this many points (default: 2000)")
+    a("--seed", type=int, help="every protocol's seed (default: the run's)")
+    a("--device", default="auto", help="auto | cpu | cuda")
+    a("--workers", type=int, default=4, help="image-folder decoding processes")
+    a("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def settings_of(config: dict, args=None, *, progress: bool = True) -> ev.Settings:
+    """The protocols' settings: the run's kNN / probe / seed, overridden by the command line."""
+    def pick(name, default):
+        value = getattr(args, name, None) if args is not None else None
+        return default if value is None else value
+    s = ev.Settings(seed=pick("seed", config["seed"]), knn_k=pick("knn_k", config["knn_k"]),
+                    knn_temperature=pick("knn_temperature", config["knn_temperature"]),
+                    probe_epochs=pick("probe_epochs", config["probe_epochs"]), progress=progress)
+    if args is not None:
+        s.label_fractions, s.finetune_steps = args.label_fraction, args.finetune_steps
+        s.finetune_lr, s.kmeans_restarts, s.tsne_points = args.finetune_lr, args.kmeans_restarts, args.tsne_points
+    for name in ("knn_k", "probe_epochs", "finetune_steps", "kmeans_restarts", "tsne_points"):
+        if getattr(s, name) < (0 if name == "probe_epochs" else 1):
+            raise SystemExit(f"fastclr.evaluate: --{name.replace('_', '-')} must be >= 1, got {getattr(s, name)}")
+    if not s.knn_temperature > 0 or not s.finetune_lr > 0:
+        raise SystemExit("fastclr.evaluate: --knn-temperature and --finetune-lr must be > 0")
+    return s
+
+
+def _dataset(args, config: dict):
+    name = args.dataset or config["dataset"]
+    data_dir = args.data_dir if args.dataset or args.data_dir else config.get("data_dir")
+    try:
+        return data_mod.load_dataset(name, data_dir, synthetic_size=config.get("synthetic_size", 4096),
+                                     synthetic_image_size=config["image_size"])
+    except (ValueError, FileNotFoundError) as exc:
+        raise SystemExit(f"fastclr.evaluate: {exc}") from None
+
+
+def _output_folder(args, ckpt_path: str) -> str:
+    out = args.out or os.path.dirname(os.path.abspath(ckpt_path))
+    os.makedirs(out, exist_ok=True)
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise SystemExit(f"fastclr.evaluate: cannot write to {out} (no permission); give --out")
+    return out
+
+
+def main(argv=None) -> dict:
+    from .train import _exit_on_signal, setup_distributed
+    args = build_parser().parse_args(argv)
+    ckpt, ckpt_path = load_run(args.run)
+    config = ckpt["config"]
+    s = settings_of(config, args, progress=not args.no_progress)
+    ds = _dataset(args, config)
+    out = _output_folder(args, ckpt_path)
+    device, _, _ = setup_distributed(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" and config.get("precision") != "fp32" else None
+    stem = "_".join(["eval"] + (["random_init"] if args.random_init else [])
+                    + ([ds.name] if ds.name != config["dataset"] else []))
+    model = model_of(ckpt, random_init=args.random_init, num_classes=ds.num_classes)
+    fresh = None if args.no_scratch else (lambda: model_of(ckpt, random_init=True, num_classes=ds.num_classes))
+    with _exit_on_signal(f"during the evaluation; {out} is as it was"):
+        report = evaluate_into(
+            out, stem,
+            lambda plots: evaluate_model(model, ds, config, s, args.protocols, device, fresh_model=fresh,
+                                         plots=plots, dtype=dtype, workers=args.workers),
+            lambda results, staging: make_report(config, ckpt["run"], ckpt_path, ds, s, results,
+                                                 args.protocols, args.random_init, staging, out))
+    print_summary(report)
+    print(f"wrote {os.path.join(out, stem)}.json, .md and plots", file=sys.stderr)
+    return report
+
+
+def make_report(config: dict, run: dict, ckpt_path: str, ds, s: ev.Settings, results: dict,
+                protocols, random_init: bool, staging: str, out: str) -> dict:
+    """eval.json's contents: what was evaluated, on what, with which settings, and the figures."""
+    import dataclasses
+    for r in results.values():  # plots: named as they will be, in the output folder
+        if isinstance(r, dict) and "png" in r:
+            r["png"] = os.path.join(out, os.path.relpath(r["png"], staging))
+    return {"format": EVAL_FORMAT, "checkpoint": os.path.abspath(ckpt_path),
+            "model": "random init" if random_init else f"{config['loss']} run",
+            "dataset": ds.name, "pretrained_on": config["dataset"], "backbone": config["backbone"],
+            "epoch": run["epoch"], "step": run["step"], "protocols": list(protocols),
+            "settings": dataclasses.asdict(s), "results": results}
+
+
+def evaluate_into(out: str, stem: str, evaluate, report) -> dict:
+    """``evaluate(plots_prefix) -> results``, then ``report(results, staging)`` written as
+    ``out/stem.json``, ``.md`` and the plots -- through a staging folder removed in any case, so
+    a stop or a failure leaves ``out`` as it was."""
+    staging = tempfile.mkdtemp(prefix=f".{stem}.", dir=out)
+    try:
+        results = evaluate(os.path.join(staging, stem))
+        written = report(results, staging)
+        write_outputs(written, staging, out, stem)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return written

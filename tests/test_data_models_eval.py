@@ -99,12 +99,9 @@ def test_knn_matches_brute_force(seed):
     torch.testing.assert_close(scores, expect, rtol=1e-4, atol=1e-5)
 
 
-def test_knn_and_probe_on_separable_clusters(seed):
+def test_knn_on_separable_clusters(seed):
     centres = torch.randn(4, 16) * 5
     ytr, yte = torch.arange(200) % 4, torch.arange(80) % 4
     xtr, xte = centres[ytr] + torch.randn(200, 16), centres[yte] + torch.randn(80, 16)
     assert evaluate.knn_accuracy(xtr, ytr, xte, yte, 4, k=20) == 1.0
-    a = evaluate.linear_probe(xtr, ytr, xte, yte, 4, epochs=30, seed=1)
-    assert a == 1.0
-    shuffled = evaluate.linear_probe(xtr, ytr[torch.randperm(200)], xte, yte, 4, epochs=30, seed=1)
-    assert shuffled < 0.6  # the probe learns from the labels, not from anything else
+    # the linear probe on the same data: tests/test_evaluate.py

@@ -38,7 +38,8 @@ def test_tiny_run_outputs(tmp_path, capsys):
         assert key in res
     assert res["epochs"] == 2 and res["steps"] == 2 * (1437 // 400)
     assert 0 <= res["knn_top1"] <= 1 and 0 <= res["linear_top1"] <= 1 and res["images_per_sec"] > 0
-    assert set(res["random_init"]) == {"knn_top1", "linear_top1"}
+    assert set(res["random_init"]) == {"knn_top1", "knn_top5", "linear_top1", "linear_top5"}
+    assert res["knn_top5"] >= res["knn_top1"] and res["linear_top5"] >= res["linear_top1"]
     rows = _metrics(out)
     assert [int(r["epoch"]) for r in rows] == [1, 2]
     assert all(r["knn_top1"] for r in rows)  # --eval-every 1, and the final one
@@ -187,11 +188,12 @@ def test_too_many_nonfinite_losses_stop_the_run(tmp_path, monkeypatch, capsys):
     assert state["step"] == 5 and state["bad_steps"] == 3
 
 
-def test_nonfinite_steps_change_nothing(tmp_path, monkeypatch):
-    """Skipped steps leave the weights and LARS's momentum exactly as they were (the flag is
-    read on the device), and the stop is seen at the next read (default --log-every 10: here the
-    end of epoch 2)."""
-    args = TINY + ["--epochs", "3", "--max-bad-steps", "2"]
+@pytest.mark.parametrize("optimizer", ["lars", "sgd", "adamw"])
+def test_nonfinite_steps_change_nothing(tmp_path, monkeypatch, optimizer):
+    """Skipped steps leave the weights and the optimizer's state (LARS's or SGD's momentum,
+    AdamW's moments and step count) exactly as they were (the flag is read on the device), and
+    the stop is seen at the next read (default --log-every 10: here the end of epoch 2)."""
+    args = TINY + ["--epochs", "3", "--max-bad-steps", "2", "--optimizer", optimizer]
     _nan_at(monkeypatch, {3, 4, 5})  # every step of epoch 2
     with pytest.raises(SystemExit) as exc:
         train.main(args + ["--out", str(tmp_path / "a")])
@@ -208,7 +210,9 @@ def test_nonfinite_steps_change_nothing(tmp_path, monkeypatch):
         if not k.endswith("num_batches_tracked"):  # BN's counters count the forwards
             assert torch.equal(v, bad["model"][k]) or "running" in k, k
     for i, s in good["optimizer"]["state"].items():
-        assert torch.equal(s["momentum_buffer"], bad["optimizer"]["state"][i]["momentum_buffer"])
+        assert s.keys() == bad["optimizer"]["state"][i].keys()
+        for name, value in s.items():
+            assert torch.equal(value, bad["optimizer"]["state"][i][name]), name
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -184,7 +184,9 @@ def test_no_sync_on_gpu(tmp_path, extra):
 # --- the loss family ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("extra", [["--loss", "supcon"], ["--loss", "supcon", "--positives", "sum"],
-                                   ["--views", "4"], ["--loss", "supcon", "--views", "3"]])
+                                   ["--views", "4"], ["--loss", "supcon", "--views", "3"],
+                                   ["--loss", "supervised"], ["--optimizer", "sgd"],
+                                   ["--optimizer", "adamw"]])
 def test_loss_family_runs_and_resumes_exactly(tmp_path, monkeypatch, extra):
     a = train.main(TINY + extra + ["--out", str(tmp_path / "a")])
     assert a["final_loss"] == a["final_loss"] and a["views"] == (int(extra[-1]) if "--views" in extra else 2)
@@ -406,3 +408,40 @@ def test_each_torchrun_attempt_gets_its_own_keys(monkeypatch):
     assert train._attempt_store(2).num_keys() >= 1  # the same server: the key is there, unseen
     monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT")
     assert train._attempt_store(2) is None  # not under torchrun: env:// as before
+
+
+def test_any_torchvision_backbone_trains_and_resumes_exactly(tmp_path, monkeypatch):
+    """A MobileNet (no --width: it is the ResNets' alone), its 3x3 stride-2 stem made stride 1."""
+    tiny = [a for a in TINY if a not in ("--width", "4")] + ["--backbone", "mobilenet_v3_small"]
+    args = train.parse_args(tiny)
+    assert args.width is None and args.cifar_stem == "on"
+    a = train.main(tiny + ["--out", str(tmp_path / "a")])
+    _signal_at(monkeypatch, 4)
+    with pytest.raises(SystemExit):
+        train.main(tiny + ["--out", str(tmp_path / "b"), "--log-every", "1"])
+    monkeypatch.undo()
+    b = train.main(tiny + ["--out", str(tmp_path / "b"), "--resume", "auto"])
+    assert (a["final_loss"], a["knn_top1"]) == (b["final_loss"], b["knn_top1"])
+    with pytest.raises(SystemExit, match="different run: --optimizer 'lars' there, 'sgd' here"):
+        train.main(tiny + ["--out", str(tmp_path / "b"), "--resume", "auto", "--optimizer", "sgd"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--backbone", "mobilenet"], "'mobilenet' is not a torchvision classification model (did you mean"),
+    (["--backbone", "mobilenet_v2", "--width", "8"], "--width applies to the ResNets"),
+    (["--backbone", "vit_b_16", "--cifar-stem", "on"], "--cifar-stem on: vit_b_16 has no 3x3"),
+    (["--backbone", "vit_b_16", "--image-size", "20"], "vit_b_16 cannot take 20 px views"),
+    (["--backbone", "convnext_tiny", "--image-size", "8"], "convnext_tiny cannot take 8 px views"),
+    (["--backbone", "squeezenet1_0"], "has no linear classifier"),
+])
+def test_backbones_a_run_cannot_use_are_named(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as exc:
+        train.main(["--out", str(tmp_path / "run"), "--epochs", "1", *argv])
+    assert message in str(exc.value) + capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "run")  # refused before anything is written
+
+
+def test_adamw_defaults_to_its_own_learning_rate():
+    assert train.parse_args(["--optimizer", "adamw"]).base_lr == train.ADAMW_BASE_LR
+    assert train.parse_args(["--optimizer", "adamw", "--base-lr", "0.01"]).base_lr == 0.01
+    assert train.parse_args(["--optimizer", "sgd"]).base_lr == train.DATASET_DEFAULTS["digits"]["base_lr"]

@@ -225,7 +225,8 @@ def _protocols(text: str) -> tuple:
     names = ev.PROTOCOLS if text == "all" else tuple(p.strip() for p in text.split(",") if p.strip())
     unknown = [p for p in names if p not in ev.PROTOCOLS]
     if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown protocol {', '.join(unknown) or text!r}; choose from "
+        what = ", ".join(unknown) if unknown else repr(text)
+        raise argparse.ArgumentTypeError(f"unknown protocol {what}; choose from "
                                          f"{', '.join(ev.PROTOCOLS)} (or all)")
     return names
 
@@ -291,7 +292,11 @@ def _dataset(args, config: dict):
 
 def _output_folder(args, ckpt_path: str) -> str:
     out = args.out or os.path.dirname(os.path.abspath(ckpt_path))
-    os.makedirs(out, exist_ok=True)
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as exc:
+        raise SystemExit(f"fastclr.evaluate: cannot make the output folder {out}: "
+                         f"{exc.strerror or exc}") from None
     if not os.access(out, os.W_OK | os.X_OK):
         raise SystemExit(f"fastclr.evaluate: cannot write to {out} (no permission); give --out")
     return out

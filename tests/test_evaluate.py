@@ -1,0 +1,328 @@
+"""python -m fastclr.evaluate and its protocols (fastclr/app/evaluate.py), each against an
+independent computation on small data; python -m fastclr.export and fastclr.load_backbone against
+torchvision loaded strictly; the bad inputs of both."""
+import itertools
+import json
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastclr
+from fastclr.app import eval_run, export, models, train
+from fastclr.app import evaluate as ev
+
+TINY = ["--epochs", "1", "--batch-size", "400", "--width", "4", "--image-size", "8",
+        "--probe-epochs", "3", "--no-progress", "--knn-k", "20"]
+FAST = ["--no-progress", "--finetune-steps", "4", "--kmeans-restarts", "2", "--tsne-points", "120",
+        "--label-fraction", "0.05,0.1"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("run") / "tiny")
+    train.main(TINY + ["--out", out])
+    return out
+
+
+def _folder_state(path):
+    return {n: os.path.getmtime(os.path.join(path, n)) for n in os.listdir(path)}
+
+
+# --- the protocols, each against an independent computation ---------------------------------------
+
+def test_topk_accuracy_by_hand():
+    scores = torch.randn(300, 12)
+    labels = torch.randint(0, 12, (300,))
+    acc = ev.topk_accuracy(scores, labels)
+    order = scores.argsort(1, descending=True)
+    for k in (1, 5):
+        expect = np.mean([labels[i].item() in order[i, :k].tolist() for i in range(300)])
+        assert acc[f"top{k}"] == pytest.approx(expect)
+    assert acc["top5"] >= acc["top1"]
+    assert ev.topk_accuracy(scores[:, :3], labels.clamp(max=2))["top5"] == 1.0  # k >= classes
+
+
+def test_knn_sweep_slices_equal_separate_searches():
+    g = torch.Generator().manual_seed(3)
+    ftr, fte = torch.randn(257, 9, generator=g), torch.randn(41, 9, generator=g)
+    ytr, yte = torch.randint(0, 6, (257,), generator=g), torch.randint(0, 6, (41,), generator=g)
+    rows = ev.knn_sweep(ftr, ytr, fte, yte, 6, (3, 17, 50), (0.05, 0.5))
+    assert [(r["k"], r["temperature"]) for r in rows] == list(itertools.product((3, 17, 50), (0.05, 0.5)))
+    sim = F.normalize(fte.double(), dim=1) @ F.normalize(ftr.double(), dim=1).T
+    for r in rows:  # brute force: the k most similar, each voting exp(sim / T)
+        top = sim.topk(r["k"], dim=1)
+        votes = torch.zeros(41, 6, dtype=torch.float64).scatter_add_(
+            1, ytr[top.indices], (top.values / r["temperature"]).exp())
+        assert r["top1"] == pytest.approx(ev.topk_accuracy(votes, yte)["top1"])
+        assert r["top5"] == pytest.approx(ev.topk_accuracy(votes, yte)["top5"])
+        assert r["top5"] >= r["top1"]
+
+
+def test_classification_report_by_hand():
+    g = torch.Generator().manual_seed(0)
+    scores, labels = torch.randn(200, 4, generator=g), torch.randint(0, 4, (200,), generator=g)
+    scores[labels == 2, 2] += 2  # one class easier than the rest
+    r = ev.classification_report(scores, labels, 4)
+    pred = scores.argmax(1)
+    for c, row in enumerate(r["per_class"]):
+        tp = ((pred == c) & (labels == c)).sum().item()
+        assert row["precision"] == pytest.approx(tp / max((pred == c).sum().item(), 1))
+        assert row["recall"] == pytest.approx(tp / (labels == c).sum().item())
+        assert row["support"] == (labels == c).sum().item()
+        assert r["confusion"][c] == [((labels == c) & (pred == p)).sum().item() for p in range(4)]
+    assert r["per_class"][2]["f1"] > max(r["per_class"][c]["f1"] for c in (0, 1, 3))
+
+
+def test_linear_probe_on_separable_clusters_and_shuffled_labels():
+    centres = torch.randn(4, 16) * 5
+    ytr, yte = torch.arange(200) % 4, torch.arange(80) % 4
+    xtr, xte = centres[ytr] + torch.randn(200, 16), centres[yte] + torch.randn(80, 16)
+    scores = ev.linear_probe(xtr, ytr, xte, 4, epochs=30, seed=1)
+    assert ev.topk_accuracy(scores, yte)["top1"] == 1.0
+    shuffled = ev.linear_probe(xtr, ytr[torch.randperm(200)], xte, 4, epochs=30, seed=1)
+    assert ev.topk_accuracy(shuffled, yte)["top1"] < 0.6  # it learns from the labels
+    assert torch.equal(scores, ev.linear_probe(xtr, ytr, xte, 4, epochs=30, seed=1))  # deterministic
+
+
+def test_kmeans_on_known_clusters_and_cluster_accuracy_by_brute_force():
+    centres = F.normalize(torch.randn(5, 32), dim=1) * 10
+    labels = torch.arange(250) % 5
+    x = centres[labels] + 0.05 * torch.randn(250, 32)
+    r = ev.kmeans_protocol(x, labels, 5, ev.Settings(kmeans_restarts=3))
+    assert r["nmi"] == pytest.approx(1.0) and r["ari"] == pytest.approx(1.0)
+    assert r["cluster_accuracy"] == 1.0
+    rng = np.random.default_rng(0)
+    y, c = rng.integers(0, 4, 60), rng.integers(0, 4, 60)
+    best = max(np.mean([perm[ci] == yi for yi, ci in zip(y, c)]) for perm in itertools.permutations(range(4)))
+    assert ev.cluster_accuracy(y, c) == pytest.approx(best)
+
+
+def test_few_label_subset_is_stratified_and_seeded():
+    labels = np.repeat(np.arange(7), [30, 41, 55, 12, 90, 20, 33])
+    idx = ev.few_label_subset(labels, 0.1, seed=4)
+    counts = np.bincount(labels[idx], minlength=7)
+    assert counts.tolist() == [round(0.1 * n) for n in np.bincount(labels)]
+    assert np.array_equal(idx, ev.few_label_subset(labels, 0.1, seed=4))
+    assert not np.array_equal(idx, ev.few_label_subset(labels, 0.1, seed=5))
+    assert len(set(idx.tolist())) == len(idx)
+    for bad, message in ((0.0, "in \\(0, 1\\)"), (1.0, "in \\(0, 1\\)"), (-0.1, "in \\(0, 1\\)"),
+                         (0.02, "leaves class 3 without an image")):
+        with pytest.raises(ValueError, match=message):
+            ev.few_label_subset(labels, bad, seed=0)
+
+
+def test_finetune_changes_a_copy_and_the_probe_changes_nothing():
+    torch.manual_seed(0)
+    model = models.build_model("resnet18", width=4, cifar_stem=True, image_size=8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    images = torch.randint(0, 256, (20, 3, 8, 8), dtype=torch.uint8)
+    labels = torch.arange(20) % 2
+    s = ev.Settings(finetune_steps=3, progress=False)
+    net = ev.finetune(model.backbone, images, labels, 2, s, mean=(0.5,) * 3, std=(0.25,) * 3,
+                      device=torch.device("cpu"))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    tuned = net[0].state_dict()
+    assert any(not torch.equal(before[f"backbone.{k}"], v) for k, v in tuned.items() if v.is_floating_point())
+    again = ev.finetune(model.backbone, images, labels, 2, s, mean=(0.5,) * 3, std=(0.25,) * 3,
+                        device=torch.device("cpu"))
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in net.state_dict().items())
+
+
+# --- the command ---------------------------------------------------------------------------------
+
+def test_evaluate_writes_every_protocol_and_is_deterministic(run_dir, tmp_path, capsys):
+    out1, out2 = str(tmp_path / "a"), str(tmp_path / "b")
+    r1 = eval_run.main([run_dir, "--protocols", "all", "--out", out1] + FAST)
+    r2 = eval_run.main([run_dir, "--protocols", "all", "--out", out2] + FAST)
+    printed = capsys.readouterr().out
+    assert "kNN: top-1" in printed and "k-means: NMI" in printed
+    assert sorted(os.listdir(out1)) == ["eval.json", "eval.md", "eval_confusion.png", "eval_tsne.png"]
+    with open(os.path.join(out1, "eval.json")) as f:
+        assert json.load(f) == json.loads(json.dumps(r1))
+    res = r1["results"]
+    assert set(res) == {"knn", "linear", "kmeans", "finetune", "tsne", "seconds"}
+    assert set(res["knn"]["sweep"]) == {"backbone", "head"}
+    assert res["linear"]["top5"] >= res["linear"]["top1"] and len(res["linear"]["per_class"]) == 10
+    for frac in ("0.05", "0.1"):
+        f = res["finetune"][frac]
+        assert f["images"] == len(f["indices"]) and {"pretrained", "scratch"} <= set(f)
+    for r in (r1, r2):  # timings differ; nothing else may
+        r["results"].pop("seconds")
+        for f in r["results"]["finetune"].values():
+            f["pretrained"].pop("seconds"), f["scratch"].pop("seconds")
+        r["results"]["tsne"].pop("png"), r.pop("checkpoint")
+    assert r1 == r2
+    with open(os.path.join(out1, "eval.md")) as f:
+        md = f.read()
+    assert "| kNN | top-1" in md and "## Linear probe, per class" in md
+
+
+def test_random_init_and_transfer_are_named_apart(run_dir, tmp_path):
+    out = str(tmp_path)
+    floor = eval_run.main([run_dir, "--random-init", "--protocols", "knn", "--out", out] + FAST)
+    transfer = eval_run.main([run_dir, "--dataset", "synthetic", "--protocols", "knn,kmeans",
+                              "--out", out] + FAST)
+    assert floor["model"] == "random init" and transfer["dataset"] == "synthetic"
+    assert {"eval_random_init.json", "eval_synthetic.json"} <= set(os.listdir(out))
+    trained = eval_run.main([run_dir, "--protocols", "knn", "--out", out] + FAST)
+    assert trained["results"]["knn"]["top1"] != floor["results"]["knn"]["top1"]
+
+
+def test_training_writes_the_same_report(run_dir):
+    with open(os.path.join(run_dir, "eval.json")) as f:
+        report = json.load(f)
+    assert report["format"] == eval_run.EVAL_FORMAT and report["protocols"] == ["knn", "linear"]
+    assert os.path.isfile(os.path.join(run_dir, "eval_confusion.png"))
+    again = eval_run.main([run_dir, "--protocols", "knn,linear", "--out", run_dir + "_again",
+                           "--no-progress"])
+    for p in ("knn", "linear"):  # the same protocol, the same figures (no sweep in training)
+        assert again["results"][p]["top1"] == report["results"][p]["top1"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["{tmp}"], "is not a fastclr run folder"),
+    (["{tmp}/nothing"], "does not exist"),
+    (["{run}", "--protocols", "knn,umap"], "unknown protocol umap"),
+    (["{run}", "--label-fraction", "0,0.1"], "every label fraction must be in \\(0, 1\\)"),
+    (["{run}", "--label-fraction", "1.5"], "every label fraction must be in \\(0, 1\\)"),
+    (["{run}", "--protocols", "finetune", "--label-fraction", "0.001"], "leaves class 0 without an image"),
+    (["{run}", "--dataset", "cifar10"], "needs --data-dir"),
+])
+def test_bad_input_is_named(run_dir, tmp_path, capsys, argv, message):
+    argv = [a.format(tmp=tmp_path, run=run_dir) for a in argv]
+    with pytest.raises((SystemExit, ValueError)) as info:
+        eval_run.main(argv + ["--no-progress", "--out", str(tmp_path / "o")])
+    import re
+    text = str(info.value) + capsys.readouterr().err
+    assert re.search(message, text), text
+    assert not [n for n in os.listdir(tmp_path / "o") if n.startswith("eval")] if (tmp_path / "o").exists() else True
+
+
+def test_files_that_are_not_runs(tmp_path, run_dir):
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"hello")
+    with pytest.raises(SystemExit, match="fastclr.evaluate: .* is not a checkpoint"):
+        eval_run.main([str(junk)])
+    other = tmp_path / "other.pt"
+    torch.save({"format": "fastclr-checkpoint-1", "model": {}}, other)
+    with pytest.raises(SystemExit, match="another version of fastclr"):
+        eval_run.main([str(other)])
+    torch.save({"weights": torch.zeros(2)}, other)
+    with pytest.raises(SystemExit, match="not a fastclr training checkpoint"):
+        eval_run.main([str(other)])
+
+
+def test_data_the_model_cannot_take(run_dir, tmp_path, monkeypatch):
+    real = eval_run.data_mod.eval_batches
+
+    def one_channel(ds, split, size, **kw):
+        for x, y in real(ds, split, size, **kw):
+            yield x[:, :1], y
+    monkeypatch.setattr(eval_run.data_mod, "eval_batches", one_channel)
+    with pytest.raises(SystemExit, match="does not fit the model: the model takes 3 x 8 x 8 images; "
+                                         "the data gives 1 x 8 x 8"):
+        eval_run.main([run_dir, "--out", str(tmp_path), "--no-progress"])
+    assert not [n for n in os.listdir(tmp_path) if n.startswith((".eval", "eval"))]
+
+
+def test_ctrl_c_leaves_the_run_folder_as_it_was(run_dir, monkeypatch, capsys):
+    before = _folder_state(run_dir)
+    real = ev.kmeans_protocol
+
+    def interrupted(*a, **kw):
+        os.kill(os.getpid(), signal.SIGINT)
+        return real(*a, **kw)
+    monkeypatch.setattr(ev, "kmeans_protocol", interrupted)
+    with pytest.raises(SystemExit) as info:
+        eval_run.main([run_dir, "--protocols", "knn,linear,kmeans", "--no-progress"])
+    assert info.value.code == 128 + signal.SIGINT
+    assert "is as it was" in capsys.readouterr().err
+    assert _folder_state(run_dir) == before
+
+
+# --- export ----------------------------------------------------------------------------------------
+
+def _checkpoint(tmp_path, extra):
+    """A run's checkpoint at initialisation (no training needed to test the export)."""
+    base = TINY if "--backbone" not in extra else [a for a in TINY if a not in ("--width", "4")]
+    args = train.parse_args(base + ["--out", str(tmp_path / "run")] + extra)
+    config = train.run_config(args)
+    torch.manual_seed(1)
+    model = train.model_from_config(config, 10)
+    path = str(tmp_path / "checkpoint.pt")
+    train.save_checkpoint(path, {"format": train.CKPT_FORMAT, "config": config, "model": model.state_dict(),
+                                 "run": {"epoch": 0, "step": 0}})
+    return path, model
+
+
+def _torchvision_twin(name, cifar_stem):
+    """The README's recipe: torchvision's model, the classifier Identity, the stem as fastclr's."""
+    import torchvision
+    from torch import nn
+    net = torchvision.models.get_model(name, weights=None)
+    if name.startswith("resnet"):
+        net.fc = nn.Identity()
+        if cifar_stem:
+            net.conv1, net.maxpool = nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.Identity()
+    else:  # mobilenet_v3_small
+        net.classifier[3] = nn.Identity()
+        if cifar_stem:
+            net.features[0][0].stride = (1, 1)
+    return net.eval()
+
+
+@pytest.mark.parametrize("extra, fmt, cifar", [
+    (["--width", "64"], "pt", True),
+    (["--width", "64", "--cifar-stem", "off", "--image-size", "32"], "safetensors", False),
+    (["--backbone", "mobilenet_v3_small"], "safetensors", True),
+])
+def test_export_loads_strictly_into_torchvision(tmp_path, extra, fmt, cifar):
+    name = extra[1] if extra[0] == "--backbone" else "resnet18"
+    path, model = _checkpoint(tmp_path, extra)
+    out = str(tmp_path / f"backbone.{fmt}")
+    export.main([path, "--out", out])
+    arch, state = export.read_export(out)
+    assert arch["cifar_stem"] == cifar
+    twin = _torchvision_twin(name, cifar)
+    twin.load_state_dict(state, strict=True)
+    x = torch.randn(3, 3, arch["image_size"], arch["image_size"])
+    model.eval()
+    with torch.no_grad():
+        expect = model.backbone(x)
+        torch.testing.assert_close(twin(x), expect, rtol=0, atol=0)
+        loaded = fastclr.load_backbone(out)
+        torch.testing.assert_close(loaded(x), expect, rtol=0, atol=0)
+    assert loaded.out_features == expect.shape[1] == arch["out_features"] and not loaded.training
+
+
+def test_export_of_a_narrow_resnet_and_of_the_supervised_baseline(tmp_path):
+    path, model = _checkpoint(tmp_path, ["--loss", "supervised"])
+    out = str(tmp_path / "b.pt")
+    export.main([path, "--out", out])
+    loaded = fastclr.load_backbone(out)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model.eval().backbone(x), rtol=0, atol=0)
+    assert loaded.architecture["width"] == 4 and loaded.architecture["trained_with"] == "supervised"
+
+
+def test_export_and_load_refuse_what_they_cannot_use(tmp_path, run_dir):
+    with pytest.raises(SystemExit, match="fastclr.export: .* is not a fastclr run folder"):
+        export.main([str(tmp_path), "--out", str(tmp_path / "b.pt")])
+    with pytest.raises(ValueError, match="a training checkpoint: export its backbone"):
+        fastclr.load_backbone(os.path.join(run_dir, "checkpoint.pt"))
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
+    with pytest.raises(ValueError, match="not a fastclr backbone export|neither"):
+        fastclr.load_backbone(str(junk))
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    with pytest.raises(SystemExit, match="fastclr.export: cannot write .*a_file/b.pt"):
+        export.main([run_dir, "--out", str(a_file / "b.pt")])
+    with pytest.raises(SystemExit, match="fastclr.evaluate: cannot make the output folder"):
+        eval_run.main([run_dir, "--out", str(a_file / "eval")])
+    assert sorted(os.listdir(tmp_path)) == ["a_file", "junk.safetensors"]

@@ -132,6 +132,20 @@ def test_finetune_changes_a_copy_and_the_probe_changes_nothing():
     assert all(torch.equal(v, again.state_dict()[k]) for k, v in net.state_dict().items())
 
 
+def test_recalibrated_batchnorm_is_the_average_of_the_batches():
+    bn = torch.nn.BatchNorm2d(3, momentum=0.01)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1), bn)
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(8, 3, 4, 4, generator=g) * 3 + 1 for _ in range(5)]
+    it = iter(xs)
+    ev.recalibrate_batchnorm(net, lambda: next(it), 5)
+    with torch.no_grad():
+        ys = [net[0](x) for x in xs]
+    torch.testing.assert_close(bn.running_mean, torch.stack([y.mean((0, 2, 3)) for y in ys]).mean(0))
+    torch.testing.assert_close(bn.running_var, torch.stack([y.var((0, 2, 3)) for y in ys]).mean(0))
+    assert bn.momentum == 0.01 and bn.num_batches_tracked == 5
+
+
 # --- the command ---------------------------------------------------------------------------------
 
 def test_evaluate_writes_every_protocol_and_is_deterministic(run_dir, tmp_path, capsys):

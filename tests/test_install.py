@@ -88,16 +88,18 @@ def test_extension_built_for_another_torch_is_refused(tmp_path):
     assert ops._build_mismatch(record) == ""
 
 
-def test_train_without_its_extra_says_which_to_install(tmp_path, monkeypatch):
+@pytest.mark.parametrize("command", ["train", "evaluate", "export"])
+def test_commands_without_their_extra_say_which_to_install(tmp_path, monkeypatch, command):
     import fastclr.app as app
     monkeypatch.setitem(app.TRAIN_REQUIREMENTS, "no_such_module_here", "scikit-learn")
     assert app.missing_requirements() == ["scikit-learn"]
     code = ("import fastclr.app as app\n"
             "app.missing_requirements = lambda: ['scikit-learn', 'pyyaml']\n"
-            "import runpy; runpy.run_module('fastclr.train', run_name='__main__')\n")
+            f"import runpy; runpy.run_module('fastclr.{command}', run_name='__main__')\n")
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert out.returncode == 1
+    assert f"python -m fastclr.{command} needs the training extra" in out.stderr, out.stderr
     assert 'pip install "fastclr[train]"' in out.stderr and "scikit-learn, pyyaml" in out.stderr, out.stderr
 
 

@@ -445,3 +445,15 @@ def test_adamw_defaults_to_its_own_learning_rate():
     assert train.parse_args(["--optimizer", "adamw"]).base_lr == train.ADAMW_BASE_LR
     assert train.parse_args(["--optimizer", "adamw", "--base-lr", "0.01"]).base_lr == 0.01
     assert train.parse_args(["--optimizer", "sgd"]).base_lr == train.DATASET_DEFAULTS["digits"]["base_lr"]
+
+
+def test_supervised_baseline_learns_the_labels():
+    """--loss supervised: cross-entropy of every view's logits against its image's label."""
+    from types import SimpleNamespace
+    run = SimpleNamespace(args=SimpleNamespace(loss="supervised", loss_impl="auto"),
+                          device=torch.device("cpu"), group=None, rank=0)
+    z, labels = torch.randn(3 * 5, 4), torch.randint(0, 4, (5,))
+    loss, top1 = train.contrastive_loss(run, z, labels, 3)
+    target = torch.cat([labels] * 3)
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(z, target))
+    assert top1.item() == (z.argmax(1) == target).float().mean().item()

@@ -290,10 +290,10 @@ def test_checkpoint_every_steps(tmp_path, monkeypatch):
 def test_sigterm_during_final_evaluation_says_so(tmp_path, monkeypatch, capsys):
     real = train.run_evaluation
 
-    def evaluation(run, *, probe):
+    def evaluation(run, *, probe, **kw):
         if probe:
             os.kill(os.getpid(), signal.SIGTERM)
-        return real(run, probe=probe)
+        return real(run, probe=probe, **kw)
     monkeypatch.setattr(train, "run_evaluation", evaluation)
     out = str(tmp_path / "run")
     with pytest.raises(SystemExit) as exc:
@@ -302,6 +302,7 @@ def test_sigterm_during_final_evaluation_says_so(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "stopped by SIGTERM during the final evaluation" in err and "--resume" in err
     monkeypatch.undo()
+    assert not [n for n in os.listdir(out) if n.startswith((".eval", "eval"))]  # nothing half-written
     res = train.main(TINY + ["--out", out, "--resume", "auto"])  # redoes the evaluation only
     assert res["steps"] == 6 and 0 <= res["linear_top1"] <= 1
 

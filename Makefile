@@ -1,6 +1,7 @@
 # Two commands set everything up on a fresh machine and then do the work:
 #   make train   - venv + install (editable) + build, then `python -m fastclr.train`
 #   make test    - the same set-up, then the whole test suite (and the benchmarks' smoke test)
+#   make fuzz    - the property-based tests at length (random inputs, FUZZ_EXAMPLES per property)
 # The CUDA kernels executed on the CPU (tests/cuda_on_cpu/; no GPU, no nvcc build needed):
 #   make test-cuda-on-cpu  - builds the CPU harness from kernels/ as on disk (only what changed)
 #                            and runs every check of the "cuda_on_cpu" backend rows
@@ -22,7 +23,7 @@ INSTALL_STAMP := $(VENV)/.fastclr-installed
 EXT_STAMP := build/.fastclr-ext
 EXT_SOURCES := setup.py csrc/build.txt csrc/build_definition.py $(wildcard csrc/*.cpp csrc/*.h kernels/*.cu kernels/*.cuh)
 
-.PHONY: train test test-cuda-on-cpu sanitize sanitize-address sanitize-thread build bench install clean
+.PHONY: train test fuzz test-cuda-on-cpu sanitize sanitize-address sanitize-thread build bench install clean
 
 train: $(EXT_STAMP)
 	$(PY) -m fastclr.train
@@ -30,6 +31,12 @@ train: $(EXT_STAMP)
 # the tests, and every bench_* entry point once (a smoke test, not a timing)
 test: $(EXT_STAMP)
 	$(PY) -m pytest tests benchmarks/test_benchmarks.py --benchmark-disable $(PYTEST_ARGS)
+
+# The property-based tests (tests/test_properties.py) at length: freshly random inputs, many
+# examples per property (make test runs a bounded, derandomized set). FUZZ_EXAMPLES=N to change.
+FUZZ_EXAMPLES ?= 500
+fuzz: $(EXT_STAMP)
+	FASTCLR_FUZZ=1 FASTCLR_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest tests/test_properties.py -p no:cacheprovider --hypothesis-show-statistics $(PYTEST_ARGS)
 
 # Needs the installed package only: a kernel edit rebuilds the harness, not the nvcc extension.
 test-cuda-on-cpu: $(INSTALL_STAMP)

@@ -35,6 +35,16 @@
 
 #include "cpu_utils.h"
 
+// The float64 re-scoring below must round exactly as fastclr.reference.knn_scores: one rounding
+// per multiply and per add. No fused multiply-add may be formed in this file (GCC contracts
+// a * b + c across statements by default when the target has FMA, as the haswell/avx512 clones
+// do; clang within an expression): knn_topk's order is decided by these sums.
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#elif defined(__GNUC__)
+#pragma GCC optimize("fp-contract=off")
+#endif
+
 namespace fastclr {
 namespace {
 

@@ -165,7 +165,7 @@ def _foreach_step(params, grads, bufs, lr, momentum, weight_decay, trust_coeffic
         old_p, old_b = [p.clone() for p in params], [b.clone() for b in bufs]
         _foreach_step(params, grads, bufs, lr, momentum, weight_decay, trust_coefficient, nesterov,
                       exclude)
-        keep = skip != 0
+        keep = (skip != 0).reshape(())  # 0-dim: a 0-dim parameter (a temperature) stays 0-dim
         for new, old in zip(params + bufs, old_p + old_b):
             new.copy_(torch.where(keep, old, new))
         return

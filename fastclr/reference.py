@@ -187,15 +187,73 @@ def normalized_similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return F.normalize(a.to(acc), dim=1, eps=NORM_EPS) @ F.normalize(b.to(acc), dim=1, eps=NORM_EPS).T
 
 
+def _fixed_order_sum(d: int, term) -> torch.Tensor:
+    """sum_t term(t) over t < d in float64 in one fixed order -- four running sums (t mod 4 for
+    the first 4 floor(d / 4) terms, the rest into the first), then (s0 + s1) + (s2 + s3) -- with
+    one rounding per multiply and per add (elementwise tensor ops, no fused multiply-add): the
+    order csrc/similarity_cpu.cpp's fixed_order_sum uses, so both round alike, bit for bit."""
+    first = term(0)
+    acc = [torch.zeros_like(first) for _ in range(4)]
+    acc[0] = acc[0] + first  # from 0, as the C++ (so -0.0 becomes +0.0 there too)
+    t = 1
+    while t < d - d % 4:
+        acc[t % 4] = acc[t % 4] + term(t)
+        t += 1
+    while t < d:
+        acc[0] = acc[0] + term(t)
+        t += 1
+    return (acc[0] + acc[1]) + (acc[2] + acc[3])
+
+
+def _sqrt(x: torch.Tensor) -> torch.Tensor:
+    """The correctly rounded float64 square root (IEEE's, as std::sqrt and CUDA's). torch's
+    vectorised CPU kernel is not: on an AVX-512 Xeon it gave sqrt(19) one ulp below it, so on
+    the CPU numpy's (the sqrtpd instruction) computes it, or without numpy Python's."""
+    if x.device.type != "cpu":
+        return x.sqrt()
+    try:
+        import numpy as np
+    except ImportError:  # fastclr needs torch alone: then Python's, one element at a time
+        import math
+        return torch.tensor([math.sqrt(v) for v in x.tolist()], dtype=torch.float64)
+    return torch.from_numpy(np.sqrt(x.contiguous().numpy()))
+
+
+def unit_rows64(x: torch.Tensor) -> torch.Tensor:
+    """Each row of ``x`` in float64 divided by max(||row||, 1e-12), the norm a fixed-order sum
+    (``_fixed_order_sum``); a NaN norm is replaced by 1e-12 as the C++ does (the row stays NaN)."""
+    x = x.double()
+    norm = _sqrt(_fixed_order_sum(x.shape[1], lambda t: x[:, t] * x[:, t]))
+    norm = torch.where(norm > NORM_EPS, norm, torch.full_like(norm, NORM_EPS))
+    return x / norm[:, None]
+
+
+def knn_scores(queries: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+    """The (M, K) float64 cosine similarities every knn_topk backend ranks by -- the one formula
+    that decides the order: s_ij = sum_t (q_it / ||q_i||) (b_jt / ||b_j||), each row divided by
+    its norm first (as F.normalize), the sum in ``_fixed_order_sum``'s order, on the inputs'
+    exact values (half and float32 inputs are exactly representable in float64). Rows that
+    normalise to the same vector (duplicates, scaled copies whose norms scale exactly, every row
+    when D = 1) score identically. O(M K) memory: the spec, not the fast path."""
+    qn, bn = unit_rows64(queries), unit_rows64(bank)
+    return _fixed_order_sum(queries.shape[1], lambda t: qn[:, None, t] * bn[None, :, t])
+
+
+def rank_by_score(scores: torch.Tensor, candidates: torch.Tensor | None, k: int):
+    """(best k scores, their bank rows) of float64 ``scores`` (M, C) of the bank rows
+    ``candidates`` (M, C; None: columns 0..C-1): descending, NaN ranked highest (as torch.sort),
+    equal scores to the lower bank row -- the tie rule of knn_topk."""
+    if candidates is not None:  # bank-row order first, so the stable sort breaks ties by row
+        candidates, order = torch.sort(candidates, dim=1)
+        scores = scores.gather(1, order)
+    values, order = torch.sort(scores, dim=1, descending=True, stable=True)
+    rows = order if candidates is None else candidates.gather(1, order)
+    return values[:, :k], rows[:, :k]
+
+
 def knn_topk(queries: torch.Tensor, bank: torch.Tensor, k: int):
-    """The k largest similarities per query and their bank indices, best first, ties to the lower
-    index: a stable descending sort of the whole (M, K) matrix. Bank rows that normalise to the
-    same vector (duplicates, scaled copies whose norms scale exactly, every row when D = 1) are
-    scored once -- a matrix product may round them differently by position --, so they tie
-    exactly."""
-    acc = accumulation_dtype(bank.dtype)
-    unique, inverse = torch.unique(F.normalize(bank.to(acc), dim=1, eps=NORM_EPS), dim=0,
-                                   return_inverse=True)
-    s = normalized_similarity(queries, unique)[:, inverse]
-    values, indices = torch.sort(s, dim=1, descending=True, stable=True)
-    return values[:, :k], indices[:, :k]
+    """The k bank rows with the highest ``knn_scores`` per query, best first, equal scores to the
+    lower bank index, NaN ranked highest (a stable descending sort of the whole (M, K) matrix);
+    values in the accumulation dtype (the float64 scores rounded once)."""
+    values, indices = rank_by_score(knn_scores(queries, bank), None, k)
+    return values.to(accumulation_dtype(bank.dtype)), indices

@@ -134,14 +134,9 @@ def _running_topk(q, bank, kk, chunk, sim):
 
 
 def _rescore(q, bank, cand, k):
-    """Exact (float64) similarities of the candidate bank rows, the best k, ties to the lower index."""
-    cand, _ = torch.sort(cand, dim=1)  # index order, so the stable sort below breaks ties by index
-    # normalise first, dividing, as F.normalize in the reference: rows that normalise to the same
-    # vector (scaled copies whose norms scale exactly; every row when D = 1) tie exactly
-    qd = q.double()
-    qd = qd / qd.square().sum(-1, keepdim=True).sqrt().clamp_min(reference.NORM_EPS)
-    rows = bank[cand].double()  # (mq, kk, D)
-    rows = rows / rows.square().sum(-1, keepdim=True).sqrt().clamp_min(reference.NORM_EPS)
-    s = (rows * qd[:, None, :]).sum(-1)
-    s, order = torch.sort(s, dim=1, descending=True, stable=True)
-    return s[:, :k], cand.gather(1, order[:, :k])
+    """The candidates' exact scores (reference.knn_scores' formula, the one every backend ranks
+    by) and the best k, ties to the lower bank row."""
+    qn = reference.unit_rows64(q)                                  # (mq, D)
+    rows = reference.unit_rows64(bank[cand.reshape(-1)]).view(*cand.shape, q.shape[1])  # (mq, kk, D)
+    s = reference._fixed_order_sum(q.shape[1], lambda t: qn[:, None, t] * rows[:, :, t])
+    return reference.rank_by_score(s, cand, k)

@@ -271,3 +271,61 @@ def test_dali_cpu_augmentation_run(tmp_path):
     pytest.importorskip("nvidia.dali")
     res = train.main(TINY + ["--augment", "dali", "--epochs", "1", "--out", str(tmp_path)])
     assert res["steps"] == 3 and res["final_loss"] == res["final_loss"]
+
+
+# --- a file system that refuses a write -------------------------------------------------------
+
+def _fail_fsync_of(monkeypatch, name, from_call, errno_=28):
+    """os.fsync raises OSError(errno_) (28: ENOSPC) for files named like ``name`` from their
+    ``from_call``-th write on: the temporary file then exists, partly written, when it fails."""
+    import errno
+    real, calls = os.fsync, {"n": 0}
+
+    def fsync(fd):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            target = ""
+        if name in os.path.basename(target) and ".tmp" in target:
+            calls["n"] += 1
+            if calls["n"] >= from_call:
+                raise OSError(errno_, os.strerror(errno_))
+        return real(fd)
+    monkeypatch.setattr(os, "fsync", fsync)
+    return errno
+
+
+def test_a_full_disk_while_checkpointing_is_one_message_and_loses_nothing(tmp_path, monkeypatch, capsys):
+    out = str(tmp_path / "run")
+    _fail_fsync_of(monkeypatch, "checkpoint.pt", 2)  # epoch 1's checkpoint is written, epoch 2's is not
+    with pytest.raises(SystemExit) as exc:
+        train.main(TINY + ["--out", out])
+    message = str(exc.value)
+    assert exc.value.code not in (0, None) and message.startswith("fastclr.train: could not write the checkpoint")
+    for part in ("No space left on device", "MiB needed", "The last good checkpoint is",
+                 "after epoch 1 of 2 (step 3)", "--resume auto continues from it"):
+        assert part in message, (part, message)
+    assert not [n for n in os.listdir(out) if ".tmp" in n or n.startswith(".fastclr")]
+    assert _ckpt(os.path.join(out, "checkpoint.pt"))["step"] == 3  # the last good one, intact
+    monkeypatch.undo()
+    resumed = train.main(TINY + ["--out", out, "--resume", "auto"])
+    whole = train.main(TINY + ["--out", str(tmp_path / "whole")])
+    assert (resumed["final_loss"], resumed["knn_top1"]) == (whole["final_loss"], whole["knn_top1"])
+
+
+def test_metrics_that_cannot_be_written_end_the_run_clearly(tmp_path, monkeypatch):
+    out = str(tmp_path / "run")
+    _fail_fsync_of(monkeypatch, "metrics.csv", 1, errno_=30)  # EROFS
+    with pytest.raises(SystemExit) as exc:
+        train.main(TINY + ["--out", out])
+    assert "could not write the metrics" in str(exc.value) and "Read-only file system" in str(exc.value)
+    assert "No checkpoint has been written yet" in str(exc.value)  # metrics come before it
+    assert not [n for n in os.listdir(out) if ".tmp" in n]
+
+
+def test_an_output_folder_that_cannot_be_written_is_refused_first(tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    with pytest.raises(SystemExit, match="cannot write to the output folder .*a_file/run.*give another --out"):
+        train.main(TINY + ["--out", str(a_file / "run")])
+    assert sorted(os.listdir(tmp_path)) == ["a_file"]

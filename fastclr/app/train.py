@@ -32,6 +32,7 @@ import argparse
 import csv
 import dataclasses
 import difflib
+import io
 import json
 import math
 import os
@@ -418,6 +419,7 @@ class Run:
     ckpt_path: str
     peak_lr: float
     stop_request: "_StopRequest"
+    last_good: str | None = None  # where the last checkpoint written (or resumed from) stands
 
     @property
     def main(self) -> bool:
@@ -589,6 +591,8 @@ def setup_run(args, device, rank, world) -> Run:
               torch.compile(model) if args.compile else model, optimizer, views, amp_dtype,
               channels_last, dist.group.WORLD if world > 1 else None, state,
               DeviceSums(device, state.bad_run), None, ckpt_path, peak_lr, _StopRequest())
+    if resume and os.path.abspath(resume) == os.path.abspath(ckpt_path):
+        run.last_good = state.position(run.steps_per_epoch, args.epochs)
     if run.main:
         _open_outputs(run, resumed=bool(resume))
     if args.eval_random_init and run.main and state.random_init is None:
@@ -602,7 +606,8 @@ def _open_outputs(run: Run, *, resumed: bool) -> None:
     args = run.args
     os.makedirs(args.out, exist_ok=True)
     text = yaml.safe_dump(run_config(args), sort_keys=True)
-    _atomic_write(os.path.join(args.out, "config.yaml"), text.encode())
+    path = os.path.join(args.out, "config.yaml")
+    write_or_exit(run, "the configuration", path, lambda: _atomic_write(path, text.encode()))
     run.writer = SummaryWriter(os.path.join(args.out, "tensorboard"), purge_step=run.state.step)
     kind = {"ntxent": "SimCLR" if args.views == 2 else f"multi-view SimCLR ({args.views} views)",
             "supcon": f"SupCon ({args.views} views, positives {args.positives})",
@@ -740,7 +745,8 @@ def end_epoch(run: Run) -> None:
         row["knn_top1"] = run_evaluation(run, probe=False)["knn"]["top1"]
     st.history.append(row)
     if run.main:
-        write_metrics_csv(os.path.join(args.out, "metrics.csv"), st.history)
+        path = os.path.join(args.out, "metrics.csv")
+        write_or_exit(run, "the metrics", path, lambda: write_metrics_csv(path, st.history))
         for k in ("loss", "contrastive_top1", "images_per_sec", "knn_top1"):
             if row.get(k) is not None:
                 run.writer.add_scalar(f"epoch/{k}", row[k], row["epoch"])
@@ -782,7 +788,8 @@ def finish(run: Run, stop: Stop) -> dict | None:
     if run.main:
         with _exit_on_signal(f"during the final evaluation (training is complete and saved in "
                              f"{run.ckpt_path}); --resume {run.ckpt_path} redoes the evaluation"):
-            final = final_evaluation(run)
+            final = write_or_exit(run, "the evaluation results", os.path.join(run.args.out, "eval.json"),
+                                  lambda: final_evaluation(run))
         result = _write_results(run, headline(final))
         print(json.dumps(result), flush=True)
     if run.world > 1:
@@ -794,11 +801,13 @@ def _write_results(run: Run, final: dict) -> dict:
     args, st = run.args, run.state
     if st.history:
         st.history[-1]["knn_top1"] = final["knn_top1"]
-        write_metrics_csv(os.path.join(args.out, "metrics.csv"), st.history)
+        path = os.path.join(args.out, "metrics.csv")
+        write_or_exit(run, "the metrics", path, lambda: write_metrics_csv(path, st.history))
     run.writer.add_scalar("eval/knn_top1", final["knn_top1"], st.step)
     run.writer.add_scalar("eval/linear_top1", final["linear_top1"], st.step)
     run.writer.close()
-    plot_curves(os.path.join(args.out, "curves.png"), st.history, final)
+    path = os.path.join(args.out, "curves.png")
+    write_or_exit(run, "the curves", path, lambda: plot_curves(path, st.history, final))
     result = {
         **final,
         "images_per_sec": (st.step * args.batch_size / st.train_time) if st.train_time > 0 else None,
@@ -817,6 +826,8 @@ def main(argv=None) -> dict | None:
     args = parse_args(argv)
     device, rank, world = setup_distributed(args.device)
     try:
+        if rank == 0:
+            check_output_folder(args.out)
         run = setup_run(args, device, rank, world)
         try:
             return finish(run, train(run))
@@ -881,18 +892,64 @@ def _atomic_write(path: str, payload) -> None:
         os.close(fd)
 
 
+def checkpoint_bytes(state: dict) -> bytes:
+    """``torch.save(state)`` in memory: the file's size is known before it is written, and a
+    failed write is the file system's OSError, not torch's "unexpected pos"."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return buf.getvalue()
+
+
 def save_checkpoint(path: str, state: dict) -> None:
     """``torch.save(state)`` to ``path``, atomically."""
-    _atomic_write(path, lambda f: torch.save(state, f))
+    _atomic_write(path, checkpoint_bytes(state))
 
 
 def checkpoint(run: Run) -> None:
     if run.main:
-        save_checkpoint(run.ckpt_path, {
+        data = checkpoint_bytes({
             "format": CKPT_FORMAT, "config": run_config(run.args), "model": run.raw_model.state_dict(),
             "optimizer": run.optimizer.state_dict(), "rng": _rng_state(), "run": run.state.state_dict()})
+        write_or_exit(run, "the checkpoint", run.ckpt_path, lambda: _atomic_write(run.ckpt_path, data),
+                      len(data))
+        run.last_good = run.state.position(run.steps_per_epoch, run.args.epochs)
     if run.world > 1:
         dist.barrier()
+
+
+def write_or_exit(run: Run, what: str, path: str, write, size: int | None = None):
+    """``write()``; if the file system refuses it (no space, no permission, a read-only folder),
+    the run ends with exit status 1 and one message: what could not be written and why, the
+    space it needed, the last good checkpoint and how to continue. The writes are atomic, so
+    nothing partial or temporary is left."""
+    try:
+        return write()
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+        need = f" ({size / 2**20:.1f} MiB needed)" if size else ""
+        if run.last_good:
+            then = (f"The last good checkpoint is {run.ckpt_path}, {run.last_good}: once {what} can be "
+                    "written there (free space, or fix the folder), the same command with --resume "
+                    "auto continues from it.")
+        else:
+            then = "No checkpoint has been written yet: rerun once the folder can be written."
+        raise SystemExit(f"fastclr.train: could not write {what} {path}: {why}{need}. {then}") from None
+
+
+def check_output_folder(out: str) -> None:
+    """Refuse, before training, an output folder that cannot be made or written."""
+    probe = os.path.join(out, f".fastclr-write-test.{os.getpid()}")
+    try:
+        os.makedirs(out, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(b"0")
+            os.fsync(f.fileno())
+        os.unlink(probe)
+    except OSError as exc:
+        if os.path.exists(probe):
+            os.unlink(probe)
+        raise SystemExit(f"fastclr.train: cannot write to the output folder {out}: "
+                         f"{exc.strerror or exc}; give another --out") from None
 
 
 def read_checkpoint(path: str, what: str = "--resume") -> dict:
@@ -1022,13 +1079,12 @@ METRIC_FIELDS = ("epoch", "step", "loss", "contrastive_top1", "lr", "images_per_
 
 def write_metrics_csv(path: str, history: list) -> None:
     """The whole history, rewritten atomically, so a resumed run never repeats or loses a row."""
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=METRIC_FIELDS, extrasaction="ignore")
-        w.writeheader()
-        for row in history:
-            w.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in METRIC_FIELDS})
-    os.replace(tmp, path)
+    text = io.StringIO(newline="")
+    w = csv.DictWriter(text, fieldnames=METRIC_FIELDS, extrasaction="ignore")
+    w.writeheader()
+    for row in history:
+        w.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in METRIC_FIELDS})
+    _atomic_write(path, text.getvalue().encode())
 
 
 def plot_curves(path: str, history: list, final: dict) -> None:
@@ -1048,8 +1104,10 @@ def plot_curves(path: str, history: list, final: dict) -> None:
     ax2.set(xlabel="epoch", ylabel="accuracy", ylim=(0, 1), title="accuracy")
     ax2.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
     plt.close(fig)
+    _atomic_write(path, png.getvalue())
 
 
 if __name__ == "__main__":

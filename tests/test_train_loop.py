@@ -139,8 +139,9 @@ def _setup(tmp_path, *extra):
     return train.setup_run(args, device, rank, world)
 
 
-@pytest.mark.parametrize("extra", [[], ["--loss", "supcon"], ["--views", "3"], ["--micro-batch", "150"]],
-                         ids=["ntxent", "supcon", "views3", "micro-batch"])
+@pytest.mark.parametrize("extra", [[], ["--loss", "supcon"], ["--views", "3"], ["--micro-batch", "150"],
+                                   ["--precision", "fp16"], ["--optimizer", "adamw"]],
+                         ids=["ntxent", "supcon", "views3", "micro-batch", "fp16", "adamw"])
 def test_steady_state_step_makes_no_host_sync(tmp_path, extra):
     run = _setup(tmp_path, *extra)
     batches = run.batches.epoch(0)
@@ -166,7 +167,8 @@ def test_the_count_sees_a_sync():
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("extra", [[], ["--micro-batch", "150"]], ids=["plain", "micro-batch"])
+@pytest.mark.parametrize("extra", [[], ["--micro-batch", "150"], ["--precision", "fp16"]],
+                         ids=["plain", "micro-batch", "fp16"])
 def test_no_sync_on_gpu(tmp_path, extra):
     """On a GPU: torch's own sync detector raises at any synchronising call in the step."""
     run = _setup(tmp_path, "--device", "cuda", "--augment", "torch", *extra)
@@ -186,7 +188,7 @@ def test_no_sync_on_gpu(tmp_path, extra):
 @pytest.mark.parametrize("extra", [["--loss", "supcon"], ["--loss", "supcon", "--positives", "sum"],
                                    ["--views", "4"], ["--loss", "supcon", "--views", "3"],
                                    ["--loss", "supervised"], ["--optimizer", "sgd"],
-                                   ["--optimizer", "adamw"]])
+                                   ["--optimizer", "adamw"], ["--precision", "fp16"]])
 def test_loss_family_runs_and_resumes_exactly(tmp_path, monkeypatch, extra):
     a = train.main(TINY + extra + ["--out", str(tmp_path / "a")])
     assert a["final_loss"] == a["final_loss"] and a["views"] == (int(extra[-1]) if "--views" in extra else 2)
@@ -458,3 +460,32 @@ def test_supervised_baseline_learns_the_labels():
     target = torch.cat([labels] * 3)
     torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(z, target))
     assert top1.item() == (z.argmax(1) == target).float().mean().item()
+
+
+def test_fp16_overflow_is_skipped_and_the_scale_recovers(tmp_path, monkeypatch):
+    """--precision fp16: a step whose scaled gradients overflow changes no weight and no
+    optimizer state (the found-inf flag reaches LARS on the device), halves the scale, and the
+    scale grows back after growth_interval good steps."""
+    run = _setup(tmp_path, "--precision", "fp16")
+    assert run.amp_dtype == torch.float16
+    run.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8, growth_interval=2)
+    batches = run.batches.epoch(0)
+    train.train_step(run, *next(batches))
+    scale = run.scaler.get_scale()
+    weights = {k: v.clone() for k, v in run.raw_model.state_dict().items() if "running" not in k
+               and "num_batches" not in k}
+    momenta = [s["momentum_buffer"].clone() for s in run.optimizer.state.values()]
+    real = train.contrastive_loss
+    monkeypatch.setattr(train, "contrastive_loss", lambda *a, **k: (real(*a, **k)[0] * 1e38, real(*a, **k)[1]))
+    x, labels = next(batches)
+    train.train_step(run, x, labels)  # 1e38 x the scale: the gradients overflow
+    monkeypatch.undo()
+    assert run.scaler.get_scale() == scale / 2
+    state = run.raw_model.state_dict()
+    assert all(torch.equal(v, state[k]) for k, v in weights.items())
+    assert all(torch.equal(m, s["momentum_buffer"]) for m, s in zip(momenta, run.optimizer.state.values()))
+    for _ in range(2):
+        train.train_step(run, x, labels)
+    assert run.scaler.get_scale() == scale  # grown back
+    *_, bad, _, _ = run.sums.read(0, None)
+    assert bad == 1  # the overflow counted as a skipped step

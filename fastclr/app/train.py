@@ -61,6 +61,7 @@ RUN_DEFINING = ("dataset", "backbone", "width", "cifar_stem", "head_layers", "pr
 # ... and on these, which fix the learning-rate schedule (warm-up, then cosine to 0 at the end).
 SCHEDULE = ("epochs", "warmup_epochs")
 OPTIMIZERS = ("lars", "sgd", "adamw")
+PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16 with loss scaling"}
 ADAMW_BASE_LR = 1e-3  # --base-lr's default with --optimizer adamw (the datasets' are for LARS/SGD)
 # what a checkpoint written before a key existed meant by it
 RUN_DEFAULTS_BEFORE = {"optimizer": "lars"}
@@ -150,8 +151,9 @@ FLAGS = (
     ("--crop-scale", dict(type=float, help="smallest crop area fraction of the random resized crop")),
     ("--flip", dict(type=float, help="horizontal flip probability")),
     ("--strength", dict(type=float, help="colour-jitter strength")),
-    ("--precision", dict(choices=("auto", "fp32", "bf16"), default="auto",
-                         help="auto: bf16 autocast on GPU")),
+    ("--precision", dict(choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                         help="auto: bf16 autocast on GPU; fp16: float16 autocast with loss scaling "
+                              "(GPUs without bfloat16: V100, T4)")),
     ("--channels-last", dict(choices=("auto", "on", "off"), default="auto",
                              help="auto: on for GPU (on a CPU it is faster too, but oneDNN's "
                                   "channels_last kernels are not deterministic: no exact resume)")),
@@ -420,6 +422,7 @@ class Run:
     peak_lr: float
     stop_request: "_StopRequest"
     last_good: str | None = None  # where the last checkpoint written (or resumed from) stands
+    scaler: torch.amp.GradScaler | None = None  # --precision fp16's loss scale
 
     @property
     def main(self) -> bool:
@@ -571,7 +574,8 @@ def optimizer_step(optimizer, found_inf: torch.Tensor) -> None:
 def setup_run(args, device, rank, world) -> Run:
     torch.manual_seed(args.seed)
     gpu = device.type == "cuda"
-    amp_dtype = torch.bfloat16 if args.precision == "bf16" or (args.precision == "auto" and gpu) else None
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}.get(
+        args.precision, torch.bfloat16 if gpu else None)
     channels_last = args.channels_last == "on" or (args.channels_last == "auto" and gpu)
     ds, batches, views = _load_data(args, device, rank, world, amp_dtype, channels_last)
     model, optimizer, peak_lr = _build_model(args, device, channels_last, ds.num_classes)
@@ -580,8 +584,9 @@ def setup_run(args, device, rank, world) -> Run:
     if resume == "auto":
         resume = ckpt_path if os.path.isfile(ckpt_path) else None
     state = RunState()
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     if resume:
-        restore(resume, args, model, optimizer, state, len(batches))
+        restore(resume, args, model, optimizer, state, len(batches), scaler)
     raw_model = model
     if world > 1 and gpu:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -590,7 +595,7 @@ def setup_run(args, device, rank, world) -> Run:
     run = Run(args, device, rank, world, ds, batches, model, raw_model,
               torch.compile(model) if args.compile else model, optimizer, views, amp_dtype,
               channels_last, dist.group.WORLD if world > 1 else None, state,
-              DeviceSums(device, state.bad_run), None, ckpt_path, peak_lr, _StopRequest())
+              DeviceSums(device, state.bad_run), None, ckpt_path, peak_lr, _StopRequest(), scaler=scaler)
     if resume and os.path.abspath(resume) == os.path.abspath(ckpt_path):
         run.last_good = state.position(run.steps_per_epoch, args.epochs)
     if run.main:
@@ -618,7 +623,7 @@ def _open_outputs(run: Run, *, resumed: bool) -> None:
           f"steps/epoch of {args.batch_size} images, {args.epochs} epochs), {args.backbone}"
           + (f" width {args.width}" if args.width else "") + f", {run.world} process(es) on {run.device}, loss impl {args.loss_impl}, "
           f"{optimizer}, augmentation "
-          f"{'DALI' if run.augment is None else 'torch'}, {'bf16' if run.amp_dtype else 'fp32'}; "
+          f"{'DALI' if run.augment is None else 'torch'}, {PRECISION_NAMES[run.amp_dtype]}; "
           f"out {args.out}" + (f"; resumed {run.state.position(run.steps_per_epoch, args.epochs)}"
                                if resumed else ""), flush=True)
     print("configuration (saved as config.yaml):\n  " + text.strip().replace("\n", "\n  "), flush=True)
@@ -667,8 +672,12 @@ def train_step(run: Run, x, labels) -> None:
         group["lr"] = run.lr_at(step)
     run.optimizer.zero_grad(set_to_none=True)
     loss, top1 = forward_backward(run, tuple(views), labels)
+    if run.scaler is not None:  # fp16: the gradients of the scaled loss, divided back on the device
+        run.scaler.unscale_(run.optimizer)
     found = nonfinite_flag(loss, run.raw_model.parameters(), run.group)
     optimizer_step(run.optimizer, found)
+    if run.scaler is not None:  # back off after an overflow, grow after a run of good steps
+        run.scaler.update()
     run.sums.add(loss, top1, found)
 
 
@@ -677,10 +686,14 @@ def forward_backward(run: Run, views: tuple, labels):
     loss in float32; with --micro-batch through gradient caching (fastclr.grad_cache)."""
     def loss_fn(z):
         with torch.autocast(run.device.type, enabled=False):
-            return contrastive_loss(run, z.float(), labels, len(views))
+            loss, top1 = contrastive_loss(run, z.float(), labels, len(views))
+        if run.scaler is None:
+            return loss, top1
+        return run.scaler.scale(loss), top1, loss.detach()  # backward through the scaled loss
     with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
         micro = run.args.micro_batch or views[0].shape[0]
-        return grad_cache_backward(run.forward, views, loss_fn, micro)
+        out = grad_cache_backward(run.forward, views, loss_fn, micro)
+    return (out[2], out[1]) if run.scaler is not None else out
 
 
 # --- the loop ---------------------------------------------------------------------------------
@@ -909,7 +922,8 @@ def checkpoint(run: Run) -> None:
     if run.main:
         data = checkpoint_bytes({
             "format": CKPT_FORMAT, "config": run_config(run.args), "model": run.raw_model.state_dict(),
-            "optimizer": run.optimizer.state_dict(), "rng": _rng_state(), "run": run.state.state_dict()})
+            "optimizer": run.optimizer.state_dict(), "rng": _rng_state(), "run": run.state.state_dict(),
+            "scaler": run.scaler.state_dict() if run.scaler is not None else None})
         write_or_exit(run, "the checkpoint", run.ckpt_path, lambda: _atomic_write(run.ckpt_path, data),
                       len(data))
         run.last_good = run.state.position(run.steps_per_epoch, run.args.epochs)
@@ -1004,7 +1018,8 @@ def _check_same_run(path: str, theirs: dict, args, state: RunState, steps_per_ep
         "Resume with the old values, or start a new run")
 
 
-def restore(path: str, args, model, optimizer, state: RunState, steps_per_epoch: int) -> None:
+def restore(path: str, args, model, optimizer, state: RunState, steps_per_epoch: int,
+            scaler=None) -> None:
     """Load a checkpoint of the same run into the model, optimizer, RNG and run state."""
     ckpt = read_checkpoint(path)
     run_state = RunState()
@@ -1016,6 +1031,8 @@ def restore(path: str, args, model, optimizer, state: RunState, steps_per_epoch:
     except (RuntimeError, ValueError, KeyError) as exc:
         raise SystemExit(f"--resume: {path} does not fit this model/optimizer: {exc}") from exc
     _set_rng_state(ckpt["rng"])
+    if scaler is not None and ckpt.get("scaler"):  # fp16's loss scale, where the run had one
+        scaler.load_state_dict(ckpt["scaler"])
     state.load_state_dict(ckpt["run"])
 
 

@@ -377,6 +377,12 @@ __global__ void __launch_bounds__(kThreads) nt_xent_bwd_kernel(
   const float w_i = (row_ok && cnt[gi] > 0.f) ? w[gi] : 0.f;
   const int64_t lab_i = (kLabels && row_ok) ? labels[gi] : 0;
   float tsum = 0.f, absmax_j = 0.f, absmax_i = 0.f;
+  // float16 holds no nonzero row of norm <= eps (its smallest subnormal is 6e-8): a row whose
+  // norm was clamped is zero, and its products are 0 whatever its coefficient. Its coefficient,
+  // a / eps, must not set the tile's power-of-two scale: that made the scale ~2^-37 and flushed
+  // every other float16 coefficient to 0 (all gradients 0). bfloat16 has float32's range.
+  constexpr bool kClampedIsZero = std::is_same_v<scalar_t, at::Half>;
+  const bool dead_i = kClampedIsZero && row_ok && norm[gi] <= kNormEps;
   for (int c = c0; c < c0 + 32; ++c) {
     const int64_t gj = rows_j[c];
     float a = 0.f, rn = 0.f;
@@ -393,8 +399,9 @@ __global__ void __launch_bounds__(kThreads) nt_xent_bwd_kernel(
       tsum += a * s;
     }
     scores[r * kScoreLd + c] = a * rn;  // A rn_j: the operand of G_I += (A rn_j) Z_J
-    absmax_j = fmaxf(absmax_j, fabsf(a * rn));
-    absmax_i = fmaxf(absmax_i, fabsf(a * rn_i));
+    const bool dead_j = kClampedIsZero && gj >= 0 && norm[gj] <= kNormEps;
+    if (!dead_j) absmax_j = fmaxf(absmax_j, fabsf(a * rn));
+    if (!dead_i) absmax_i = fmaxf(absmax_i, fabsf(a * rn_i));
   }
   for (int o = 16; o > 0; o /= 2) tsum += __shfl_xor_sync(0xffffffffu, tsum, o);
   if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = tsum;
@@ -410,9 +417,10 @@ __global__ void __launch_bounds__(kThreads) nt_xent_bwd_kernel(
   for (int c = c0; c < c0 + 32; ++c) {
     const int64_t gj = rows_j[c];
     const float a_rn = scores[r * kScoreLd + c];
-    a_op_j[r * ld + c] = T::from_float(a_rn * c_j);
+    const bool dead_j = kClampedIsZero && gj >= 0 && norm[gj] <= kNormEps;
+    a_op_j[r * ld + c] = T::from_float(dead_j ? 0.f : a_rn * c_j);
     // A rn_i = (A rn_j) * norm_j * rn_i
-    a_op_i[r * ld + c] = T::from_float(gj >= 0 ? a_rn * norm[gj] * rn_i * c_i : 0.f);
+    a_op_i[r * ld + c] = T::from_float(gj >= 0 && !dead_i ? a_rn * norm[gj] * rn_i * c_i : 0.f);
   }
   __syncthreads();
   // G_I += (A rn_j) Z_J; then (off the diagonal, whose A holds (i, j) and (j, i) already)

@@ -361,6 +361,18 @@ def _bwd_a_tile(acc, bi, bj, rows_i, mask_i, rows_j, mask_j, rn_i, rn_j, inv_tau
 
 
 @triton.jit
+def _operand_rn(rn, dtype: tl.constexpr):
+    """1 / norm as the backward's coefficient operands take it. float16 holds no nonzero row of
+    norm <= eps (its smallest subnormal is 6e-8): a row whose norm was clamped (1 / norm = 1e12)
+    is zero, its products are 0 whatever its coefficient, and that coefficient (a / eps) must not
+    set _scaled_cast's power of two -- it made it ~2^-37 and flushed every other float16
+    coefficient to 0 (all gradients 0). bfloat16 has float32's range."""
+    if dtype == tl.float16:
+        rn = tl.where(rn > 1e11, 0.0, rn)
+    return rn
+
+
+@triton.jit
 def _scaled_cast(x, dtype: tl.constexpr):
     """x rescaled by a power of two c to a largest entry of ~1, cast to dtype; and c. The A
     tiles (~w * P, often ~1e-6) would otherwise be flushed to subnormals by fp16; the fp32
@@ -403,12 +415,14 @@ def _nt_xent_bwd_rows_kernel(z1_ptr, z2_ptr, labels_ptr, norm_ptr, temp_ptr, sta
             a, tsum = _bwd_a_tile(acc, bi, bj, rows_i, mask_i, rows_j, mask_j, rn_i, rn_j, inv_tau,
                                   stats_ptr, w_ptr, labels_ptr, N, M, LABELS, MEAN)
             if bj != bi:
-                a_i, c_i = _scaled_cast(tl.trans(a * rn_i[:, None]), z1_ptr.dtype.element_ty)
+                a_i, c_i = _scaled_cast(tl.trans(a * _operand_rn(rn_i, z1_ptr.dtype.element_ty)[:, None]),
+                                        z1_ptr.dtype.element_ty)
                 g_j = tl.dot(a_i, z_i, input_precision=PRECISION) / c_i
                 tl.atomic_add(g_ptr + _row_offset(rows_j, D)[:, None] + offs_d[None, :], g_j,
                               mask=mask_j[:, None] & d_mask)
             total += tsum
-            a_j, c_j = _scaled_cast(a * rn_j[None, :], z1_ptr.dtype.element_ty)
+            a_j, c_j = _scaled_cast(a * _operand_rn(rn_j, z1_ptr.dtype.element_ty)[None, :],
+                                    z1_ptr.dtype.element_ty)
             g_i += tl.dot(a_j, z_j, input_precision=PRECISION) / c_j
     tl.atomic_add(g_ptr + _row_offset(rows_i, D)[:, None] + offs_d[None, :], g_i,
                   mask=mask_i[:, None] & d_mask)
@@ -441,8 +455,9 @@ def _nt_xent_bwd_pairs_kernel(z1_ptr, z2_ptr, labels_ptr, norm_ptr, temp_ptr, st
     a, tsum = _bwd_a_tile(acc, bi, bj, rows_i, mask_i, rows_j, mask_j, rn_i, rn_j, inv_tau,
                           stats_ptr, w_ptr, labels_ptr, N, M, LABELS, MEAN)
     tl.store(tpart_ptr + bi * tl.num_programs(1) + bj, tsum)
-    a_j, c_j = _scaled_cast(a * rn_j[None, :], z1_ptr.dtype.element_ty)
-    a_i, c_i = _scaled_cast(tl.trans(a * rn_i[:, None]), z1_ptr.dtype.element_ty)
+    a_j, c_j = _scaled_cast(a * _operand_rn(rn_j, z1_ptr.dtype.element_ty)[None, :], z1_ptr.dtype.element_ty)
+    a_i, c_i = _scaled_cast(tl.trans(a * _operand_rn(rn_i, z1_ptr.dtype.element_ty)[:, None]),
+                            z1_ptr.dtype.element_ty)
     for k0 in range(0, D, BLOCK_D):
         offs_d = k0 + tl.arange(0, BLOCK_D)
         d_mask = offs_d[None, :] < D

@@ -228,6 +228,13 @@ def unit_rows64(x: torch.Tensor) -> torch.Tensor:
     return x / norm[:, None]
 
 
+def unit_dot64(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum_t a[..., t] b[..., t] of float64 unit rows (``unit_rows64``), broadcast over the
+    leading dimensions, in ``_fixed_order_sum``'s order: the score of knn_scores and of the
+    streamed paths' re-scoring (fastclr.similarity._rescore)."""
+    return _fixed_order_sum(a.shape[-1], lambda t: a[..., t] * b[..., t])
+
+
 def knn_scores(queries: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
     """The (M, K) float64 cosine similarities every knn_topk backend ranks by -- the one formula
     that decides the order: s_ij = sum_t (q_it / ||q_i||) (b_jt / ||b_j||), each row divided by
@@ -235,8 +242,7 @@ def knn_scores(queries: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
     exact values (half and float32 inputs are exactly representable in float64). Rows that
     normalise to the same vector (duplicates, scaled copies whose norms scale exactly, every row
     when D = 1) score identically. O(M K) memory: the spec, not the fast path."""
-    qn, bn = unit_rows64(queries), unit_rows64(bank)
-    return _fixed_order_sum(queries.shape[1], lambda t: qn[:, None, t] * bn[None, :, t])
+    return unit_dot64(unit_rows64(queries)[:, None, :], unit_rows64(bank)[None, :, :])
 
 
 def rank_by_score(scores: torch.Tensor, candidates: torch.Tensor | None, k: int):

@@ -138,5 +138,4 @@ def _rescore(q, bank, cand, k):
     by) and the best k, ties to the lower bank row."""
     qn = reference.unit_rows64(q)                                  # (mq, D)
     rows = reference.unit_rows64(bank[cand.reshape(-1)]).view(*cand.shape, q.shape[1])  # (mq, kk, D)
-    s = reference._fixed_order_sum(q.shape[1], lambda t: qn[:, None, t] * rows[:, :, t])
-    return reference.rank_by_score(s, cand, k)
+    return reference.rank_by_score(reference.unit_dot64(qn[:, None, :], rows), cand, k)

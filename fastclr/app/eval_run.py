@@ -120,20 +120,21 @@ def _protocol(name, model, ds, config, s, split, device, fresh_model, plots, swe
         return ev.kmeans_protocol(split["test"][0], yte, c, s)
     if name == "tsne":
         return ev.tsne_plot(f"{plots}_tsne.png", split["test"][0], yte, s, "t-SNE of held-out features")
-    return {f"{fraction:g}": _finetune_fraction(fraction, model, ds, config, s, device, fresh_model)
+    labels = data_mod.train_labels(ds)
+    starts = [("pretrained", model.backbone)]  # fine-tuning copies them: both serve every fraction
+    if fresh_model is not None:
+        starts.append(("scratch", fresh_model().backbone))
+    return {f"{fraction:g}": _finetune_fraction(fraction, labels, starts, ds, config, s, device)
             for fraction in s.label_fractions}
 
 
-def _finetune_fraction(fraction, model, ds, config, s, device, fresh_model) -> dict:
-    """Fine-tuning on one label fraction, from the model and from scratch, on the same images."""
-    labels = data_mod.train_labels(ds)
+def _finetune_fraction(fraction, labels, starts, ds, config, s, device) -> dict:
+    """Fine-tuning on one label fraction from each start (pretrained, from scratch), on the
+    same images."""
     idx = ev.few_label_subset(labels, fraction, s.seed)
     images = data_mod.train_images(ds, idx, config["image_size"])
     y = torch.as_tensor(labels[idx])
     out = {"images": len(idx), "indices": idx.tolist()}
-    starts = [("pretrained", model.backbone)]
-    if fresh_model is not None:
-        starts.append(("scratch", fresh_model().backbone))
     for name, backbone in starts:
         t0 = time.perf_counter()
         net = ev.finetune(backbone, images, y, ds.num_classes, s, mean=ds.mean, std=ds.std,

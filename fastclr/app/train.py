@@ -621,9 +621,9 @@ def _open_outputs(run: Run, *, resumed: bool) -> None:
                  else args.optimizer)
     print(f"fastclr {fastclr.__version__}: {kind} on {args.dataset} ({run.steps_per_epoch} "
           f"steps/epoch of {args.batch_size} images, {args.epochs} epochs), {args.backbone}"
-          + (f" width {args.width}" if args.width else "") + f", {run.world} process(es) on {run.device}, loss impl {args.loss_impl}, "
-          f"{optimizer}, augmentation "
-          f"{'DALI' if run.augment is None else 'torch'}, {PRECISION_NAMES[run.amp_dtype]}; "
+          + (f" width {args.width}" if args.width else "")
+          + f", {run.world} process(es) on {run.device}, loss impl {args.loss_impl}, {optimizer}, "
+          f"augmentation {'DALI' if run.augment is None else 'torch'}, {PRECISION_NAMES[run.amp_dtype]}; "
           f"out {args.out}" + (f"; resumed {run.state.position(run.steps_per_epoch, args.epochs)}"
                                if resumed else ""), flush=True)
     print("configuration (saved as config.yaml):\n  " + text.strip().replace("\n", "\n  "), flush=True)
@@ -758,8 +758,7 @@ def end_epoch(run: Run) -> None:
         row["knn_top1"] = run_evaluation(run, probe=False)["knn"]["top1"]
     st.history.append(row)
     if run.main:
-        path = os.path.join(args.out, "metrics.csv")
-        write_or_exit(run, "the metrics", path, lambda: write_metrics_csv(path, st.history))
+        save_metrics(run)
         for k in ("loss", "contrastive_top1", "images_per_sec", "knn_top1"):
             if row.get(k) is not None:
                 run.writer.add_scalar(f"epoch/{k}", row[k], row["epoch"])
@@ -814,8 +813,7 @@ def _write_results(run: Run, final: dict) -> dict:
     args, st = run.args, run.state
     if st.history:
         st.history[-1]["knn_top1"] = final["knn_top1"]
-        path = os.path.join(args.out, "metrics.csv")
-        write_or_exit(run, "the metrics", path, lambda: write_metrics_csv(path, st.history))
+        save_metrics(run)
     run.writer.add_scalar("eval/knn_top1", final["knn_top1"], st.step)
     run.writer.add_scalar("eval/linear_top1", final["linear_top1"], st.step)
     run.writer.close()
@@ -954,14 +952,9 @@ def check_output_folder(out: str) -> None:
     """Refuse, before training, an output folder that cannot be made or written."""
     probe = os.path.join(out, f".fastclr-write-test.{os.getpid()}")
     try:
-        os.makedirs(out, exist_ok=True)
-        with open(probe, "wb") as f:
-            f.write(b"0")
-            os.fsync(f.fileno())
+        _atomic_write(probe, b"0")  # makes the folder; leaves nothing behind when it fails
         os.unlink(probe)
     except OSError as exc:
-        if os.path.exists(probe):
-            os.unlink(probe)
         raise SystemExit(f"fastclr.train: cannot write to the output folder {out}: "
                          f"{exc.strerror or exc}; give another --out") from None
 
@@ -1092,6 +1085,12 @@ class _exit_on_signal:
 
 METRIC_FIELDS = ("epoch", "step", "loss", "contrastive_top1", "lr", "images_per_sec", "knn_top1",
                  "bad_steps", "elapsed_s")
+
+
+def save_metrics(run: Run) -> None:
+    """<out>/metrics.csv from the run's history (a write failure ends the run: write_or_exit)."""
+    path = os.path.join(run.args.out, "metrics.csv")
+    write_or_exit(run, "the metrics", path, lambda: write_metrics_csv(path, run.state.history))
 
 
 def write_metrics_csv(path: str, history: list) -> None:

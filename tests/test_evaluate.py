@@ -5,6 +5,7 @@ import itertools
 import json
 import os
 import signal
+import zipfile
 
 import numpy as np
 import pytest
@@ -333,10 +334,21 @@ def test_export_and_load_refuse_what_they_cannot_use(tmp_path, run_dir):
     junk.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
     with pytest.raises(ValueError, match="not a fastclr backbone export|neither"):
         fastclr.load_backbone(str(junk))
+    damaged = tmp_path / "damaged"
+    export.main([run_dir, "--out", str(damaged / "good.pt")])
+    cut = damaged / "cut.pt"
+    cut.write_bytes((damaged / "good.pt").read_bytes()[:3000])
+    with pytest.raises(ValueError, match=r"cannot read .*cut\.pt \(truncated"):
+        fastclr.load_backbone(str(cut))
+    other_zip = damaged / "other.pt"
+    with zipfile.ZipFile(other_zip, "w") as z:
+        z.writestr("readme.txt", "not a model")
+    with pytest.raises(ValueError, match=r"cannot read .*other\.pt \(truncated, or a zip file"):
+        fastclr.load_backbone(str(other_zip))
     a_file = tmp_path / "a_file"
     a_file.write_text("")
     with pytest.raises(SystemExit, match="fastclr.export: cannot write .*a_file/b.pt"):
         export.main([run_dir, "--out", str(a_file / "b.pt")])
     with pytest.raises(SystemExit, match="fastclr.evaluate: cannot make the output folder"):
         eval_run.main([run_dir, "--out", str(a_file / "eval")])
-    assert sorted(os.listdir(tmp_path)) == ["a_file", "junk.safetensors"]
+    assert sorted(os.listdir(tmp_path)) == ["a_file", "damaged", "junk.safetensors"]

@@ -53,7 +53,11 @@ def read_export(path: str) -> tuple:
     with open(path, "rb") as f:
         head = f.read(8)
     if head[:2] == b"PK":
-        blob = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - a zip torch cannot read: truncated, or not torch's
+            raise ValueError(f"load_backbone: cannot read {path} (truncated, or a zip file torch.save "
+                             f"did not write: {type(exc).__name__})") from None
         if not isinstance(blob, dict) or blob.get("format") != EXPORT_FORMAT:
             hint = (" (a training checkpoint: export its backbone with python -m fastclr.export)"
                     if isinstance(blob, dict) and str(blob.get("format", "")).startswith("fastclr-checkpoint")

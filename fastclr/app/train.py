@@ -971,7 +971,9 @@ def read_checkpoint(path: str, what: str = "--resume") -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any failure to read means the same thing here
-        unsafe = "weights_only" in str(exc).lower() or "global" in str(exc).lower()
+        # torch's safe unpickler names a class or function it refused (GLOBAL ..., allowlisted via
+        # add_safe_globals); any other failure, "Unsupported operand" included, is a damaged file.
+        unsafe = "GLOBAL" in str(exc) or "allowlisted" in str(exc)
         raise SystemExit(
             f"{what}: {path} holds objects other than tensors and plain data, so it is not a fastclr "
             "checkpoint (fastclr never unpickles those: that could run code from the file)" if unsafe

@@ -61,8 +61,8 @@ class FolderDataset:
     name: str
     root: str
     num_classes: int
-    mean: tuple = IMAGENET_MEAN
-    std: tuple = IMAGENET_STD
+    mean: tuple
+    std: tuple
 
     @property
     def train_dir(self) -> str:
@@ -86,7 +86,19 @@ def load_dataset(name: str, data_dir: str | None = None, *, synthetic_size: int 
     return _synthetic(synthetic_size, synthetic_image_size)
 
 
-def _digits() -> ArrayDataset:
+def normalisation(name: str) -> tuple:
+    """(mean, std) per channel that dataset ``name``'s images are normalised with: CIFAR's usual
+    values, the digits' own training-split statistics, ImageNet's for every other dataset. The one
+    place that decides it (training, evaluation, and export's record read it), without CIFAR's files."""
+    if name in _CIFAR:
+        return CIFAR_MEAN, CIFAR_STD
+    if name == "digits":
+        xtr = _digits_split()[0]
+        return (float(xtr.mean() / 255),) * 3, (float(xtr.std() / 255),) * 3
+    return IMAGENET_MEAN, IMAGENET_STD
+
+
+def _digits_split() -> tuple:
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
     d = load_digits()
@@ -94,10 +106,11 @@ def _digits() -> ArrayDataset:
     rgb = np.repeat(grey[..., None], 3, axis=-1)
     labels = d.target.astype(np.int64)
     xtr, xte, ytr, yte = train_test_split(rgb, labels, test_size=0.2, stratify=labels, random_state=0)
-    mean = (float(xtr.mean() / 255),) * 3
-    std = (float(xtr.std() / 255),) * 3
-    return ArrayDataset("digits", np.ascontiguousarray(xtr), ytr, np.ascontiguousarray(xte), yte,
-                        10, mean, std)
+    return np.ascontiguousarray(xtr), ytr, np.ascontiguousarray(xte), yte
+
+
+def _digits() -> ArrayDataset:
+    return ArrayDataset("digits", *_digits_split(), 10, *normalisation("digits"))
 
 
 def _unpickle(f):
@@ -142,7 +155,7 @@ def _cifar(name: str, data_dir: str | None) -> ArrayDataset:
 
     xtr, ytr = split(train_files)
     xte, yte = split(test_files)
-    return ArrayDataset(name, xtr, ytr, xte, yte, classes, CIFAR_MEAN, CIFAR_STD)
+    return ArrayDataset(name, xtr, ytr, xte, yte, classes, *normalisation(name))
 
 
 def _folder(data_dir: str | None) -> FolderDataset:
@@ -162,7 +175,7 @@ def _folder(data_dir: str | None) -> FolderDataset:
             raise ValueError(f"imagefolder: train/ and val/ have different class folders "
                              f"({len(classes)} vs {len(found)})")
         classes = found
-    return FolderDataset("imagefolder", data_dir, len(classes))
+    return FolderDataset("imagefolder", data_dir, len(classes), *normalisation("imagefolder"))
 
 
 def _synthetic(n: int, size: int) -> ArrayDataset:
@@ -170,7 +183,7 @@ def _synthetic(n: int, size: int) -> ArrayDataset:
     x = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
     y = rng.integers(0, 10, n).astype(np.int64)
     k = max(1, n // 10)
-    return ArrayDataset("synthetic", x[k:], y[k:], x[:k], y[:k], 10, IMAGENET_MEAN, IMAGENET_STD)
+    return ArrayDataset("synthetic", x[k:], y[k:], x[:k], y[:k], 10, *normalisation("synthetic"))
 
 
 class BatchOrder:

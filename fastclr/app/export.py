@@ -90,18 +90,8 @@ def load_backbone(path: str, map_location="cpu") -> nn.Module:
     return net.to(map_location).eval()
 
 
-def normalisation(dataset: str) -> tuple:
-    """(mean, std) the run's inputs were normalised with (data.py's, without reading CIFAR)."""
-    from . import augment, data
-    if dataset in ("cifar10", "cifar100"):
-        return augment.CIFAR_MEAN, augment.CIFAR_STD
-    if dataset == "digits":
-        ds = data.load_dataset("digits")
-        return ds.mean, ds.std
-    return augment.IMAGENET_MEAN, augment.IMAGENET_STD
-
-
 def main(argv=None) -> str:
+    from . import data
     from .eval_run import load_run, model_of
     from .train import _atomic_write
     p = argparse.ArgumentParser(prog="python -m fastclr.export", description=__doc__,
@@ -115,7 +105,7 @@ def main(argv=None) -> str:
     ckpt, ckpt_path = load_run(args.run, "fastclr.export")
     config = ckpt["config"]
     model = model_of(ckpt, random_init=False, num_classes=1)
-    mean, std = normalisation(config["dataset"])
+    mean, std = data.normalisation(config["dataset"])
     blob = export_bytes(model.backbone.state_dict(), architecture(config, model, mean, std), fmt)
     try:
         _atomic_write(args.out, blob)

@@ -330,6 +330,35 @@ def test_metrics_that_cannot_be_written_end_the_run_clearly(tmp_path, monkeypatc
     assert not [n for n in os.listdir(out) if ".tmp" in n]
 
 
+def test_final_evaluation_results_that_cannot_be_written_end_the_run_clearly(tmp_path, monkeypatch):
+    import errno
+    from fastclr.app import evaluate as ev
+
+    def full_disk(path, *a, **k):
+        open(path, "wb").close()  # a partly written plot in the staging folder
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(ev, "confusion_plot", full_disk)
+    out = str(tmp_path / "run")
+    with pytest.raises(SystemExit) as exc:
+        train.main(TINY + ["--epochs", "1", "--out", out])
+    message = str(exc.value)
+    assert message.startswith("fastclr.train: could not write the evaluation results"), message
+    assert "No space left on device" in message and "after epoch 1 of 1 (step 3)" in message
+    assert not [n for n in os.listdir(out) if n.startswith((".eval", "eval"))]  # nothing partial left
+    assert _ckpt(os.path.join(out, "checkpoint.pt"))["step"] == 3
+
+
+def test_a_read_error_during_the_final_evaluation_is_not_called_a_write_failure(tmp_path, monkeypatch):
+    import errno
+    from fastclr.app import eval_run
+
+    def unreadable(*a, **k):
+        raise OSError(errno.EIO, os.strerror(errno.EIO), "/data/val/3/img.png")
+    monkeypatch.setattr(eval_run, "split_features", unreadable)
+    with pytest.raises(OSError, match=r"Input/output error.*img\.png"):
+        train.main(TINY + ["--epochs", "1", "--out", str(tmp_path / "run")])
+
+
 def test_an_output_folder_that_cannot_be_written_is_refused_first(tmp_path):
     a_file = tmp_path / "a_file"
     a_file.write_text("")

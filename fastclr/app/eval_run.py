@@ -85,11 +85,25 @@ def split_features(model, ds, config: dict, device, *, dtype=None, channels_last
     return split
 
 
+class Plots:
+    """The PNGs the protocols ask for, drawn only when the results are written (write_outputs):
+    an evaluation writes nothing while it computes."""
+
+    def __init__(self, prefix: str):
+        self.prefix, self.pending = prefix, []
+
+    def add(self, name: str, draw) -> str:
+        """``draw(path)`` will write ``<prefix>_<name>.png``; returns that final path."""
+        path = f"{self.prefix}_{name}.png"
+        self.pending.append((path, draw))
+        return path
+
+
 def evaluate_model(model, ds, config: dict, s: ev.Settings, protocols, device, *, fresh_model=None,
-                   plots: str | None = None, sweep: bool = True, dtype=None, channels_last=False,
+                   plots: Plots | None = None, sweep: bool = True, dtype=None, channels_last=False,
                    workers: int = 4) -> dict:
-    """``{protocol: figures}`` and ``{"seconds": {protocol: s}}`` for ``model`` on ``ds``. ``plots``:
-    a path prefix for the PNGs; ``fresh_model()``: the untrained network fine-tuning compares with."""
+    """``{protocol: figures}`` and ``{"seconds": {protocol: s}}`` for ``model`` on ``ds``. ``plots``
+    collects the PNGs to draw; ``fresh_model()``: the untrained network fine-tuning compares with."""
     model = model.to(device)
     t0 = time.perf_counter()
     try:
@@ -113,13 +127,18 @@ def _protocol(name, model, ds, config, s, split, device, fresh_model, plots, swe
         return ev.knn_protocol(split, c, s, sweep=sweep)
     if name == "linear":
         result = ev.linear_protocol(split, c, s)
-        if plots:
-            ev.confusion_plot(f"{plots}_confusion.png", result["confusion"], "linear probe: confusion")
+        if plots is not None:
+            c = result["confusion"]
+            plots.add("confusion", lambda path: ev.confusion_plot(path, c, "linear probe: confusion"))
         return result
     if name == "kmeans":
         return ev.kmeans_protocol(split["test"][0], yte, c, s)
     if name == "tsne":
-        return ev.tsne_plot(f"{plots}_tsne.png", split["test"][0], yte, s, "t-SNE of held-out features")
+        xy, y = ev.tsne_map(split["test"][0], yte, s)
+        result = {"points": len(xy)}
+        if plots is not None:
+            result["png"] = plots.add("tsne", lambda path: ev.scatter_plot(path, xy, y, "t-SNE of held-out features"))
+        return result
     labels = data_mod.train_labels(ds)
     starts = [("pretrained", model.backbone)]  # fine-tuning copies them: both serve every fraction
     if fresh_model is not None:
@@ -196,18 +215,25 @@ def print_summary(report: dict) -> None:
         print(f"  {(p + ': ' + f).ljust(width)} {v:.4f}")
 
 
-def write_outputs(report: dict, staging: str, out: str, stem: str) -> list:
-    """eval.json and eval.md into ``staging`` (which already holds the plots), then every file
-    renamed into ``out``: each appears whole or not at all."""
-    with open(os.path.join(staging, f"{stem}.json"), "w") as f:
-        json.dump(report, f, indent=1)
-    with open(os.path.join(staging, f"{stem}.md"), "w") as f:
-        f.write(markdown(report))
-    written = []
-    for name in sorted(os.listdir(staging)):
-        os.replace(os.path.join(staging, name), os.path.join(out, name))
-        written.append(os.path.join(out, name))
-    return written
+def write_outputs(report: dict, plots: Plots, out: str, stem: str) -> list:
+    """The plots, eval.json and eval.md made in a staging folder inside ``out``, then each renamed
+    into ``out``: every file appears whole or not at all, and the staging folder is removed in
+    any case."""
+    staging = tempfile.mkdtemp(prefix=f".{stem}.", dir=out)
+    try:
+        for path, draw in plots.pending:
+            draw(os.path.join(staging, os.path.basename(path)))
+        with open(os.path.join(staging, f"{stem}.json"), "w") as f:
+            json.dump(report, f, indent=1)
+        with open(os.path.join(staging, f"{stem}.md"), "w") as f:
+            f.write(markdown(report))
+        written = []
+        for name in sorted(os.listdir(staging)):
+            os.replace(os.path.join(staging, name), os.path.join(out, name))
+            written.append(os.path.join(out, name))
+        return written
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 # --- the command ------------------------------------------------------------------------------
@@ -322,20 +348,17 @@ def main(argv=None) -> dict:
             out, stem,
             lambda plots: evaluate_model(model, ds, config, s, args.protocols, device, fresh_model=fresh,
                                          plots=plots, dtype=dtype, workers=args.workers),
-            lambda results, staging: make_report(config, ckpt["run"], ckpt_path, ds, s, results,
-                                                 args.protocols, args.random_init, staging, out))
+            lambda results: make_report(config, ckpt["run"], ckpt_path, ds, s, results, args.protocols,
+                                        args.random_init))
     print_summary(report)
     print(f"wrote {os.path.join(out, stem)}.json, .md and plots", file=sys.stderr)
     return report
 
 
 def make_report(config: dict, run: dict, ckpt_path: str, ds, s: ev.Settings, results: dict,
-                protocols, random_init: bool, staging: str, out: str) -> dict:
+                protocols, random_init: bool) -> dict:
     """eval.json's contents: what was evaluated, on what, with which settings, and the figures."""
     import dataclasses
-    for r in results.values():  # plots: named as they will be, in the output folder
-        if isinstance(r, dict) and "png" in r:
-            r["png"] = os.path.join(out, os.path.relpath(r["png"], staging))
     return {"format": EVAL_FORMAT, "checkpoint": os.path.abspath(ckpt_path),
             "model": "random init" if random_init else f"{config['loss']} run",
             "dataset": ds.name, "pretrained_on": config["dataset"], "backbone": config["backbone"],
@@ -343,15 +366,12 @@ def make_report(config: dict, run: dict, ckpt_path: str, ds, s: ev.Settings, res
             "settings": dataclasses.asdict(s), "results": results}
 
 
-def evaluate_into(out: str, stem: str, evaluate, report) -> dict:
-    """``evaluate(plots_prefix) -> results``, then ``report(results, staging)`` written as
-    ``out/stem.json``, ``.md`` and the plots -- through a staging folder removed in any case, so
-    a stop or a failure leaves ``out`` as it was."""
-    staging = tempfile.mkdtemp(prefix=f".{stem}.", dir=out)
-    try:
-        results = evaluate(os.path.join(staging, stem))
-        written = report(results, staging)
-        write_outputs(written, staging, out, stem)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+def evaluate_into(out: str, stem: str, evaluate, report, guard=None) -> dict:
+    """``evaluate(plots) -> results``, then ``report(results)`` written as ``out/stem.json``,
+    ``.md`` and the plots (write_outputs) -- nothing is written before every protocol finished,
+    so a stop or a failure leaves ``out`` as it was. ``guard(write)`` runs the writing (the
+    training loop's turns a refused write into its one message); computing is outside it."""
+    plots = Plots(os.path.join(out, stem))
+    written = report(evaluate(plots))
+    (guard or (lambda write: write()))(lambda: write_outputs(written, plots, out, stem))
     return written

@@ -341,19 +341,22 @@ def recalibrate_batchnorm(model: nn.Module, batch, batches: int) -> None:
 
 # --- t-SNE ------------------------------------------------------------------------------------
 
-def tsne_plot(path: str, features: torch.Tensor, labels: torch.Tensor, s: Settings, title: str) -> dict:
-    """A PNG of the 2-D t-SNE map of (at most ``s.tsne_points``, drawn with the seed) features,
-    coloured by class."""
+def tsne_map(features: torch.Tensor, labels: torch.Tensor, s: Settings) -> tuple:
+    """(2-D points, their classes): the t-SNE map of at most ``s.tsne_points`` features, drawn
+    with the seed."""
+    from sklearn.manifold import TSNE
+    keep = np.sort(np.random.default_rng(s.seed).permutation(len(features))[:s.tsne_points])
+    x = F.normalize(features.float(), dim=1).cpu().numpy()[keep]
+    xy = TSNE(n_components=2, init="pca", perplexity=min(30.0, (len(x) - 1) / 3),
+              random_state=s.seed).fit_transform(x)
+    return xy, labels.cpu().numpy()[keep]
+
+
+def scatter_plot(path: str, xy: np.ndarray, y: np.ndarray, title: str) -> None:
+    """A PNG of 2-D points coloured by class."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from sklearn.manifold import TSNE
-    n = len(features)
-    keep = np.sort(np.random.default_rng(s.seed).permutation(n)[:s.tsne_points])
-    x = F.normalize(features.float(), dim=1).cpu().numpy()[keep]
-    y = labels.cpu().numpy()[keep]
-    xy = TSNE(n_components=2, init="pca", perplexity=min(30.0, (len(x) - 1) / 3),
-              random_state=s.seed).fit_transform(x)
     fig, ax = plt.subplots(figsize=(6, 6))
     points = ax.scatter(xy[:, 0], xy[:, 1], c=y, cmap="tab10" if y.max() < 10 else "tab20", s=6)
     if y.max() < 20:
@@ -362,7 +365,6 @@ def tsne_plot(path: str, features: torch.Tensor, labels: torch.Tensor, s: Settin
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return {"points": int(len(x)), "png": path}
 
 
 def confusion_plot(path: str, confusion, title: str) -> None:

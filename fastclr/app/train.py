@@ -800,8 +800,7 @@ def finish(run: Run, stop: Stop) -> dict | None:
     if run.main:
         with _exit_on_signal(f"during the final evaluation (training is complete and saved in "
                              f"{run.ckpt_path}); --resume {run.ckpt_path} redoes the evaluation"):
-            final = write_or_exit(run, "the evaluation results", os.path.join(run.args.out, "eval.json"),
-                                  lambda: final_evaluation(run))
+            final = final_evaluation(run)
         result = _write_results(run, headline(final))
         print(json.dumps(result), flush=True)
     if run.world > 1:
@@ -852,7 +851,7 @@ def main(argv=None) -> dict | None:
 
 # --- evaluation -------------------------------------------------------------------------------
 
-def run_evaluation(run: Run, *, probe: bool, plots: str | None = None) -> dict:
+def run_evaluation(run: Run, *, probe: bool, plots: eval_run.Plots | None = None) -> dict:
     """kNN (and, with ``probe``, the linear probe) of the backbone's features, by the protocols
     of ``python -m fastclr.evaluate`` (eval_run.evaluate_model), without its sweeps."""
     config = run_config(run.args)
@@ -864,13 +863,13 @@ def run_evaluation(run: Run, *, probe: bool, plots: str | None = None) -> dict:
 
 def final_evaluation(run: Run) -> dict:
     """The end of training's evaluation, written as python -m fastclr.evaluate writes its own:
-    <out>/eval.json, eval.md and the linear probe's confusion plot."""
-    config = run_config(run.args)
+    <out>/eval.json, eval.md and the linear probe's confusion plot (a refused write: write_or_exit)."""
+    config, path = run_config(run.args), os.path.join(run.args.out, "eval.json")
     return eval_run.evaluate_into(
         run.args.out, "eval", lambda plots: run_evaluation(run, probe=True, plots=plots),
-        lambda results, staging: eval_run.make_report(
-            config, run.state.state_dict(), run.ckpt_path, run.ds, eval_run.settings_of(config),
-            results, ("knn", "linear"), False, staging, run.args.out))["results"]
+        lambda results: eval_run.make_report(config, run.state.state_dict(), run.ckpt_path, run.ds,
+                                             eval_run.settings_of(config), results, ("knn", "linear"), False),
+        guard=lambda write: write_or_exit(run, "the evaluation results", path, write))["results"]
 
 
 def headline(results: dict) -> dict:

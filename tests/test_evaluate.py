@@ -63,6 +63,26 @@ def test_knn_sweep_slices_equal_separate_searches():
         assert r["top5"] >= r["top1"]
 
 
+def test_knn_protocol_searches_the_backbone_once_and_equals_separate_searches(monkeypatch):
+    g = torch.Generator().manual_seed(4)
+    split = {"train": (torch.randn(230, 7, generator=g), torch.randint(0, 5, (230,), generator=g)),
+             "test": (torch.randn(37, 7, generator=g), torch.randint(0, 5, (37,), generator=g))}
+    split["head_train"], split["head_test"] = split["train"][0][:, :4], split["test"][0][:, :4]
+    s = ev.Settings(knn_k=40, knn_temperature=0.07, knn_sweep_k=(5, 60), knn_sweep_temperature=(0.1,))
+    searches, real = [], ev.knn_neighbours
+    monkeypatch.setattr(ev, "knn_neighbours", lambda *a, **k: searches.append(a[2]) or real(*a, **k))
+    out = ev.knn_protocol(split, 5, s)
+    assert searches == [60, 60]  # the backbone's once (headline and sweep), the head's once
+    monkeypatch.setattr(ev, "knn_neighbours", real)
+    (ftr, ytr), (fte, yte) = split["train"], split["test"]
+    alone = ev.topk_accuracy(ev.knn_predict(ftr, ytr, fte, 5, k=40, temperature=0.07), yte)
+    assert (out["k"], out["top1"], out["top5"]) == (40, alone["top1"], alone["top5"])
+    for name, (tr, te) in {"backbone": (ftr, fte), "head": (split["head_train"], split["head_test"])}.items():
+        assert out["sweep"][name] == ev.knn_sweep(tr, ytr, te, yte, 5, (5, 60), (0.1,))
+    with pytest.raises(ValueError, match="need k >= 1"):
+        ev.knn_protocol(split, 5, ev.Settings(knn_k=0))
+
+
 def test_classification_report_by_hand():
     g = torch.Generator().manual_seed(0)
     scores, labels = torch.randn(200, 4, generator=g), torch.randint(0, 4, (200,), generator=g)

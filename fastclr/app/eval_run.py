@@ -79,7 +79,6 @@ def split_features(model, ds, config: dict, device, *, dtype=None, channels_last
     for name in ("train", "test"):
         batches = data_mod.eval_batches(ds, name, size, workers=workers)
         split[name] = ev.extract_features(model.backbone, batches, desc=f"features ({name})", **kw)
-        split[f"backbone_{name}"] = split[name][0]
         if head:
             split[f"head_{name}"] = ev.head_features(model.head, split[name][0])
     return split
@@ -128,8 +127,8 @@ def _protocol(name, model, ds, config, s, split, device, fresh_model, plots, swe
     if name == "linear":
         result = ev.linear_protocol(split, c, s)
         if plots is not None:
-            c = result["confusion"]
-            plots.add("confusion", lambda path: ev.confusion_plot(path, c, "linear probe: confusion"))
+            confusion = result["confusion"]
+            plots.add("confusion", lambda path: ev.confusion_plot(path, confusion, "linear probe: confusion"))
         return result
     if name == "kmeans":
         return ev.kmeans_protocol(split["test"][0], yte, c, s)
@@ -372,6 +371,6 @@ def evaluate_into(out: str, stem: str, evaluate, report, guard=None) -> dict:
     so a stop or a failure leaves ``out`` as it was. ``guard(write)`` runs the writing (the
     training loop's turns a refused write into its one message); computing is outside it."""
     plots = Plots(os.path.join(out, stem))
-    written = report(evaluate(plots))
-    (guard or (lambda write: write()))(lambda: write_outputs(written, plots, out, stem))
-    return written
+    contents = report(evaluate(plots))
+    (guard or (lambda write: write()))(lambda: write_outputs(contents, plots, out, stem))
+    return contents

@@ -130,10 +130,14 @@ def knn_predict(train_features, train_labels, test_features, num_classes: int, *
                 temperature: float = 0.1, chunk: int | None = None, impl: str = "auto"):
     """Class scores (Q, C) of a temperature-weighted cosine kNN vote (k is capped at the bank
     size)."""
-    if k < 1 or temperature <= 0:
-        raise ValueError(f"knn: need k >= 1 and temperature > 0, got k={k}, temperature={temperature}")
+    _check_knn(k, temperature)
     sim, idx = knn_neighbours(train_features, test_features, k, chunk=chunk, impl=impl)
     return knn_vote(sim, idx, train_labels, num_classes, temperature)
+
+
+def _check_knn(k: int, temperature: float) -> None:
+    if k < 1 or temperature <= 0:
+        raise ValueError(f"knn: need k >= 1 and temperature > 0, got k={k}, temperature={temperature}")
 
 
 def knn_accuracy(train_features, train_labels, test_features, test_labels, num_classes: int, *,
@@ -144,10 +148,11 @@ def knn_accuracy(train_features, train_labels, test_features, test_labels, num_c
 
 
 def knn_sweep(train_features, train_labels, test_features, test_labels, num_classes: int,
-              ks, temperatures) -> list:
-    """Top-1/top-5 for every (k, T): one neighbour search at the largest k, sliced (the
-    neighbours come best first, so the first k of them are the k nearest)."""
-    sim, idx = knn_neighbours(train_features, test_features, max(ks))
+              ks, temperatures, neighbours=None) -> list:
+    """Top-1/top-5 for every (k, T): one neighbour search at the largest k (or ``neighbours``,
+    ``knn_neighbours``' result at a k at least that large), sliced -- the neighbours come best
+    first, so the first k of them are the k nearest."""
+    sim, idx = neighbours or knn_neighbours(train_features, test_features, max(ks))
     rows = []
     for k in sorted(set(min(k, sim.shape[1]) for k in ks)):
         for t in temperatures:
@@ -158,15 +163,20 @@ def knn_sweep(train_features, train_labels, test_features, test_labels, num_clas
 
 def knn_protocol(split: dict, num_classes: int, s: Settings, *, sweep: bool = True) -> dict:
     """The headline kNN (backbone, ``s.knn_k``, ``s.knn_temperature``) and the sweep over k x T on
-    the backbone's and (when ``split`` has them) the head's features."""
+    the backbone's and (when ``split`` has them) the head's features. The backbone's neighbours
+    are searched once, at the largest k either needs."""
+    _check_knn(s.knn_k, s.knn_temperature)
     (ftr, ytr), (fte, yte) = split["train"], split["test"]
-    scores = knn_predict(ftr, ytr, fte, num_classes, k=s.knn_k, temperature=s.knn_temperature)
-    out = {"k": min(s.knn_k, len(ftr)), "temperature": s.knn_temperature,
-           **topk_accuracy(scores, yte)}
+    sim, idx = knn_neighbours(ftr, fte, max((s.knn_k, *s.knn_sweep_k)) if sweep else s.knn_k)
+    k = min(s.knn_k, sim.shape[1])
+    scores = knn_vote(sim[:, :k], idx[:, :k], ytr, num_classes, s.knn_temperature)
+    out = {"k": k, "temperature": s.knn_temperature, **topk_accuracy(scores, yte)}
     if sweep:
-        out["sweep"] = {name: knn_sweep(split[f"{name}_train"], ytr, split[f"{name}_test"], yte,
-                                        num_classes, s.knn_sweep_k, s.knn_sweep_temperature)
-                        for name in ("backbone", "head") if f"{name}_train" in split}
+        out["sweep"] = {"backbone": knn_sweep(ftr, ytr, fte, yte, num_classes, s.knn_sweep_k,
+                                              s.knn_sweep_temperature, neighbours=(sim, idx))}
+        if "head_train" in split:
+            out["sweep"]["head"] = knn_sweep(split["head_train"], ytr, split["head_test"], yte,
+                                             num_classes, s.knn_sweep_k, s.knn_sweep_temperature)
     return out
 
 

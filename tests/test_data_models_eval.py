@@ -19,6 +19,9 @@ def test_digits_split():
     assert np.bincount(ds.test_labels).min() >= 35  # stratified
     again = data.load_dataset("digits")
     assert np.array_equal(again.test_labels, ds.test_labels)  # the same held-out split every run
+    # its own training split's statistics, as export records them without the images
+    assert (ds.mean, ds.std) == data.normalisation("digits")
+    assert ds.mean == (ds.train_images.mean() / 255,) * 3 and ds.std == (ds.train_images.std() / 255,) * 3
 
 
 def _cifar_batch(n, rng, key):

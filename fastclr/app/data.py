@@ -93,9 +93,13 @@ def normalisation(name: str) -> tuple:
     if name in _CIFAR:
         return CIFAR_MEAN, CIFAR_STD
     if name == "digits":
-        xtr = _digits_split()[0]
-        return (float(xtr.mean() / 255),) * 3, (float(xtr.std() / 255),) * 3
+        return _own_statistics(_digits_split()[0])
     return IMAGENET_MEAN, IMAGENET_STD
+
+
+def _own_statistics(train_images: np.ndarray) -> tuple:
+    """(mean, std) of uint8 grey images, the same for the three channels."""
+    return (float(train_images.mean() / 255),) * 3, (float(train_images.std() / 255),) * 3
 
 
 def _digits_split() -> tuple:
@@ -110,7 +114,8 @@ def _digits_split() -> tuple:
 
 
 def _digits() -> ArrayDataset:
-    return ArrayDataset("digits", *_digits_split(), 10, *normalisation("digits"))
+    xtr, ytr, xte, yte = _digits_split()  # normalisation("digits") without splitting twice
+    return ArrayDataset("digits", xtr, ytr, xte, yte, 10, *_own_statistics(xtr))
 
 
 def _unpickle(f):

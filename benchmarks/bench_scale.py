@@ -37,14 +37,15 @@ if loss == "ntxent":
     labels, span, leaves = None, m // 2, (z1, z2)
 else:
     z1 = torch.randn(m, d, requires_grad=True)
-    z2 = z1[:0]
+    z2 = None  # labels mode: every row in z1
     labels, span, leaves = torch.randint(0, 100, (m,)), m, (z1,)
 t = torch.tensor(0.2)
 count = span // world
 def step():
     for x in leaves:
         x.grad = None
-    rows = torch.ops.fastclr.nt_xent_forward(z1, z2, labels, t, loss == "supcon", False, 0, count)[0]
+    rows = torch.ops.fastclr.nt_xent_forward(z1, z2, t, labels=labels, mean_positives=loss == "supcon",
+                                             row_count=count)[0]
     rows.sum().backward()
 seconds, times = common.median_time(step, repeats)
 print(json.dumps({{"seconds": seconds, "times": times}}))

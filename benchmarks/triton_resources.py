@@ -21,6 +21,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from fastclr.triton import nt_xent as K
+from fastclr.triton.common import dot_precision, pow2_at_least
 
 _TY = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -29,7 +30,7 @@ def jobs(dtype: torch.dtype, d: int):
     """(kernel, signature, constexprs, options) for every kernel as fastclr launches it; the
     forward and backward in both modes (paired NT-Xent, labels SupCon)."""
     cfg = K._config(65536, d, dtype, interpret=False)
-    prec, ty = K._precision(dtype), _TY[dtype]
+    prec, ty = dot_precision(dtype), _TY[dtype]
     z = dict(z1_ptr="*" + ty, z2_ptr="*" + ty)
     i32 = dict(N="i32", M="i32", D="i32", stride1="i32", stride2="i32")
     local = dict(LO="i32", COUNT="i32")  # the local rows (a rank's share)
@@ -38,7 +39,7 @@ def jobs(dtype: torch.dtype, d: int):
     opts = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
     bwd = K._nt_xent_bwd_rows_kernel if cfg["ROWS_BWD"] else K._nt_xent_bwd_pairs_kernel
     out = [(K._nt_xent_norm_kernel, {**z, **f("norm_ptr"), **i32, **c("BLOCK_R", "BLOCK_D")},
-            dict(BLOCK_R=64, BLOCK_D=min(128, K._pow2_at_least(d))), {"num_warps": 4, "num_stages": 3})]
+            dict(BLOCK_R=64, BLOCK_D=min(128, pow2_at_least(d))), {"num_warps": 4, "num_stages": 3})]
     for labels in (False, True):
         lab = {"labels_ptr": "*i64" if labels else "*" + ty}
         out += [
@@ -56,7 +57,7 @@ def jobs(dtype: torch.dtype, d: int):
     out.append((K._nt_xent_finish_kernel, {**z, **f("norm_ptr", "temp_ptr", "g_ptr"), "gz1_ptr": "*" + ty,
                                            "gz2_ptr": "*" + ty, **i32, "gstride1": "i32",
                                            "gstride2": "i32", **c("BLOCK_R", "BLOCK_D")},
-                dict(BLOCK_R=32, BLOCK_D=min(64, K._pow2_at_least(d))), {"num_warps": 4, "num_stages": 3}))
+                dict(BLOCK_R=32, BLOCK_D=min(64, pow2_at_least(d))), {"num_warps": 4, "num_stages": 3}))
     return out
 
 

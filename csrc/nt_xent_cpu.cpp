@@ -37,6 +37,7 @@
 #include <vector>
 
 #include "cpu_utils.h"
+#include "nt_xent_common.h"
 
 
 namespace fastclr {
@@ -219,9 +220,6 @@ void count_above(const double* s, int64_t c, double scale, int64_t self_col, dou
   count_above_impl<double>(s, c, scale, self_col, thresh, lab_i, lab_j, cross_lo, cross_hi, rank);
 }
 
-// The saved per-row statistics of the forward (the rows of its (4, M) `stats` output).
-enum Stat : int64_t { kLse = 0, kLsePos = 1, kQ = 2, kCount = 3, kNumStats = 4 };
-
 // A row's loss and saved statistics from its final state: lse over j != i, lse_pos, the
 // negatives' mass Q = sigmoid(lse_neg - lse_pos), |P(i)|. A row without a positive has loss 0.
 template <typename acc_t>
@@ -361,53 +359,6 @@ double bwd_tile(acc_t* s, int64_t r, int64_t c, int64_t i0, int64_t j0, int64_t 
   return diag ? 0.5 * total : total;
 }
 
-// The rows (n1 of z1, then z2's) and their positives. Paired mode: labels undefined, z1 and z2
-// of one shape. Labels mode: labels of z1.size(0) + z2.size(0) integers on the inputs' device.
-int64_t check_inputs(const at::Tensor& z1, const at::Tensor& z2,
-                     const std::optional<at::Tensor>& labels) {
-  TORCH_CHECK(z1.dim() == 2 && z2.dim() == 2, "fastclr: z1 and z2 must be 2-D (N, D), got ",
-              z1.sizes(), " and ", z2.sizes());
-  TORCH_CHECK(z1.scalar_type() == z2.scalar_type(), "fastclr: z1 and z2 must share a dtype");
-  TORCH_CHECK(z1.size(1) == z2.size(1) && z1.size(1) >= 1,
-              "fastclr: z1 and z2 need the same D >= 1, got ", z1.sizes(), " and ", z2.sizes());
-  const int64_t m = z1.size(0) + z2.size(0);
-  if (labels.has_value()) {
-    TORCH_CHECK(m >= 1, "fastclr: need at least one row");
-    TORCH_CHECK(labels->dim() == 1 && labels->numel() == m, "fastclr: labels must be (", m,
-                ",), got ", labels->sizes());
-    TORCH_CHECK(!at::isFloatingType(labels->scalar_type()) && labels->scalar_type() != at::kBool &&
-                    !at::isComplexType(labels->scalar_type()),
-                "fastclr: labels must be an integer tensor, got ", labels->scalar_type());
-    TORCH_CHECK(labels->device() == z1.device(), "fastclr: labels must be on z1's device");
-  } else {
-    TORCH_CHECK(z1.sizes() == z2.sizes() && z1.size(0) >= 1,
-                "fastclr: z1 and z2 must have the same shape (N >= 1), got ", z1.sizes(),
-                " and ", z2.sizes());
-  }
-  return m;
-}
-
-// The rows that get a loss: i with (i mod span) in [lo, lo + count), span = N (paired mode:
-// a rank's rows of both views) or M (labels). The others are left as rows without a positive.
-struct LocalRows {
-  int64_t lo, count, span, n;
-  bool paired;
-  bool all() const { return lo == 0 && count == span; }
-  // whether rows [b0, b1) meet the local rows
-  bool meets(int64_t b0, int64_t b1) const {
-    auto hits = [&](int64_t r0) { return b0 < r0 + count && r0 < b1; };
-    return count > 0 && (hits(lo) || (paired && hits(n + lo)));
-  }
-};
-
-LocalRows local_rows(int64_t row_lo, int64_t row_count, int64_t m, int64_t n, bool paired) {
-  const int64_t span = paired ? n : m;
-  const int64_t count = row_count < 0 ? span - row_lo : row_count;
-  TORCH_CHECK(row_lo >= 0 && count >= 0 && row_lo + count <= span, "fastclr: local rows [",
-              row_lo, ", ", row_lo, " + ", count, ") must lie within [0, ", span, ")");
-  return {row_lo, count, span, n, paired};
-}
-
 // Rows outside the local ones: no loss, no positive (the backward weighs them 0), and lse =
 // lse_pos = +inf, so that every coefficient the backward forms for them is finite (exp(s - inf)
 // = 0) and 0 times it stays 0.
@@ -511,11 +462,11 @@ void forward_block(const at::Tensor& u, const int64_t* labels, int64_t i0, int64
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nt_xent_forward_cpu(
-    const at::Tensor& z1_in, const at::Tensor& z2_in, const std::optional<at::Tensor>& labels_in,
-    const at::Tensor& temperature, bool mean_positives, bool compute_accuracy, int64_t row_lo,
-    int64_t row_count) {
-  const int64_t m = check_inputs(z1_in, z2_in, labels_in);
-  const at::Tensor z1 = z1_in.contiguous(), z2 = z2_in.contiguous();
+    const at::Tensor& z1_in, const std::optional<at::Tensor>& z2_in, const at::Tensor& temperature,
+    const std::optional<at::Tensor>& labels_in, bool mean_positives, bool compute_accuracy,
+    int64_t row_lo, int64_t row_count) {
+  const at::Tensor z1 = z1_in.contiguous(), z2 = second_view(z1_in, z2_in).contiguous();
+  const int64_t m = check_nt_xent_inputs(z1, z2, labels_in, temperature);
   const at::Tensor labels = labels_int64(labels_in);
   const int64_t n = z1.size(0), d = z1.size(1);
   const LocalRows own = local_rows(row_lo, row_count, m, n, !labels.defined());
@@ -651,21 +602,18 @@ double accumulate_tiles(const at::Tensor& u, at::Tensor& g, int64_t n, int64_t m
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> nt_xent_backward_cpu(
-    const at::Tensor& grad_rows, const at::Tensor& z1_in, const at::Tensor& z2_in,
-    const std::optional<at::Tensor>& labels_in, const at::Tensor& temperature,
-    bool mean_positives, const at::Tensor& norm_in, const at::Tensor& stats_in, int64_t row_lo,
+    const at::Tensor& grad_rows, const at::Tensor& z1_in, const std::optional<at::Tensor>& z2_in,
+    const at::Tensor& temperature, const at::Tensor& norm_in, const at::Tensor& stats_in,
+    const std::optional<at::Tensor>& labels_in, bool mean_positives, int64_t row_lo,
     int64_t row_count) {
-  const int64_t m = check_inputs(z1_in, z2_in, labels_in);
-  const at::Tensor z1 = z1_in.contiguous(), z2 = z2_in.contiguous();
+  const at::Tensor z1 = z1_in.contiguous(), z2 = second_view(z1_in, z2_in).contiguous();
+  const int64_t m = check_nt_xent_inputs(z1, z2, labels_in, temperature);
   const at::Tensor labels = labels_int64(labels_in);
   const int64_t n = z1.size(0), d = z1.size(1);
   const LocalRows own = local_rows(row_lo, row_count, m, n, !labels.defined());
   const auto acc_type = acc_type_of(z1.scalar_type());
   const auto opts = z1.options().dtype(acc_type);
-  TORCH_CHECK(grad_rows.numel() == m && norm_in.numel() == m,
-              "fastclr: nt_xent_backward expects grad_rows and norm of ", m, " elements");
-  TORCH_CHECK(stats_in.dim() == 2 && stats_in.size(0) == kNumStats && stats_in.size(1) == m,
-              "fastclr: nt_xent_backward expects stats of shape (", kNumStats, ", ", m, ")");
+  check_nt_xent_saved(grad_rows, norm_in, stats_in, m);
   const at::Tensor norm = norm_in.to(acc_type).contiguous();
   const at::Tensor stats = stats_in.to(acc_type).contiguous();
   const at::Tensor count = stats[kCount];

@@ -14,17 +14,22 @@ from fastclr.optim import LARS, lars_param_groups
 from fastclr.similarity import knn_topk, normalized_similarity
 
 __version__ = "0.1.0"
-__all__ = ["nt_xent_fused", "grad_cache_backward", "NTXentLoss", "supcon_fused", "SupConLoss", "LARS", "lars_param_groups", "TorchSimCLRAugment", "load_backbone", "reference",
-           "normalized_similarity", "knn_topk", "extension_available", "extension_error", "__version__"]
+__all__ = ["nt_xent_fused", "grad_cache_backward", "NTXentLoss", "supcon_fused", "SupConLoss",
+           "LARS", "lars_param_groups", "reference", "normalized_similarity", "knn_topk",
+           "extension_available", "extension_error", "__version__"]
+
+# Names 0.1.0 exported from here that belong to the application (they need torchvision). Until
+# 0.3.0, ``fastclr.<name>`` still finds them, with a DeprecationWarning naming the new import;
+# this is the one place the library looks up into the application (tests/test_layers.py).
+_MOVED = {"TorchSimCLRAugment": "fastclr.app.augment", "load_backbone": "fastclr.app.export"}
 
 
 def __getattr__(name):
-    # TorchSimCLRAugment and load_backbone belong to the application (fastclr.app: they need
-    # torchvision); imported on first use
-    if name == "TorchSimCLRAugment":
-        from fastclr.app.augment import TorchSimCLRAugment
-        return TorchSimCLRAugment
-    if name == "load_backbone":
-        from fastclr.app.export import load_backbone
-        return load_backbone
+    if name in _MOVED:
+        import importlib
+        import warnings
+        module = _MOVED[name]
+        warnings.warn(f"fastclr.{name} moved to the application: from {module} import {name} "
+                      "(the old name goes in fastclr 0.3.0)", DeprecationWarning, stacklevel=2)
+        return getattr(importlib.import_module(module), name)
     raise AttributeError(f"module 'fastclr' has no attribute {name!r}")

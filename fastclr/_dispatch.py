@@ -3,6 +3,10 @@
 Every op declares the backends it has (``OPS``); ``resolve(op, impl, device, dtype)`` picks the
 one that runs, by one rule (docs/api.md's dispatch tables, which tests/test_dispatch.py reads):
 
+``resolve`` returns a ``Backend``: its name (for messages, ``LARS.backend()``) and its kernel,
+the compiled op that runs it on this device (None for the fallback, which the op file runs
+itself: the reference formulation, or LARS's foreach step).
+
 - ``impl="auto"``: CPU tensors -> the C++ kernels ("cpu") when the extension is built. CUDA
   tensors -> the hand-written CUDA kernel where the op's measured table says it beats Triton,
   else Triton, else the CUDA kernel when only it is there. Otherwise the op's fallback (the
@@ -32,14 +36,17 @@ _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 @dataclass
 class Op:
-    """A public op's backends. ``cuda_faster``: dtype -> True where the CUDA kernel beat the
-    Triton one, measured forward+backward side by side by the GPU suite's benchmark
-    (benchmarks/gpu_suite.sh, then python -m benchmarks.import_results prints the comparison);
-    empty until it has run, so "auto" picks Triton."""
+    """A public op's backends. ``kernels``: backend -> the name of its compiled op (in
+    ``ops.library(backend, device)``'s namespace); the others run in Python. ``cuda_faster``:
+    dtype -> True where the CUDA kernel beat the Triton one, measured forward+backward side by
+    side by the GPU suite's benchmark (benchmarks/gpu_suite.sh, then python -m
+    benchmarks.import_results prints the comparison); empty until it has run, so "auto" picks
+    Triton."""
     name: str
     backends: tuple
     fallback: str
     what: str  # what the fallback is, for its warning
+    kernels: dict
     inputs: str = "tensors"  # what the op takes, for error messages
     cuda_faster: dict = field(default_factory=dict)
     warned: bool = False
@@ -49,15 +56,38 @@ class Op:
         return ("auto", *self.backends)
 
 
+@dataclass(frozen=True)
+class Backend:
+    """What runs an op: the backend's ``name`` and its ``kernel``, the compiled op for the
+    tensors' ``device`` (None for a backend that runs in Python: the reference, LARS's foreach)."""
+    name: str
+    device: torch.device | None = None
+    op_name: str | None = None
+
+    @property
+    def kernel(self):
+        if self.op_name is None:
+            return None
+        return getattr(ops.library(self.name, self.device), self.op_name)
+
+
 _FUSED = ("reference", "cpu", "triton", "cuda")
+_LOSS_KERNELS = {"cpu": "nt_xent_forward", "cuda": "nt_xent_forward", "triton": "nt_xent_triton_forward"}
+_SIM_KERNELS = {"cpu": "normalized_similarity", "cuda": "normalized_similarity",
+                "triton": "normalized_similarity_triton"}
 OPS = {
-    "nt_xent_fused": Op("nt_xent_fused", _FUSED, "reference", "the reference NT-Xent (O(M^2) memory)"),
-    "supcon_fused": Op("supcon_fused", _FUSED, "reference", "the reference SupCon (O(M^2) memory)"),
+    "nt_xent_fused": Op("nt_xent_fused", _FUSED, "reference", "the reference NT-Xent (O(M^2) memory)",
+                        _LOSS_KERNELS),
+    "supcon_fused": Op("supcon_fused", _FUSED, "reference", "the reference SupCon (O(M^2) memory)",
+                       _LOSS_KERNELS),
     "normalized_similarity": Op("normalized_similarity", _FUSED, "reference",
-                                "the reference normalized_similarity (normalised copies of a and b)"),
-    "knn_topk": Op("knn_topk", _FUSED, "reference", "the reference knn_topk (the whole M x K matrix)"),
+                                "the reference normalized_similarity (normalised copies of a and b)",
+                                _SIM_KERNELS),
+    # the CPU has a streaming top-k op; on a GPU the top-k streams over the similarity kernels
+    "knn_topk": Op("knn_topk", _FUSED, "reference", "the reference knn_topk (the whole M x K matrix)",
+                   {**_SIM_KERNELS, "cpu": "knn_topk"}),
     "LARS": Op("LARS", ("cpu", "cuda", "foreach"), "foreach", "the foreach LARS step (torch._foreach_* ops)",
-               inputs="parameters"),
+               {"cpu": "lars_step_", "cuda": "lars_step_"}, inputs="parameters"),
 }
 
 
@@ -95,21 +125,26 @@ def check_impl(name: str, impl) -> str:
     return backend
 
 
-def resolve(name: str, impl: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
-    """The backend op ``name`` runs for ``impl`` on tensors of this device and dtype."""
+def resolve(name: str, impl: str, device: torch.device, dtype: torch.dtype | None = None) -> Backend:
+    """The backend op ``name`` runs for ``impl`` on tensors of this device and dtype, with its
+    kernel."""
     op = OPS[name]
     backend = check_impl(name, impl)
     if backend != "auto":
         check_available(op, backend, device, dtype, given=impl)
-        return backend
+        return _backend(op, backend, device)
     choice = _auto(op, device, dtype)
     if choice is not None:
-        return choice
+        return _backend(op, choice, device)
     if not op.warned:
         op.warned = True
         warnings.warn(f"fastclr: {name}: falling back to {op.what}: {_why_not_fused(op, device)}",
                       RuntimeWarning, stacklevel=3)
-    return op.fallback
+    return Backend(op.fallback)
+
+
+def _backend(op: Op, name: str, device: torch.device) -> Backend:
+    return Backend(name, device, op.kernels.get(name))
 
 
 def check_available(op: Op, backend: str, device: torch.device, dtype, given: str | None = None) -> None:

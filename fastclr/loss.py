@@ -9,13 +9,21 @@ import numbers
 import torch
 from torch import nn
 
-from fastclr import _dispatch, distributed, ops, reference
-from fastclr._autograd import local_row_mask
+from typing import NamedTuple
+
+from fastclr import _dispatch, _numerics, distributed, reference
+from fastclr._boundary import KernelOptions, local_row_mask
 from fastclr._dispatch import check_row_pair, describe as _describe
 
 IMPLS = _dispatch.OPS["nt_xent_fused"].impls
+
+
+class LossWithAccuracy(NamedTuple):
+    """What a loss returns with ``return_accuracy=True``: ``loss, acc = ...`` still unpacks it."""
+    loss: torch.Tensor
+    accuracy: dict
 REDUCTIONS = ("mean", "sum", "none")
-POSITIVES = reference.POSITIVES
+POSITIVES = ("mean", "sum")
 
 
 def _check_embeddings(z1, z2) -> None:
@@ -67,12 +75,6 @@ def _temperature_tensor(temperature, dtype: torch.dtype, device: torch.device,
     return torch.full((), value, dtype=dtype, device=device)
 
 
-# The compiled ops serve CPU and CUDA tensors alike (torch's dispatcher picks the kernel by
-# device; ops.library names the CUDA kernels' CPU harness for impl="cuda" on CPU tensors).
-_FORWARD_OPS = {"cpu": "nt_xent_forward", "cuda": "nt_xent_forward",
-                "triton": "nt_xent_triton_forward"}
-
-
 def nt_xent_fused(z1: torch.Tensor, z2: torch.Tensor, temperature=0.5, *, impl: str = "auto",
                   reduction: str = "mean", return_accuracy: bool = False, process_group=None):
     """NT-Xent (SimCLR's contrastive loss) with the normalisation fused in.
@@ -102,7 +104,8 @@ def nt_xent_fused(z1: torch.Tensor, z2: torch.Tensor, temperature=0.5, *, impl: 
             Ignored when not distributed.
 
     Returns:
-        The loss (float32 for half inputs, the input dtype otherwise), or ``(loss, accuracy)``.
+        The loss (float32 for half inputs, the input dtype otherwise), or with
+        ``return_accuracy`` a ``LossWithAccuracy(loss, accuracy)`` (a named tuple: ``loss, acc =``).
     """
     _check_embeddings(z1, z2)
     _check_process_group("nt_xent_fused", process_group)
@@ -115,27 +118,28 @@ def nt_xent_fused(z1: torch.Tensor, z2: torch.Tensor, temperature=0.5, *, impl: 
         # both views in one collective (and one shape check): [z1 | z2] side by side
         z1, z2 = distributed.all_gather_with_grad(torch.cat([z1, z2], dim=1), group).split(d, dim=1)
         lo = torch.distributed.get_rank(group) * n
-    t = _temperature_tensor(temperature, reference.accumulation_dtype(z1.dtype), z1.device)
-    backend = _dispatch.resolve("nt_xent_fused", impl, z1.device, z1.dtype)
-    if backend == "reference":
+    t = _temperature_tensor(temperature, _numerics.accumulation_dtype(z1.dtype), z1.device)
+    kernel = _dispatch.resolve("nt_xent_fused", impl, z1.device, z1.dtype).kernel
+    if kernel is None:  # the reference
         if group is None:
-            return reference.nt_xent(z1, z2, t, reduction=reduction, return_accuracy=return_accuracy)
+            out = reference.nt_xent(z1, z2, t, reduction=reduction, return_accuracy=return_accuracy)
+            return LossWithAccuracy(*out) if return_accuracy else out
         rows = reference.nt_xent(z1, z2, t, reduction="none")
         rank = reference.positive_rank(reference.similarity_logits(z1, z2, t)) if return_accuracy else None
     else:
-        forward = getattr(ops.library(backend, z1.device), _FORWARD_OPS[backend])
         # paired positives (no labels; with one positive per row both forms are NT-Xent), the
         # loss of this rank's rows only (its share of both views), against every gathered row
-        rows, _, _, rank = forward(z1, z2, None, t, False, bool(return_accuracy), lo, n)
+        options = KernelOptions(compute_accuracy=bool(return_accuracy), row_lo=lo, row_count=n)
+        rows, _, _, rank = kernel(z1, z2, t, **options.forward_kwargs())
     mine = distributed.local_rows(rows, n, group) if group is not None else rows
-    loss = reference.reduce_rows(mine, reduction)
+    loss = _numerics.reduce_rows(mine, reduction)
     if not return_accuracy:
         return loss
     # the global batch's accuracies: this rank's rows' counts, summed over the ranks
-    hits = reference.pair_hits(rank, local_row_mask(rank.shape[1], z1.shape[0], True, lo, n, rank.device))
+    hits = _numerics.pair_hits(rank, local_row_mask(rank.shape[1], z1.shape[0], True, lo, n, rank.device))
     if group is not None:
         torch.distributed.all_reduce(hits, group=group)
-    return loss, reference.accuracy_from_hits(hits)
+    return LossWithAccuracy(loss, _numerics.accuracy_from_hits(hits))
 
 
 def _check_labels(fn: str, labels, z: torch.Tensor) -> None:
@@ -185,7 +189,8 @@ def supcon_fused(z: torch.Tensor, labels: torch.Tensor, temperature=0.1, *,
             single-process loss, and DDP-averaged gradients equal the single-process ones).
 
     Returns:
-        The loss (float32 for half inputs, the input dtype otherwise), or ``(loss, accuracy)``.
+        The loss (float32 for half inputs, the input dtype otherwise), or with
+        ``return_accuracy`` a ``LossWithAccuracy(loss, accuracy)`` (a named tuple: ``loss, acc =``).
     """
     fn = "supcon_fused"
     check_row_pair(fn, ("z", "z"), z, z, same_shape=True)
@@ -206,7 +211,7 @@ def supcon_fused(z: torch.Tensor, labels: torch.Tensor, temperature=0.1, *,
     mine, has = rows.narrow(0, lo, m_local), count.narrow(0, lo, m_local) > 0
     # "mean": over the rows with a positive of the global batch; W times this rank's share, so
     # that the mean over ranks is the single-process loss
-    totals = (reference.supcon_hits(rank[:, lo:lo + m_local], count.narrow(0, lo, m_local))
+    totals = (_numerics.supcon_hits(rank[:, lo:lo + m_local], count.narrow(0, lo, m_local))
               if return_accuracy else has.sum().float()[None])
     if group is not None and (reduction == "mean" or return_accuracy):
         torch.distributed.all_reduce(totals, group=group)
@@ -214,27 +219,26 @@ def supcon_fused(z: torch.Tensor, labels: torch.Tensor, temperature=0.1, *,
     if reduction == "mean":
         loss = mine.sum() * world / totals[0].clamp_min(1)
     else:
-        loss = reference.reduce_rows(mine, reduction)
+        loss = _numerics.reduce_rows(mine, reduction)
     if not return_accuracy:
         return loss
-    return loss, reference.supcon_accuracy_from_hits(totals)
+    return LossWithAccuracy(loss, _numerics.supcon_accuracy_from_hits(totals))
 
 
 def _supcon_rows(z, labels, temperature, positives, impl, return_accuracy, lo, count):
     """(per-row losses, |P(i)| per row, ranks or None) of the batch, the losses and ranks valid
     for the rows lo .. lo + count (the fused kernels compute only those)."""
-    t = _temperature_tensor(temperature, reference.accumulation_dtype(z.dtype), z.device,
+    t = _temperature_tensor(temperature, _numerics.accumulation_dtype(z.dtype), z.device,
                             "supcon_fused")
-    backend = _dispatch.resolve("supcon_fused", impl, z.device, z.dtype)
-    if backend == "reference":
+    kernel = _dispatch.resolve("supcon_fused", impl, z.device, z.dtype).kernel
+    if kernel is None:  # the reference
         rows = reference.supcon(z, labels, t, positives, reduction="none")
         rank = reference.supcon_rank(z, labels, t) if return_accuracy else None
         same = labels[:, None] == labels[None, :]
         return rows, same.sum(1) - 1, rank
-    forward = getattr(ops.library(backend, z.device), _FORWARD_OPS[backend])
-    # all rows in "z1", none in "z2": the kernels' row source is [z1; z2]
-    rows, stats, _, rank = forward(z, z[:0], labels, t, positives == "mean", bool(return_accuracy),
-                                   lo, count)
+    options = KernelOptions(mean_positives=positives == "mean", compute_accuracy=bool(return_accuracy),
+                            row_lo=lo, row_count=count)
+    rows, stats, _, rank = kernel(z, None, t, labels=labels, **options.forward_kwargs())  # all rows in z1
     return rows, stats[3], rank
 
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 
 from fastclr._autograd import autograd_formula, similarity_backward, similarity_setup_context
-from fastclr.reference import accumulation_dtype
+from fastclr._boundary import check_rows, second_view
+from fastclr._numerics import accumulation_dtype
 
 
 def _build_mismatch(record=None) -> str:
@@ -96,33 +97,21 @@ def compiled_with_cuda() -> bool:
     return _C is not None and _C.compiled_with_cuda()
 
 
-def _check_rows(z1, z2, labels):
-    """M, the rows of [z1; z2]: paired mode (no labels) needs one shape, labels mode M labels."""
-    torch._check(z1.dim() == 2 and z2.dim() == 2 and z1.shape[1] == z2.shape[1],
-                 lambda: "z1, z2: 2-D with the same D")
-    torch._check(z1.dtype == z2.dtype, lambda: "z1, z2: same dtype")
-    m = z1.shape[0] + z2.shape[0]
-    if labels is None:
-        torch._check(z1.shape == z2.shape, lambda: "z1, z2: same (N, D) without labels")
-    else:
-        torch._check(labels.dim() == 1 and labels.shape[0] == m, lambda: "labels: (M,)")
-    return m
-
-
-def nt_xent_forward_fake(z1, z2, labels, temperature, compute_accuracy):
+def nt_xent_forward_fake(z1, z2, temperature, labels=None, *, mean_positives=False,
+                         compute_accuracy=False, row_lo=0, row_count=-1):
     """The fake (meta) kernel of every backend's forward: (row_loss[M], stats[4, M], norm[M],
     rank[2, M] or rank[0])."""
-    m = _check_rows(z1, z2, labels)
-    torch._check(temperature.dim() == 0, lambda: "temperature must be 0-dim")
+    m = check_rows(z1, z2, labels, temperature)
     rows = z1.new_empty((m,), dtype=accumulation_dtype(z1.dtype))
     rank = z1.new_empty((2, m) if compute_accuracy else (0,), dtype=torch.int32)
     return rows, rows.new_empty((4, m)), torch.empty_like(rows), rank
 
 
-def nt_xent_backward_fake(grad_rows, z1, z2, labels, temperature):
-    m = _check_rows(z1, z2, labels)
+def nt_xent_backward_fake(grad_rows, z1, z2, temperature, norm, stats, labels=None, *,
+                          mean_positives=False, row_lo=0, row_count=-1):
+    m = check_rows(z1, z2, labels, temperature)
     torch._check(grad_rows.shape == (m,), lambda: "grad_rows: (M,)")
-    return (torch.empty_like(z1), torch.empty_like(z2),
+    return (torch.empty_like(z1), torch.empty_like(second_view(z1, z2)),
             temperature.new_empty((), dtype=accumulation_dtype(z1.dtype)))
 
 
@@ -131,16 +120,8 @@ def _register_library(lib: str) -> None:
     own, or the CPU harness's of the CUDA kernels (the same schemas, see ``use_cuda_on_cpu``)."""
     ops = getattr(torch.ops, lib)
 
-    @torch.library.register_fake(f"{lib}::nt_xent_forward")
-    def _nt_xent_forward_fake(z1, z2, labels, temperature, mean_positives, compute_accuracy,
-                              row_lo=0, row_count=-1):
-        return nt_xent_forward_fake(z1, z2, labels, temperature, compute_accuracy)
-
-    @torch.library.register_fake(f"{lib}::nt_xent_backward")
-    def _nt_xent_backward_fake(grad_rows, z1, z2, labels, temperature, mean_positives, norm, stats,
-                               row_lo=0, row_count=-1):
-        return nt_xent_backward_fake(grad_rows, z1, z2, labels, temperature)
-
+    torch.library.register_fake(f"{lib}::nt_xent_forward", nt_xent_forward_fake)
+    torch.library.register_fake(f"{lib}::nt_xent_backward", nt_xent_backward_fake)
     _backward, _setup_context = autograd_formula(ops.nt_xent_backward)
     torch.library.register_autograd(f"{lib}::nt_xent_forward", _backward,
                                     setup_context=_setup_context)
@@ -152,7 +133,7 @@ def _register_library(lib: str) -> None:
         return a.new_empty((a.shape[0], b.shape[0]), dtype=accumulation_dtype(a.dtype))
 
     @torch.library.register_fake(f"{lib}::knn_topk")
-    def _knn_topk_fake(queries, bank, k, chunk):
+    def _knn_topk_fake(queries, bank, *, k, chunk):
         torch._check(queries.dim() == 2 and bank.dim() == 2 and queries.shape[1] == bank.shape[1],
                      lambda: "queries (M, D), bank (K, D)")
         vals = queries.new_empty((queries.shape[0], k), dtype=accumulation_dtype(queries.dtype))

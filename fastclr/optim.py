@@ -27,7 +27,7 @@ import warnings
 import torch
 from torch import nn
 
-from fastclr import _dispatch, ops
+from fastclr import _dispatch
 
 IMPLS = (*_dispatch.OPS["LARS"].impls, "cpp")  # "cpp": the old name of "cpu", still taken
 _NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
@@ -110,7 +110,7 @@ class LARS(torch.optim.Optimizer):
 
     def backend(self, device: torch.device) -> str:
         """The implementation that steps parameters on ``device`` (fastclr._dispatch)."""
-        return _dispatch.resolve("LARS", self.impl, device)
+        return _dispatch.resolve("LARS", self.impl, device).name
 
     @torch.no_grad()
     def step(self, closure=None, *, found_inf: torch.Tensor | None = None):
@@ -139,8 +139,10 @@ class LARS(torch.optim.Optimizer):
                 bufs.append(state["momentum_buffer"])
             if not params:
                 continue
-            hyper = (float(group["lr"]), float(group["momentum"]), float(group["weight_decay"]),
-                     float(group["trust_coefficient"]), bool(group["nesterov"]), bool(group["exclude"]))
+            hyper = dict(lr=float(group["lr"]), momentum=float(group["momentum"]),
+                         weight_decay=float(group["weight_decay"]),
+                         trust_coefficient=float(group["trust_coefficient"]),
+                         nesterov=bool(group["nesterov"]), exclude=bool(group["exclude"]))
             by_device: dict = {}
             for p, g, b in zip(params, grads, bufs):
                 by_device.setdefault(p.device, ([], [], []))
@@ -148,11 +150,11 @@ class LARS(torch.optim.Optimizer):
                     lst.append(x)
             for device, (ps, gs, bs) in by_device.items():
                 skip = None if found_inf is None else found_inf.to(device, torch.float32).reshape(1)
-                backend = self.backend(device)
-                if backend == "foreach":
-                    _foreach_step(ps, gs, bs, *hyper, skip)
+                kernel = _dispatch.resolve("LARS", self.impl, device).kernel
+                if kernel is None:  # the foreach step
+                    _foreach_step(ps, gs, bs, **hyper, skip=skip)
                 else:  # one compiled call: the CPU or CUDA kernel, by the dispatcher
-                    ops.library(backend, device).lars_step_(ps, gs, bs, *hyper, skip)
+                    kernel(ps, gs, bs, **hyper, found_inf=skip)
         return loss
 
 

@@ -12,7 +12,7 @@ import numbers
 
 import torch
 
-from fastclr import _dispatch, ops, reference
+from fastclr import _dispatch, _numerics, reference
 from fastclr._dispatch import check_row_pair
 
 IMPLS = _dispatch.OPS["normalized_similarity"].impls
@@ -33,12 +33,8 @@ def normalized_similarity(a: torch.Tensor, b: torch.Tensor, *, impl: str = "auto
         Differentiable in a and b (through the normalisation, F.normalize semantics).
     """
     check_row_pair("normalized_similarity", ("a", "b"), a, b, same_shape=False)
-    backend = _dispatch.resolve("normalized_similarity", impl, a.device, a.dtype)
-    if backend == "reference":
-        return reference.normalized_similarity(a, b)
-    if backend in ("cpu", "cuda"):  # one op, a kernel per device
-        return ops.library(backend, a.device).normalized_similarity(a, b)
-    return torch.ops.fastclr.normalized_similarity_triton(a, b)
+    kernel = _dispatch.resolve("normalized_similarity", impl, a.device, a.dtype).kernel
+    return reference.normalized_similarity(a, b) if kernel is None else kernel(a, b)
 
 
 def knn_topk(queries: torch.Tensor, bank: torch.Tensor, k: int, *, impl: str = "auto",
@@ -72,13 +68,12 @@ def knn_topk(queries: torch.Tensor, bank: torch.Tensor, k: int, *, impl: str = "
     chunk = int(chunk)
     backend = _dispatch.resolve("knn_topk", impl, queries.device, queries.dtype)
     with torch.no_grad():
-        if backend == "reference":
+        if backend.kernel is None:
             return reference.knn_topk(queries, bank, k)
-        if backend == "cpu":
-            return torch.ops.fastclr.knn_topk(queries, bank, k, chunk)
-        sim = (ops.library(backend, queries.device).normalized_similarity if backend == "cuda"
-               else torch.ops.fastclr.normalized_similarity_triton)
-        return _streamed_topk(queries, bank, k, chunk, sim)
+        if backend.name == "cpu":  # the C++ streaming top-k
+            return backend.kernel(queries, bank, k=k, chunk=chunk)
+        # on a GPU (or the CUDA kernels' CPU harness): top-k streamed over the similarity kernel
+        return _streamed_topk(queries, bank, k, chunk, backend.kernel)
 
 
 EXTRA_CANDIDATES = 32  # kept beyond k by the first streaming pass
@@ -104,7 +99,7 @@ def _streamed_topk(queries, bank, k, chunk, sim, query_block: int = 1024):
     n_bank = bank.shape[0]
     delta = _screen_margin(queries.shape[1])
     out_v = torch.empty(queries.shape[0], k, device=queries.device,
-                        dtype=reference.accumulation_dtype(queries.dtype))
+                        dtype=_numerics.accumulation_dtype(queries.dtype))
     out_i = torch.empty(queries.shape[0], k, device=queries.device, dtype=torch.long)
     for b0 in range(0, queries.shape[0], query_block):
         todo = torch.arange(b0, min(b0 + query_block, queries.shape[0]), device=queries.device)
@@ -136,6 +131,6 @@ def _running_topk(q, bank, kk, chunk, sim):
 def _rescore(q, bank, cand, k):
     """The candidates' exact scores (reference.knn_scores' formula, the one every backend ranks
     by) and the best k, ties to the lower bank row."""
-    qn = reference.unit_rows64(q)                                  # (mq, D)
-    rows = reference.unit_rows64(bank[cand.reshape(-1)]).view(*cand.shape, q.shape[1])  # (mq, kk, D)
-    return reference.rank_by_score(reference.unit_dot64(qn[:, None, :], rows), cand, k)
+    qn = _numerics.unit_rows64(q)                                  # (mq, D)
+    rows = _numerics.unit_rows64(bank[cand.reshape(-1)]).view(*cand.shape, q.shape[1])  # (mq, kk, D)
+    return _numerics.rank_by_score(_numerics.unit_dot64(qn[:, None, :], rows), cand, k)

@@ -33,6 +33,7 @@
 #include <utility>
 #include <type_traits>
 
+#include "../csrc/nt_xent_common.h"
 #include "cuda_utils.cuh"
 #include "mma_tiles.cuh"
 
@@ -92,8 +93,6 @@ struct SmemLayout {
   static_assert(kRegion0 % 128 == 0 && kScores % 128 == 0, "keep WMMA pointers aligned");
 };
 
-// The rows (4, M) of the forward's saved statistics.
-constexpr int64_t kLse = 0, kLsePos = 1, kQ = 2, kCount = 3;
 
 // A row's loss and statistics from its final state (base-2 logsumexps): x = lse_neg - lse_pos,
 // loss = log(1 + 2^x) [+ lse_pos - mean_pos], lse = lse_pos + log(1 + 2^x), Q = sigmoid(x).
@@ -457,52 +456,23 @@ __global__ void __launch_bounds__(kRowThreads) nt_xent_finish_kernel(
   }
 }
 
-// M, the rows of [z1; z2]: paired mode (no labels) needs z1, z2 of one shape; labels mode
-// M integer labels on the inputs' device.
-int64_t check_cuda_inputs(const at::Tensor& z1, const at::Tensor& z2,
-                          const std::optional<at::Tensor>& labels, const at::Tensor& temperature) {
-  TORCH_CHECK(z1.dim() == 2 && z2.dim() == 2 && z1.size(1) == z2.size(1) && z1.size(1) >= 1,
-              "fastclr: z1 and z2 must be 2-D with the same D >= 1, got ", z1.sizes(), " and ",
-              z2.sizes());
-  TORCH_CHECK(z1.scalar_type() == z2.scalar_type(), "fastclr: z1 and z2 must share a dtype");
+// The CUDA kernels' own dtype rule (the rest of the invariants: nt_xent_common.h).
+void check_cuda_dtype(const at::Tensor& z1) {
   TORCH_CHECK(z1.scalar_type() == at::kFloat || z1.scalar_type() == at::kHalf ||
                   z1.scalar_type() == at::kBFloat16,
               "fastclr: the CUDA kernel takes float32, bfloat16 or float16, got ",
               z1.scalar_type());
-  TORCH_CHECK(z2.device() == z1.device() && temperature.device() == z1.device(),
-              "fastclr: z1, z2 and temperature must be on the same device");
-  TORCH_CHECK(temperature.numel() == 1, "fastclr: temperature must be a 0-dim tensor");
-  const int64_t m = z1.size(0) + z2.size(0);
-  if (labels.has_value()) {
-    TORCH_CHECK(m >= 1, "fastclr: need at least one row");
-    TORCH_CHECK(labels->dim() == 1 && labels->numel() == m, "fastclr: labels must be (", m,
-                ",), got ", labels->sizes());
-    TORCH_CHECK(!at::isFloatingType(labels->scalar_type()) && labels->scalar_type() != at::kBool,
-                "fastclr: labels must be an integer tensor, got ", labels->scalar_type());
-    TORCH_CHECK(labels->device() == z1.device(), "fastclr: labels must be on z1's device");
-  } else {
-    TORCH_CHECK(z1.sizes() == z2.sizes() && z1.size(0) >= 1,
-                "fastclr: z1 and z2 must have the same shape (N >= 1), got ", z1.sizes(), " and ",
-                z2.sizes());
-  }
-  return m;
-}
-
-// (lo, count) of the local rows, checked: i mod span in [lo, lo + count); count -1: all.
-std::pair<int64_t, int64_t> local_rows(int64_t row_lo, int64_t row_count, int64_t span) {
-  const int64_t count = row_count < 0 ? span - row_lo : row_count;
-  TORCH_CHECK(row_lo >= 0 && count >= 0 && row_lo + count <= span, "fastclr: local rows [",
-              row_lo, ", ", row_lo, " + ", count, ") must lie within [0, ", span, ")");
-  return {row_lo, count};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nt_xent_forward_cuda(
-    const at::Tensor& z1_in, const at::Tensor& z2_in, const std::optional<at::Tensor>& labels_in,
-    const at::Tensor& temperature_in, bool mean_positives, bool compute_accuracy, int64_t row_lo,
-    int64_t row_count) {
-  const int64_t m = check_cuda_inputs(z1_in, z2_in, labels_in, temperature_in);
+    const at::Tensor& z1_in, const std::optional<at::Tensor>& z2_in,
+    const at::Tensor& temperature_in, const std::optional<at::Tensor>& labels_in,
+    bool mean_positives, bool compute_accuracy, int64_t row_lo, int64_t row_count) {
+  const at::Tensor z2_view = second_view(z1_in, z2_in);
+  const int64_t m = check_nt_xent_inputs(z1_in, z2_view, labels_in, temperature_in);
+  check_cuda_dtype(z1_in);
   const DeviceGuard guard(z1_in.device());
-  const at::Tensor z1 = z1_in.contiguous(), z2 = z2_in.contiguous();
+  const at::Tensor z1 = z1_in.contiguous(), z2 = z2_view.contiguous();
   const at::Tensor temperature = temperature_in.to(at::kFloat).contiguous();
   const bool with_labels = labels_in.has_value();
   const at::Tensor labels = with_labels ? labels_in->to(at::kLong).contiguous() : at::Tensor();
@@ -513,17 +483,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nt_xent_forward_cuda(
   // rank: (2, M), #negatives above the best positive, among all / the other view's alone
   at::Tensor rank = compute_accuracy ? at::empty({2, m}, z1.options().dtype(at::kInt))
                                      : at::empty({0}, z1.options().dtype(at::kInt));
-  const int64_t span = with_labels ? m : n;
-  const auto own = local_rows(row_lo, row_count, span);
-  const int64_t lo = own.first, count = own.second;
-  if (count < span) {  // the other rows: no loss, no positive (weighed 0 by the backward)
+  const LocalRows own = local_rows(row_lo, row_count, m, n, !with_labels);
+  const int64_t lo = own.lo, count = own.count;
+  if (!own.all()) {  // the other rows: no loss, no positive (weighed 0 by the backward)
     loss.zero_();
     rank.zero_();
     // lse = lse_pos = +inf keep every coefficient the backward forms for them finite
-    stats[0].fill_(std::numeric_limits<float>::infinity());
-    stats[1].fill_(std::numeric_limits<float>::infinity());
-    stats[2].fill_(1.0);
-    stats[3].zero_();
+    stats[kLse].fill_(std::numeric_limits<float>::infinity());
+    stats[kLsePos].fill_(std::numeric_limits<float>::infinity());
+    stats[kQ].fill_(1.0);
+    stats[kCount].zero_();
   }
   const int64_t blocks = (with_labels ? 1 : 2) * ((count + kTile - 1) / kTile);
   FASTCLR_DISPATCH_FLOAT_HALF_TYPES(z1.scalar_type(), "nt_xent_forward_cuda", [&] {
@@ -549,23 +518,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nt_xent_forward_cuda(
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> nt_xent_backward_cuda(
-    const at::Tensor& grad_rows, const at::Tensor& z1_in, const at::Tensor& z2_in,
-    const std::optional<at::Tensor>& labels_in, const at::Tensor& temperature_in,
-    bool mean_positives, const at::Tensor& norm_in, const at::Tensor& stats_in, int64_t row_lo,
+    const at::Tensor& grad_rows, const at::Tensor& z1_in, const std::optional<at::Tensor>& z2_in,
+    const at::Tensor& temperature_in, const at::Tensor& norm_in, const at::Tensor& stats_in,
+    const std::optional<at::Tensor>& labels_in, bool mean_positives, int64_t row_lo,
     int64_t row_count) {
-  const int64_t m = check_cuda_inputs(z1_in, z2_in, labels_in, temperature_in);
+  const at::Tensor z2_view = second_view(z1_in, z2_in);
+  const int64_t m = check_nt_xent_inputs(z1_in, z2_view, labels_in, temperature_in);
+  check_cuda_dtype(z1_in);
   const DeviceGuard guard(z1_in.device());
-  const at::Tensor z1 = z1_in.contiguous(), z2 = z2_in.contiguous();
+  const at::Tensor z1 = z1_in.contiguous(), z2 = z2_view.contiguous();
   const at::Tensor temperature = temperature_in.to(at::kFloat).contiguous();
   const bool with_labels = labels_in.has_value();
   const at::Tensor labels = with_labels ? labels_in->to(at::kLong).contiguous() : at::Tensor();
   const int64_t n = z1.size(0), d = z1.size(1);
-  const auto own = local_rows(row_lo, row_count, with_labels ? m : n);
-  const int64_t lo = own.first, count = own.second;
-  TORCH_CHECK(grad_rows.numel() == m && norm_in.numel() == m,
-              "fastclr: nt_xent_backward expects grad_rows and norm of ", m, " elements");
-  TORCH_CHECK(stats_in.dim() == 2 && stats_in.size(0) == 4 && stats_in.size(1) == m,
-              "fastclr: nt_xent_backward expects stats of shape (4, ", m, ")");
+  const LocalRows own = local_rows(row_lo, row_count, m, n, !with_labels);
+  const int64_t lo = own.lo, count = own.count;
+  check_nt_xent_saved(grad_rows, norm_in, stats_in, m);
   const at::Tensor w = grad_rows.to(at::kFloat).contiguous();
   const at::Tensor norm = norm_in.to(at::kFloat).contiguous();
   const at::Tensor stats = stats_in.to(at::kFloat).contiguous();

@@ -69,12 +69,12 @@ def test_auto_between_cuda_and_triton_follows_the_measured_table(monkeypatch):
     monkeypatch.setattr(ops, "triton_available", lambda: True)
     op = _dispatch.OPS["nt_xent_fused"]
     monkeypatch.setattr(op, "cuda_faster", {})
-    assert _dispatch.resolve("nt_xent_fused", "auto", torch.device("cuda"), torch.bfloat16) == "triton"
+    assert _dispatch.resolve("nt_xent_fused", "auto", torch.device("cuda"), torch.bfloat16).name == "triton"
     monkeypatch.setattr(op, "cuda_faster", {torch.bfloat16: True})
-    assert _dispatch.resolve("nt_xent_fused", "auto", torch.device("cuda"), torch.bfloat16) == "cuda"
-    assert _dispatch.resolve("nt_xent_fused", "auto", torch.device("cuda"), torch.float16) == "triton"
+    assert _dispatch.resolve("nt_xent_fused", "auto", torch.device("cuda"), torch.bfloat16).name == "cuda"
+    assert _dispatch.resolve("nt_xent_fused", "auto", torch.device("cuda"), torch.float16).name == "triton"
     monkeypatch.setattr(ops, "triton_available", lambda: False)
-    assert _dispatch.resolve("nt_xent_fused", "auto", torch.device("cuda"), torch.float16) == "cuda"
+    assert _dispatch.resolve("nt_xent_fused", "auto", torch.device("cuda"), torch.float16).name == "cuda"
 
 
 def test_triton_impl_input_checks(monkeypatch):
@@ -96,12 +96,12 @@ def test_triton_impl_input_checks(monkeypatch):
 def test_auto_picks_triton_for_cuda_tensors(monkeypatch):
     monkeypatch.setattr(ops, "compiled_with_cuda", lambda: False)
     monkeypatch.setattr(ops, "triton_available", lambda: True)
-    assert _dispatch.resolve("nt_xent_fused", "auto", torch.device("cuda"), torch.float32) == "triton"
-    assert _dispatch.resolve("nt_xent_fused", "auto", torch.device("cuda", 1), torch.bfloat16) == "triton"
+    assert _dispatch.resolve("nt_xent_fused", "auto", torch.device("cuda"), torch.float32).name == "triton"
+    assert _dispatch.resolve("nt_xent_fused", "auto", torch.device("cuda", 1), torch.bfloat16).name == "triton"
     monkeypatch.setattr(ops, "triton_available", lambda: False)
     monkeypatch.setattr(_dispatch.OPS["nt_xent_fused"], "warned", False)
     with pytest.warns(RuntimeWarning, match="falling back"):
-        assert _dispatch.resolve("nt_xent_fused", "auto", torch.device("cuda"), torch.float32) == "reference"
+        assert _dispatch.resolve("nt_xent_fused", "auto", torch.device("cuda"), torch.float32).name == "reference"
 
 
 @needs_ext
@@ -129,11 +129,11 @@ def test_fallback_without_extension_warns_once(monkeypatch):
 
 @needs_ext
 def test_auto_picks_cpu_kernel_on_cpu(monkeypatch):
-    assert _dispatch.resolve("nt_xent_fused", "auto", torch.device("cpu")) == "cpu"
+    assert _dispatch.resolve("nt_xent_fused", "auto", torch.device("cpu")).name == "cpu"
     calls = []
     real = torch.ops.fastclr.nt_xent_forward
     monkeypatch.setattr(loss_module.torch.ops.fastclr, "nt_xent_forward",
-                        lambda *a: calls.append(1) or real(*a), raising=False)
+                        lambda *a, **kw: calls.append(1) or real(*a, **kw), raising=False)
     fastclr.nt_xent_fused(*make_inputs(3, 4))
     assert calls
 
@@ -213,14 +213,16 @@ def test_opcheck_forward_and_backward(seed):
         z = torch.cat([z1, z2]).detach().requires_grad_()
         labels = torch.randint(0, 9, (74,))
         # paired mode (NT-Xent) and labels mode (SupCon, both forms)
-        for args in ((z1, z2, None, t, False), (z, z[:0], labels, t, True), (z, z[:0], labels, t, False)):
+        for args, kw in (((z1, z2, t), {}), ((z, None, t), dict(labels=labels, mean_positives=True)),
+                         ((z, None, t), dict(labels=labels))):
             for acc in (False, True):
-                opcheck(torch.ops.fastclr.nt_xent_forward.default, (*args, acc))
-            rows, stats, norm, _ = torch.ops.fastclr.nt_xent_forward(*args, False)
+                opcheck(torch.ops.fastclr.nt_xent_forward.default, args, {**kw, "compute_accuracy": acc})
+            rows, stats, norm, _ = torch.ops.fastclr.nt_xent_forward(*args, **kw)
             g = torch.rand(74, dtype=rows.dtype)
-            a, b, lab, tt, mean = args
+            a, b, tt = args
             opcheck(torch.ops.fastclr.nt_xent_backward.default,
-                    (g, a.detach(), b.detach(), lab, tt.detach(), mean, norm.detach(), stats.detach()))
+                    (g, a.detach(), None if b is None else b.detach(), tt.detach(), norm.detach(),
+                     stats.detach()), kw)
 
 
 def check_compile_fullgraph(impl, device, dtype, grad_tol):
@@ -295,15 +297,15 @@ def test_opcheck_on_gpu(seed, fwd_name, bwd_name, dtype):
     t = torch.tensor(0.3, device="cuda", requires_grad=True)
     z = torch.cat([z1, z2]).detach().requires_grad_()
     labels = torch.randint(0, 30, (600,), device="cuda")
-    for args in ((z1, z2, None, t, False), (z, z[:0], labels, t, True)):
+    for args, kw in (((z1, z2, t), {}), ((z, None, t), dict(labels=labels, mean_positives=True))):
         for acc in (False, True):
-            opcheck(fwd.default, (*args, acc))
-        rows, stats, norm, _ = fwd(*args, False)
+            opcheck(fwd.default, args, {**kw, "compute_accuracy": acc})
+        rows, stats, norm, _ = fwd(*args, **kw)
         g = torch.rand(600, device="cuda")
-        a, b, lab, tt, mean = args
+        a, b, tt = args
         # The backward's fp32 atomics sum in a varying order: no bitwise-repeatability check.
-        opcheck(bwd.default, (g, a.detach(), b.detach(), lab, tt.detach(), mean, norm, stats),
-                test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+        opcheck(bwd.default, (g, a.detach(), None if b is None else b.detach(), tt.detach(), norm, stats),
+                kw, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
 
 @pytest.mark.parametrize("impl", [p.id for p in GPU_OPS])
@@ -315,3 +317,14 @@ def test_torch_compile_fullgraph_gpu(seed, impl):
         pytest.skip("built without the CUDA kernels")
     # fp32 atomics in the backward: the summation order, and so the last bits, vary.
     check_compile_fullgraph(impl, "cuda", torch.bfloat16, dict(rtol=1e-2, atol=1e-5))
+
+
+def test_module_process_group_and_lightly_gather_flag():
+    z1, z2 = torch.randn(6, 4), torch.randn(6, 4)
+    for crit in (fastclr.NTXentLoss(0.5, process_group=None),
+                 fastclr.NTXentLoss(0.5, gather_distributed=True)):  # one process: no gather
+        torch.testing.assert_close(crit(z1, z2), fastclr.nt_xent_fused(z1, z2, 0.5))
+    with pytest.raises(TypeError, match="process_group"):
+        fastclr.NTXentLoss(0.5, process_group=object())
+    with pytest.raises(TypeError, match="nt_xent_fused: process_group"):
+        fastclr.nt_xent_fused(z1, z2, 0.5, process_group=object())

@@ -11,8 +11,8 @@ import torch
 import fastclr
 from fastclr import reference
 from nt_xent_checks import (BACKENDS, backends, chunked_reference64, check_accuracy,
-                            check_against_reference, check_half, fused, make_inputs, max_rel,
-                            needs_ext, run)
+                            check_against_reference, check_half, fused, google_contrast_acc,
+                            make_inputs, max_rel, needs_ext, run)
 
 TAUS = [0.05, 0.1, 0.5, 1.0]
 # Shapes per backend: the interpreter is slow, a GPU is fast.
@@ -200,3 +200,70 @@ def test_large_batches_on_gpu(seed, impl, device, n, d, dtype):
     assert max_rel(loss, rows) <= loss_tol
     assert max_rel(g1, r1) <= grad_tol and max_rel(g2, r2) <= grad_tol
     assert abs(gt.item() - rt.item()) <= grad_tol * abs(rt.item())
+
+
+# --- contrast_acc: google-research/simclr's metric, exactly ------------------------------------
+
+@pytest.mark.parametrize("impl,device", backends())
+def test_contrast_acc_equals_google_transcription(seed, impl, device):
+    for n, d in ((256, 16), (37, 5), (1, 3)):
+        z1 = torch.randn(n, d, device=device)
+        z2 = z1 + torch.randn(n, d, device=device)
+        _, acc = fastclr.nt_xent_fused(z1, z2, 0.5, impl=impl, return_accuracy=True)
+        # the same count of correct rows (the fraction is float32 here, float64 there)
+        assert round(acc["contrast_acc"].item() * n) == round(google_contrast_acc(z1.cpu(), z2.cpu(), 0.5) * n)
+        # the two metrics differ: contrast_acc ranks against N - 1, top1 against 2N - 2 others
+        ref = reference.nt_xent(z1.cpu().double(), z2.cpu().double(), 0.5, return_accuracy=True)[1]
+        assert acc["top1"].item() == ref["top1"].item()
+
+
+# --- float32 on saturated batches, and a single pair ----------------------------------------------
+
+def _grad_error(loss_fn, n, d, tau, device):
+    g = torch.Generator().manual_seed(n)
+    z1 = torch.randn(n, d, generator=g)
+    z2 = z1 + 0.2 * torch.randn(n, d, generator=g)
+    grads = {}
+    for dtype in (torch.float64, torch.float32):
+        a = z1.to(device, dtype).requires_grad_()
+        b = z2.to(device, dtype).requires_grad_()
+        (reference.nt_xent(a, b, tau) if dtype == torch.float64 else loss_fn(a, b)).backward()
+        grads[dtype] = torch.cat([a.grad, b.grad]).double().cpu()
+    ref = grads[torch.float64]
+    return ((grads[torch.float32] - ref).abs().max() / ref.abs().max()).item()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("impl,device", backends("cpu", "triton_interp", "triton_cuda", "cuda")
+                         + [pytest.param("reference", "cpu", id="reference")])
+@pytest.mark.parametrize("n,tau", [(256, 0.1), (1024, 0.05)])
+def test_saturated_float32_gradients_beat_lightly(impl, device, n, tau):
+    lightly_loss = pytest.importorskip("lightly.loss")
+    ours = _grad_error(lambda a, b: fastclr.nt_xent_fused(a, b, tau, impl=impl), n, 128, tau, device)
+    theirs = _grad_error(lightly_loss.NTXentLoss(temperature=tau), n, 128, tau, device)
+    assert ours <= theirs, (ours, theirs)
+
+
+@pytest.mark.parametrize("impl,device", backends() + [pytest.param("reference", "cpu", id="reference")])
+def test_saturated_float32_row_losses_are_accurate(impl, device):
+    """At low loss lse_i - s_ip cancels in float32 (~ulp(1/tau)); the kernels form the loss as
+    log(1 + exp(lse_neg - s_ip)) instead. N = 1024, tau = 0.05: loss ~3e-5 a row."""
+    g = torch.Generator().manual_seed(1024)
+    z1 = torch.randn(1024, 128, generator=g)
+    z2 = z1 + 0.2 * torch.randn(1024, 128, generator=g)
+    rows = fastclr.nt_xent_fused(z1.to(device), z2.to(device), 0.05, impl=impl, reduction="none")
+    ref = reference.nt_xent(z1.double(), z2.double(), 0.05, reduction="none")
+    assert ((rows.double().cpu() - ref).abs() / ref).max().item() < 1e-4
+
+
+@pytest.mark.parametrize("impl,device", backends() + [pytest.param("reference", "cpu", id="reference")])
+def test_single_pair_has_exactly_zero_gradients(impl, device):
+    """N = 1: the only other row is the positive, so the loss is exactly 0 whatever z."""
+    z1 = torch.randn(1, 19, device=device, requires_grad=True)
+    z2 = torch.randn(1, 19, device=device, requires_grad=True)
+    t = torch.tensor(0.1, device=device, requires_grad=True)
+    loss = fastclr.nt_xent_fused(z1, z2, t, impl=impl)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert z1.grad.abs().max().item() == 0.0 and z2.grad.abs().max().item() == 0.0
+    assert t.grad.item() == 0.0

@@ -1,6 +1,7 @@
 """LARS: every implementation against a per-parameter float64 transcription of the equations."""
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -236,3 +237,30 @@ def test_cpp_step_handles_channels_last_weights():
             opt.step()
     for a, b in zip(conv.parameters(), ref.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+# --- coming from lightly and timm ---------------------------------------------------------------
+
+def test_lars_warns_once_about_lightly_exclusion_rule():
+    a, b = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(3))
+    with pytest.warns(UserWarning, match="exclude") as record:
+        fastclr.LARS([{"params": [a], "weight_decay": 0.0}, {"params": [b], "weight_decay": 0.0}], lr=0.1)
+    assert sum("exclude" in str(w.message) for w in record) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fastclr.LARS([{"params": [a], "weight_decay": 0.0, "exclude": True}], lr=0.1)
+        fastclr.LARS(fastclr.lars_param_groups(torch.nn.Linear(3, 2), 0.0), lr=0.1)
+        fastclr.LARS([a], lr=0.1)  # default weight decay 1e-6
+
+
+def test_lars_takes_tensor_learning_rates():
+    torch.manual_seed(0)
+    p1, p2 = torch.nn.Parameter(torch.randn(4, 3)), None
+    p2 = torch.nn.Parameter(p1.detach().clone())
+    for p in (p1, p2):
+        p.grad = torch.ones_like(p)
+    fastclr.LARS([p1], lr=torch.tensor(0.1)).step()
+    fastclr.LARS([p2], lr=0.1).step()
+    torch.testing.assert_close(p1, p2)
+    with pytest.raises(ValueError, match="lr"):
+        fastclr.LARS([p1], lr=torch.tensor(-0.1))

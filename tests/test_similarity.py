@@ -4,6 +4,7 @@ Backends: the C++ kernel ("cpu"), Triton on CPU tensors through the interpreter
 ("triton_interp", CI) and on a GPU ("triton_cuda", gpu_suite.sh), and the CUDA kernel on CPU
 tensors through its CPU harness ("cuda_on_cpu", CI) and on a GPU ("cuda", gpu_suite.sh).
 """
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -234,7 +235,7 @@ def test_k_equal_bank_sorts_everything():
 def test_opcheck_cpu_ops():
     a, b = torch.randn(7, 5, requires_grad=True), torch.randn(11, 5, requires_grad=True)
     torch.library.opcheck(torch.ops.fastclr.normalized_similarity, (a, b))
-    torch.library.opcheck(torch.ops.fastclr.knn_topk, (a.detach(), b.detach(), 3, 4))
+    torch.library.opcheck(torch.ops.fastclr.knn_topk, (a.detach(), b.detach()), {"k": 3, "chunk": 4})
 
 
 @pytest.mark.cuda
@@ -357,3 +358,12 @@ def test_knn_topk_tie_heavy_inputs_agree_bit_for_bit(impl, device):
         rv, ri = reference.knn_topk(q, bank, k)
         assert torch.equal(idx.cpu(), ri), case
         assert torch.equal(vals.cpu(), rv), case
+
+
+def test_knn_topk_takes_integer_like_k():
+    q, bank = torch.randn(5, 4), torch.randn(20, 4)
+    v, i = fastclr.knn_topk(q, bank, np.int64(5), chunk=np.int32(7))
+    v2, i2 = fastclr.knn_topk(q, bank, 5)
+    assert torch.equal(i, i2) and torch.equal(v, v2)
+    with pytest.raises(TypeError, match="k must be an int"):
+        fastclr.knn_topk(q, bank, 5.0)

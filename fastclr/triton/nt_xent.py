@@ -37,15 +37,15 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
-from triton.runtime.autotuner import Autotuner
-from triton.runtime.jit import JITFunction
+from torch.library import triton_op
 
-from fastclr._autograd import autograd_formula, local_rows
+from fastclr._autograd import autograd_formula
+from fastclr._boundary import check_rows, local_rows, second_view
+from fastclr.triton.common import (INTERPRETED, NORM_EPS, dot_precision, launcher, pow2_at_least,
+                                   row_offset)
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
-NORM_EPS = 1e-12
 
 # The same constants as compile-time globals for the kernels.
 LOG2E_C = tl.constexpr(LOG2E)
@@ -53,27 +53,8 @@ LN2_C = tl.constexpr(LN2)
 NORM_EPS_C = tl.constexpr(NORM_EPS)
 
 
-# triton decides at @triton.jit time whether a kernel is interpreted (CPU tensors) or
-# compiled for a GPU, so this is fixed when this module is imported.
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Autotuning applies to compiled kernels only.
 AUTOTUNE = os.environ.get("FASTCLR_AUTOTUNE", "0") == "1" and not INTERPRETED
-
-
-def _launcher(kernel):
-    """wrap_triton(kernel): the launch torch.compile and opcheck can trace. Interpreted kernels
-    that this torch's wrap_triton rejects (torch 2.11 takes only JITFunction / Autotuner, and
-    triton 3.6's interpreter makes neither) are launched directly."""
-    if INTERPRETED and not isinstance(kernel, (JITFunction, Autotuner)):
-        return kernel
-    return wrap_triton(kernel)
-
-
-@triton.jit
-def _row_offset(rows, stride):
-    """rows * stride in 64 bits: M x D (or M x K) elements can pass 2^31 (M = 2^21 at D = 1024),
-    where int32 offsets would wrap and address out of bounds."""
-    return rows.to(tl.int64) * stride
 
 
 @triton.jit
@@ -82,8 +63,8 @@ def _load_rows(z1_ptr, z2_ptr, rows, row_mask, offs_d, N, D, stride1, stride2):
     One row pointer per row, chosen between the two tensors, then one load: two masked 2-D
     loads cost twice the pointer registers (and spilled, in sm_90 compiles)."""
     in_z1 = rows < N
-    base = tl.where(in_z1, z1_ptr + _row_offset(rows, stride1),
-                    z2_ptr + _row_offset(tl.where(in_z1, 0, rows - N), stride2))
+    base = tl.where(in_z1, z1_ptr + row_offset(rows, stride1),
+                    z2_ptr + row_offset(tl.where(in_z1, 0, rows - N), stride2))
     mask = row_mask[:, None] & (offs_d[None, :] < D)
     return tl.load(base[:, None] + offs_d[None, :], mask=mask, other=0.0)
 
@@ -418,13 +399,13 @@ def _nt_xent_bwd_rows_kernel(z1_ptr, z2_ptr, labels_ptr, norm_ptr, temp_ptr, sta
                 a_i, c_i = _scaled_cast(tl.trans(a * _operand_rn(rn_i, z1_ptr.dtype.element_ty)[:, None]),
                                         z1_ptr.dtype.element_ty)
                 g_j = tl.dot(a_i, z_i, input_precision=PRECISION) / c_i
-                tl.atomic_add(g_ptr + _row_offset(rows_j, D)[:, None] + offs_d[None, :], g_j,
+                tl.atomic_add(g_ptr + row_offset(rows_j, D)[:, None] + offs_d[None, :], g_j,
                               mask=mask_j[:, None] & d_mask)
             total += tsum
             a_j, c_j = _scaled_cast(a * _operand_rn(rn_j, z1_ptr.dtype.element_ty)[None, :],
                                     z1_ptr.dtype.element_ty)
             g_i += tl.dot(a_j, z_j, input_precision=PRECISION) / c_j
-    tl.atomic_add(g_ptr + _row_offset(rows_i, D)[:, None] + offs_d[None, :], g_i,
+    tl.atomic_add(g_ptr + row_offset(rows_i, D)[:, None] + offs_d[None, :], g_i,
                   mask=mask_i[:, None] & d_mask)
     tl.store(tpart_ptr + bi, total)
 
@@ -463,12 +444,12 @@ def _nt_xent_bwd_pairs_kernel(z1_ptr, z2_ptr, labels_ptr, norm_ptr, temp_ptr, st
         d_mask = offs_d[None, :] < D
         z_j = _load_rows(z1_ptr, z2_ptr, rows_j, mask_j, offs_d, N, D, stride1, stride2)
         g_i = tl.dot(a_j, z_j, input_precision=PRECISION) / c_j
-        tl.atomic_add(g_ptr + _row_offset(rows_i, D)[:, None] + offs_d[None, :], g_i,
+        tl.atomic_add(g_ptr + row_offset(rows_i, D)[:, None] + offs_d[None, :], g_i,
                       mask=mask_i[:, None] & d_mask)
         if bi != bj:
             z_i = _load_rows(z1_ptr, z2_ptr, rows_i, mask_i, offs_d, N, D, stride1, stride2)
             g_j = tl.dot(a_i, z_i, input_precision=PRECISION) / c_i
-            tl.atomic_add(g_ptr + _row_offset(rows_j, D)[:, None] + offs_d[None, :], g_j,
+            tl.atomic_add(g_ptr + row_offset(rows_j, D)[:, None] + offs_d[None, :], g_j,
                           mask=mask_j[:, None] & d_mask)
 
 
@@ -478,7 +459,7 @@ def _finish_chunk(z1_ptr, z2_ptr, g_ptr, rows, row_mask, offs_d, rn_i, inv_tau, 
     """One feature chunk of u_i and grad_u_i = G_i / tau."""
     mask = row_mask[:, None] & (offs_d[None, :] < D)
     u_i = _load_rows(z1_ptr, z2_ptr, rows, row_mask, offs_d, N, D, stride1, stride2).to(tl.float32) * rn_i[:, None]
-    g = tl.load(g_ptr + _row_offset(rows, D)[:, None] + offs_d[None, :], mask=mask, other=0.0)
+    g = tl.load(g_ptr + row_offset(rows, D)[:, None] + offs_d[None, :], mask=mask, other=0.0)
     return u_i, inv_tau * g, mask
 
 
@@ -504,14 +485,10 @@ def _nt_xent_finish_kernel(z1_ptr, z2_ptr, norm_ptr, temp_ptr, g_ptr, gz1_ptr, g
         u_i, gu, mask = _finish_chunk(z1_ptr, z2_ptr, g_ptr, rows, row_mask, offs_d, rn_i, inv_tau,
                                       N, D, stride1, stride2)
         gz = ((gu - (keep_radial * dot_gu)[:, None] * u_i) * rn_i[:, None]).to(gz1_ptr.dtype.element_ty)
-        tl.store(gz1_ptr + _row_offset(rows, gstride1)[:, None] + offs_d[None, :], gz,
+        tl.store(gz1_ptr + row_offset(rows, gstride1)[:, None] + offs_d[None, :], gz,
                  mask=mask & (rows < N)[:, None])
-        tl.store(gz2_ptr + _row_offset(rows - N, gstride2)[:, None] + offs_d[None, :], gz,
+        tl.store(gz2_ptr + row_offset(rows - N, gstride2)[:, None] + offs_d[None, :], gz,
                  mask=mask & (rows >= N)[:, None])
-
-
-def _pow2_at_least(x: int, lo: int = 16) -> int:
-    return max(lo, triton.next_power_of_2(x))
 
 
 # Up to this padded feature width the backward keeps a row block's gradient in registers.
@@ -525,7 +502,7 @@ def _config(m: int, d: int, dtype: torch.dtype, interpret: bool) -> dict:
     keep the numpy emulation fast. On a GPU: 64-row tiles, the feature dimension in chunks of
     up to 128; the register-resident backward takes the whole padded width at once.
     """
-    d_pad = _pow2_at_least(d)
+    d_pad = pow2_at_least(d)
     rows_bwd = d_pad <= ROWS_MAX_D
     if interpret:
         block = 16 if m <= 64 else 64
@@ -579,26 +556,22 @@ if AUTOTUNE:
                                        reset_to_zero=["g_ptr", "tpart_ptr"])(_nt_xent_bwd_pairs_kernel)
 
 
-def _precision(dtype: torch.dtype) -> str:
-    # fp32 inputs: three TF32 products recover ~fp32 accuracy on tensor cores.
-    return "tf32x3" if dtype == torch.float32 else "ieee"
-
-
-def _rows_and_labels(z1, z2, labels):
-    """(z1, z2, labels or a stand-in, N = rows of z1, M = all rows) for the kernels; without
-    labels (paired mode) the kernels never read the stand-in (z1)."""
-    z1, z2 = z1.contiguous(), z2.contiguous()
+def _rows_and_labels(z1, z2, labels, temperature):
+    """(z1, z2, labels or a stand-in, N = rows of z1, M = all rows) for the kernels, checked as the
+    fake kernel checks them; without labels (paired mode) the kernels never read the stand-in."""
+    check_rows(z1, z2, labels, temperature)
+    z1, z2 = z1.contiguous(), second_view(z1, z2).contiguous()
     lab = z1 if labels is None else labels.to(torch.int64).contiguous()
     return z1, z2, lab, z1.shape[0], z1.shape[0] + z2.shape[0]
 
 
 @triton_op("fastclr::nt_xent_triton_forward", mutates_args=())
-def nt_xent_forward(z1: torch.Tensor, z2: torch.Tensor, labels: Optional[torch.Tensor],
-                    temperature: torch.Tensor, mean_positives: bool, compute_accuracy: bool,
-                    row_lo: int = 0,
+def nt_xent_forward(z1: torch.Tensor, z2: Optional[torch.Tensor], temperature: torch.Tensor,
+                    labels: Optional[torch.Tensor] = None, *, mean_positives: bool = False,
+                    compute_accuracy: bool = False, row_lo: int = 0,
                     row_count: int = -1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(row_loss, stats, norm, rank) as fastclr::nt_xent_forward, by the Triton kernels."""
-    z1, z2, lab, n, m = _rows_and_labels(z1, z2, labels)
+    z1, z2, lab, n, m = _rows_and_labels(z1, z2, labels, temperature)
     lo, count, span = local_rows(row_lo, row_count, n, m, labels is None)
     d = z1.shape[1]
     cfg = _config(m, d, z1.dtype, INTERPRETED)
@@ -612,13 +585,13 @@ def nt_xent_forward(z1: torch.Tensor, z2: torch.Tensor, labels: Optional[torch.T
         for row, value in enumerate((float("inf"), float("inf"), 1.0, 0.0)):
             stats[row].fill_(value)
         rank.zero_()
-    _launcher(_nt_xent_norm_kernel)[(triton.cdiv(m, 64),)](
+    launcher(_nt_xent_norm_kernel)[(triton.cdiv(m, 64),)](
         z1, z2, norm, n, m, d, z1.stride(0), z2.stride(0), BLOCK_R=64,
-        BLOCK_D=min(128, _pow2_at_least(d)))
+        BLOCK_D=min(128, pow2_at_least(d)))
     args = (z1, z2, lab, norm, temperature, loss, stats, rank, n, m, d, z1.stride(0), z2.stride(0),
             lo, count)
     flags = dict(LABELS=labels is not None, MEAN=bool(mean_positives), COMPUTE_RANK=compute_accuracy,
-                 PRECISION=_precision(z1.dtype))
+                 PRECISION=dot_precision(z1.dtype))
     # row blocks over the local rows: one range with labels; paired, one per view (never
     # straddling row N)
     parts = 1 if labels is not None else 2
@@ -626,21 +599,21 @@ def nt_xent_forward(z1: torch.Tensor, z2: torch.Tensor, labels: Optional[torch.T
     if count == 0:
         return loss, stats, norm, rank
     if AUTOTUNE:
-        _launcher(_fwd_tuned)[lambda meta: (blocks(meta["BLOCK_M"]),)](*args, **flags)
+        launcher(_fwd_tuned)[lambda meta: (blocks(meta["BLOCK_M"]),)](*args, **flags)
     else:
-        _launcher(_nt_xent_fwd_kernel)[(blocks(cfg["BLOCK_M"]),)](
+        launcher(_nt_xent_fwd_kernel)[(blocks(cfg["BLOCK_M"]),)](
             *args, **flags, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return loss, stats, norm, rank
 
 
 @triton_op("fastclr::nt_xent_triton_backward", mutates_args=())
-def nt_xent_backward(grad_rows: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor,
-                     labels: Optional[torch.Tensor], temperature: torch.Tensor, mean_positives: bool,
-                     norm: torch.Tensor, stats: torch.Tensor, row_lo: int = 0,
-                     row_count: int = -1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def nt_xent_backward(grad_rows: torch.Tensor, z1: torch.Tensor, z2: Optional[torch.Tensor],
+                     temperature: torch.Tensor, norm: torch.Tensor, stats: torch.Tensor,
+                     labels: Optional[torch.Tensor] = None, *, mean_positives: bool = False,
+                     row_lo: int = 0, row_count: int = -1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_z1, grad_z2, grad_temperature) as fastclr::nt_xent_backward, by Triton."""
-    z1, z2, lab, n, m = _rows_and_labels(z1, z2, labels)
+    z1, z2, lab, n, m = _rows_and_labels(z1, z2, labels, temperature)
     lo, count, _ = local_rows(row_lo, row_count, n, m, labels is None)
     d = z1.shape[1]
     w = grad_rows.to(torch.float32).contiguous()
@@ -652,29 +625,29 @@ def nt_xent_backward(grad_rows: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor
     tpart = torch.zeros(nb_max * nb_max, device=z1.device, dtype=torch.float32)
     args = (z1, z2, lab, norm, temperature, stats, w, g, tpart, n, m, d, z1.stride(0), z2.stride(0),
             lo, count)
-    flags = dict(LABELS=labels is not None, MEAN=bool(mean_positives), PRECISION=_precision(z1.dtype))
+    flags = dict(LABELS=labels is not None, MEAN=bool(mean_positives), PRECISION=dot_precision(z1.dtype))
     if cfg["ROWS_BWD"]:
         if AUTOTUNE:
-            _launcher(_bwd_rows_tuned)[lambda meta: (triton.cdiv(m, meta["BLOCK"]),)](
+            launcher(_bwd_rows_tuned)[lambda meta: (triton.cdiv(m, meta["BLOCK"]),)](
                 *args, **flags, BLOCK_D=cfg["BLOCK_D_BWD"])
         else:
-            _launcher(_nt_xent_bwd_rows_kernel)[(triton.cdiv(m, cfg["BLOCK_BWD"]),)](
+            launcher(_nt_xent_bwd_rows_kernel)[(triton.cdiv(m, cfg["BLOCK_BWD"]),)](
                 *args, **flags, BLOCK=cfg["BLOCK_BWD"], BLOCK_D=cfg["BLOCK_D_BWD"],
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     elif AUTOTUNE:
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK"]), triton.cdiv(m, meta["BLOCK"]))  # noqa: E731
-        _launcher(_bwd_pairs_tuned)[grid](*args, **flags)
+        launcher(_bwd_pairs_tuned)[grid](*args, **flags)
     else:
         nb = triton.cdiv(m, cfg["BLOCK_BWD"])
-        _launcher(_nt_xent_bwd_pairs_kernel)[(nb, nb)](
+        launcher(_nt_xent_bwd_pairs_kernel)[(nb, nb)](
             *args, **flags, BLOCK=cfg["BLOCK_BWD"], BLOCK_D=cfg["BLOCK_D_BWD"],
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     grad_z1 = torch.empty_like(z1)
     grad_z2 = torch.empty_like(z2)
     block_r = 32
-    _launcher(_nt_xent_finish_kernel)[(triton.cdiv(m, block_r),)](
+    launcher(_nt_xent_finish_kernel)[(triton.cdiv(m, block_r),)](
         z1, z2, norm, temperature, g, grad_z1, grad_z2, n, m, d, z1.stride(0), z2.stride(0),
-        grad_z1.stride(0), grad_z2.stride(0), BLOCK_R=block_r, BLOCK_D=min(64, _pow2_at_least(d)))
+        grad_z1.stride(0), grad_z2.stride(0), BLOCK_R=block_r, BLOCK_D=min(64, pow2_at_least(d)))
     # dL/dtau = -(1/tau) * sum_i w_i sum_{j != i} c_ij s_ij
     grad_t = -tpart.sum() / temperature.to(torch.float32)
     return grad_z1, grad_z2, grad_t

@@ -17,8 +17,8 @@ import triton.language as tl
 from torch.library import triton_op
 
 from fastclr._autograd import similarity_backward, similarity_setup_context
-from fastclr.triton.nt_xent import (INTERPRETED, NORM_EPS, _launcher, _pow2_at_least, _precision,
-                                     _row_offset)
+from fastclr.triton.common import (INTERPRETED, NORM_EPS, dot_precision, launcher, pow2_at_least,
+                                   row_offset)
 
 
 @triton.jit
@@ -32,15 +32,15 @@ def _normalized_similarity_kernel(a_ptr, b_ptr, ra_ptr, rb_ptr, out_ptr, M, K, D
     for k0 in range(0, D, BLOCK_D):
         offs_d = k0 + tl.arange(0, BLOCK_D)
         dmask = offs_d < D
-        a = tl.load(a_ptr + _row_offset(rows, stride_a)[:, None] + offs_d[None, :],
+        a = tl.load(a_ptr + row_offset(rows, stride_a)[:, None] + offs_d[None, :],
                     mask=rmask[:, None] & dmask[None, :], other=0.0)
-        b = tl.load(b_ptr + _row_offset(cols, stride_b)[:, None] + offs_d[None, :],
+        b = tl.load(b_ptr + row_offset(cols, stride_b)[:, None] + offs_d[None, :],
                     mask=cmask[:, None] & dmask[None, :], other=0.0)
         acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
     ra = tl.load(ra_ptr + rows, mask=rmask, other=0.0)
     rb = tl.load(rb_ptr + cols, mask=cmask, other=0.0)
     out = acc * ra[:, None] * rb[None, :]
-    tl.store(out_ptr + _row_offset(rows, stride_o)[:, None] + cols[None, :], out,
+    tl.store(out_ptr + row_offset(rows, stride_o)[:, None] + cols[None, :], out,
              mask=rmask[:, None] & cmask[None, :])
 
 
@@ -59,10 +59,10 @@ def normalized_similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return out
     ra, rb = _inv_norms(a), _inv_norms(b)
     bm = bn = 32 if INTERPRETED else 64
-    bd = min(32 if a.dtype == torch.float32 else 64, _pow2_at_least(d))
-    _launcher(_normalized_similarity_kernel)[(triton.cdiv(m, bm), triton.cdiv(k, bn))](
+    bd = min(32 if a.dtype == torch.float32 else 64, pow2_at_least(d))
+    launcher(_normalized_similarity_kernel)[(triton.cdiv(m, bm), triton.cdiv(k, bn))](
         a, b, ra, rb, out, m, k, d, a.stride(0), b.stride(0), out.stride(0), BLOCK_M=bm, BLOCK_N=bn,
-        BLOCK_D=bd, PRECISION=_precision(a.dtype), num_warps=4, num_stages=3)
+        BLOCK_D=bd, PRECISION=dot_precision(a.dtype), num_warps=4, num_stages=3)
     return out
 
 

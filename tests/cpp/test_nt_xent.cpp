@@ -12,14 +12,14 @@
 
 namespace {
 
-using Labels = std::optional<at::Tensor>;
-// (..., row_lo, row_count): the local rows; 0, -1 is the whole batch
+using Opt = std::optional<at::Tensor>;
+// The schemas' order (csrc/ops.cpp): the tensors, then the keyword-only options (labels,
+// mean_positives, [compute_accuracy,] row_lo, row_count; 0, -1: the whole batch).
 using Fwd = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-    const at::Tensor&, const at::Tensor&, const Labels&, const at::Tensor&, bool, bool, int64_t,
-    int64_t);
+    const at::Tensor&, const Opt&, const at::Tensor&, const Opt&, bool, bool, int64_t, int64_t);
 using Bwd = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, const Labels&, const at::Tensor&, bool,
-    const at::Tensor&, const at::Tensor&, int64_t, int64_t);
+    const at::Tensor&, const at::Tensor&, const Opt&, const at::Tensor&, const at::Tensor&,
+    const at::Tensor&, const Opt&, bool, int64_t, int64_t);
 
 auto forward_op() {
   return c10::Dispatcher::singleton().findSchemaOrThrow("fastclr::nt_xent_forward", "").typed<Fwd>();
@@ -65,10 +65,10 @@ bool check_case(int64_t n, int64_t d, double tau, at::ScalarType dtype, double l
 
   const auto acc = dtype == at::kDouble ? at::kDouble : at::kFloat;
   auto tt = torch::tensor(tau, acc);
-  auto [rows, stats, norm, rank] = forward_op().call(z1.to(dtype), z2.to(dtype), std::nullopt, tt,
+  auto [rows, stats, norm, rank] = forward_op().call(z1.to(dtype), z2.to(dtype), tt, std::nullopt,
                                                       false, true, 0, -1);
-  auto [g1, g2, gt] = backward_op().call(w.to(acc), z1.to(dtype), z2.to(dtype), std::nullopt, tt,
-                                         false, norm, stats, 0, -1);
+  auto [g1, g2, gt] = backward_op().call(w.to(acc), z1.to(dtype), z2.to(dtype), tt, norm, stats,
+                                         std::nullopt, false, 0, -1);
   const double e_loss = max_rel(rows, ref.detach()), e1 = max_rel(g1, grads[0]),
                e2 = max_rel(g2, grads[1]), et = max_rel(gt, grads[2]);
   const bool ok = e_loss <= loss_tol && e1 <= grad_tol && e2 <= grad_tol && et <= 100 * grad_tol &&
@@ -90,9 +90,9 @@ bool check_supcon_case(int64_t m, int64_t d, int64_t k, double tau, at::ScalarTy
   auto grads = torch::autograd::grad({(ref * w).sum()}, {a, t});
   const auto acc = dtype == at::kDouble ? at::kDouble : at::kFloat;
   auto tt = torch::tensor(tau, acc);
-  auto zd = z.to(dtype), empty = zd.narrow(0, 0, 0);
-  auto [rows, stats, norm, rank] = forward_op().call(zd, empty, labels, tt, true, false, 0, -1);
-  auto [g1, g2, gt] = backward_op().call(w.to(acc), zd, empty, labels, tt, true, norm, stats, 0, -1);
+  auto zd = z.to(dtype);  // every row in z1, no second view
+  auto [rows, stats, norm, rank] = forward_op().call(zd, std::nullopt, tt, labels, true, false, 0, -1);
+  auto [g1, g2, gt] = backward_op().call(w.to(acc), zd, std::nullopt, tt, norm, stats, labels, true, 0, -1);
   const double e_loss = max_rel(rows, ref.detach()), e1 = max_rel(g1, grads[0]),
                et = max_rel(gt, grads[1]);
   const bool ok = e_loss <= loss_tol && e1 <= grad_tol && et <= 100 * grad_tol && g2.size(0) == 0;
@@ -119,7 +119,7 @@ int main() {
   (check_supcon_case(300, 33, 10, 0.1, at::kFloat, 1e-5, 1e-4) ? passed : failed) += 1;
   // Bad input reaches the kernel's own checks as a c10::Error.
   try {
-    forward_op().call(torch::randn({4, 3}), torch::randn({5, 3}), std::nullopt, torch::tensor(0.5f),
+    forward_op().call(torch::randn({4, 3}), torch::randn({5, 3}), torch::tensor(0.5f), std::nullopt,
                       false, false, 0, -1);
     std::printf("FAIL mismatched shapes were accepted\n");
     ++failed;

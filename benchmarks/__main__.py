@@ -1,7 +1,7 @@
 """The whole comparison suite, fastclr against its peers, on this machine.
 
     python -m benchmarks                 # every part on the CPU, and on the GPU when there is one
-    python -m benchmarks loss            # one part: loss | supcon | scale | lars | augment | train | grad_cache | knn
+    python -m benchmarks loss            # one part: loss | supcon | scale | lars | augment | folder | train | grad_cache | knn
     python -m benchmarks --device cpu    # only the CPU half (cuda: only the GPU half)
 
 Each part is one of the benchmarks/bench_*.py scripts, run with the suite's settings below; each
@@ -33,6 +33,8 @@ PARTS = {
     "scale": ("benchmarks.bench_scale", [], None),
     "lars": ("benchmarks.bench_lars", ["--repeats", "20"], ["--repeats", "50"]),
     "augment": ("benchmarks.bench_augment", [], []),
+    # a folder of JPEG photos into two views: the loader workers' decode and crop (CPU)
+    "folder": ("benchmarks.bench_folder", [], None),
     "train": ("benchmarks.bench_train", [], []),
     # ResNet-18 32 px batch 1024 / micro 128 on CPU; ResNet-50 224 px 4096 / 256 and the largest batches on GPU
     "grad_cache": ("benchmarks.bench_grad_cache", [], []),

@@ -84,7 +84,7 @@ def bench_fastclr(data, size, batch, device, repeats):
 
 
 def bench_dali(data, size, batch, device, repeats):
-    from fastclr.app.augment import dali_loader
+    from fastclr.app.dali import dali_loader
     loader = dali_loader(data, batch, size, device="gpu" if device == "cuda" else "cpu",
                          strength=0.5 if size < 96 else 1.0, num_threads=2)
     times = []
@@ -129,7 +129,7 @@ def main(argv=None):
         batch = min(args.batch, n)
         rows.append({"size": size, "pipeline": "fastclr torch", "device": args.device,
                      "images_per_s": bench_fastclr(data, size, batch, args.device, args.repeats)})
-        from fastclr.app.augment import dali_available
+        from fastclr.app.dali import dali_available
         if dali_available():
             rows.append({"size": size, "pipeline": "fastclr DALI", "device": args.device,
                          "images_per_s": bench_dali(data, size, batch, args.device, args.repeats)})

@@ -73,7 +73,7 @@ def _views(name, data, batch, size, device, dtype, channels_last, workers):
             for i in range(0, len(x) - batch + 1, batch):
                 yield aug(x[i:i + batch])
     elif name == "dali":
-        from fastclr.app.augment import dali_loader
+        from fastclr.app.dali import dali_loader
         loader = dali_loader(data, batch, size, device="gpu" if device.type == "cuda" else "cpu",
                              strength=0.5 if size < 96 else 1.0, dtype=dtype,
                              channels_last=channels_last, num_threads=max(2, workers))
@@ -189,7 +189,7 @@ def main(argv=None):
     size = args.image_size or (224 if gpu else 32)
     src = 32 if size <= 32 else 256
     steps = args.steps or (10 if gpu else 3)
-    from fastclr.app.augment import dali_available
+    from fastclr.app.dali import dali_available
     base_aug = "dali" if gpu and dali_available() else "torch"
     other_aug = "torch" if base_aug == "dali" else ("dali" if dali_available() else None)
     swaps = [(k, other_aug if v == "other" else v) for k, v in SWAPS]

@@ -93,7 +93,7 @@ def test_augment_two_views(benchmark, pipeline):
                 aug(x[i:i + 256])
             _sync()
     elif pipeline == "fastclr-dali":
-        from fastclr.app.augment import dali_available, dali_loader
+        from fastclr.app.dali import dali_available, dali_loader
         if not dali_available():
             pytest.skip("nvidia-dali not installed")
         loader = dali_loader(data, 256, 32, device="gpu" if DEVICE == "cuda" else "cpu")

@@ -150,7 +150,7 @@ def test_bad_images():
 
 # --- DALI, CPU-only mode (device_id=None): what CI can run -----------------------------------
 
-dali = pytest.mark.skipif(not __import__("fastclr.app.augment", fromlist=["x"]).dali_available(),
+dali = pytest.mark.skipif(not __import__("fastclr.app.dali", fromlist=["x"]).dali_available(),
                           reason="nvidia-dali not installed")
 
 
@@ -162,7 +162,7 @@ def _np_images(n, h=32, w=32, seed=0):
 @dali
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_dali_cpu_shapes_views_and_labels(dtype):
-    from fastclr.app.augment import dali_loader
+    from fastclr.app.dali import dali_loader
     import numpy as np
     loader = dali_loader(_np_images(100), 16, 24, device="cpu", labels=np.arange(100), dtype=dtype,
                          mean=CIFAR_MEAN, std=CIFAR_STD, channels_last=True)
@@ -178,7 +178,7 @@ def test_dali_cpu_shapes_views_and_labels(dtype):
 
 @dali
 def test_dali_identical_images_give_different_outputs():
-    from fastclr.app.augment import dali_loader
+    from fastclr.app.dali import dali_loader
     same = _np_images(1).repeat(16, axis=0)
     v1, v2, _ = next(iter(dali_loader(same, 16, 32, device="cpu")))
     outs = torch.cat([v1, v2]).flatten(1)
@@ -188,7 +188,7 @@ def test_dali_identical_images_give_different_outputs():
 
 @dali
 def test_dali_same_seed_same_batches_and_reshuffles_each_epoch():
-    from fastclr.app.augment import dali_loader
+    from fastclr.app.dali import dali_loader
     import numpy as np
     data, labels = _np_images(64), np.arange(64)
     a = dali_loader(data, 16, 32, device="cpu", labels=labels, seed=5)
@@ -203,7 +203,7 @@ def test_dali_same_seed_same_batches_and_reshuffles_each_epoch():
 @dali
 @pytest.mark.parametrize("num_shards", [1, 3])
 def test_dali_shards_cover_the_data_once_per_epoch(num_shards):
-    from fastclr.app.augment import dali_loader
+    from fastclr.app.dali import dali_loader
     import numpy as np
     n = 50
     for epoch in range(2):
@@ -220,7 +220,7 @@ def test_dali_shards_cover_the_data_once_per_epoch(num_shards):
 @dali
 def test_dali_image_folder_and_corrupt_file(tmp_path):
     from PIL import Image
-    from fastclr.app.augment import dali_loader
+    from fastclr.app.dali import dali_loader
     import numpy as np
     rng = np.random.default_rng(0)
     for c in ("a", "b"):
@@ -239,7 +239,7 @@ def test_dali_image_folder_and_corrupt_file(tmp_path):
 
 @dali
 def test_dali_bad_arguments():
-    from fastclr.app.augment import dali_loader
+    from fastclr.app.dali import dali_loader
     with pytest.raises(ValueError, match="device"):
         dali_loader(_np_images(4), 2, 8, device="tpu")
     with pytest.raises(ValueError, match="shard_id"):
@@ -251,7 +251,7 @@ def test_dali_bad_arguments():
 @dali
 def test_dali_grayscale_rate_per_sample():
     """About 20% of views come out grey (all three channels equal), sample by sample."""
-    from fastclr.app.augment import dali_loader
+    from fastclr.app.dali import dali_loader
     n = 1000
     loader = dali_loader(_np_images(n, 16, 16), 250, 16, device="cpu", mean=(0, 0, 0),
                          std=(1 / 255, 1 / 255, 1 / 255))
@@ -269,7 +269,7 @@ def test_dali_grayscale_rate_per_sample():
 def test_dali_flip_rate_per_sample():
     """A grey left-to-right ramp stays monotone under crop, jitter, grayscale and blur: the
     sign of right minus left tells a flipped view; about half are."""
-    from fastclr.app.augment import dali_loader
+    from fastclr.app.dali import dali_loader
     import numpy as np
     n = 1000
     ramp = np.linspace(0, 255, 32).round().astype(np.uint8)
@@ -287,7 +287,7 @@ def test_dali_flip_rate_per_sample():
 @pytest.mark.cuda
 def test_dali_gpu_pipeline_from_array_and_folder(tmp_path):
     from PIL import Image
-    from fastclr.app.augment import dali_loader
+    from fastclr.app.dali import dali_loader
     import numpy as np
     v1, v2, lab = next(iter(dali_loader(_np_images(64), 32, 32, device="gpu")))
     assert v1.is_cuda and v1.shape == (32, 3, 32, 32) and not torch.equal(v1, v2)
@@ -297,3 +297,14 @@ def test_dali_gpu_pipeline_from_array_and_folder(tmp_path):
         Image.fromarray(rng.integers(0, 256, (64, 80, 3), dtype=np.uint8)).save(tmp_path / "a" / f"{i}.jpg")
     v1, _, _ = next(iter(dali_loader(tmp_path, 4, 48, device="gpu")))
     assert v1.is_cuda and v1.shape == (4, 3, 48, 48)
+
+
+def test_without_crop_the_views_are_the_images_flipped_or_not():
+    """crop=False (an image folder's views come cropped from the loader workers): no resampling,
+    only the flip, then the rest of the augmentation."""
+    x = torch.randint(0, 256, (6, 3, 12, 12), dtype=torch.uint8)
+    aug = TorchSimCLRAugment(12, crop=False, colour=False, flip=0.5, mean=(0.0,) * 3, std=(1.0,) * 3)
+    v, params = aug(x, generator=torch.Generator().manual_seed(0), views=1, return_params=True)
+    want = torch.where(params["flip"][:, None, None, None], x.flip(-1), x).float() / 255
+    torch.testing.assert_close(v, want)
+    assert 0 < params["flip"].sum() < 6

@@ -1,5 +1,5 @@
 """python -m fastclr.evaluate and its protocols (fastclr/app/evaluate.py), each against an
-independent computation on small data; python -m fastclr.export and fastclr.load_backbone against
+independent computation on small data; python -m fastclr.export and fastclr.app.export.load_backbone against
 torchvision loaded strictly; the bad inputs of both."""
 import itertools
 import json
@@ -12,8 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import fastclr
-from fastclr.app import eval_run, export, models, train
+from fastclr.app import checkpoint, config, eval_run, export, models, train
 from fastclr.app import evaluate as ev
 
 TINY = ["--epochs", "1", "--batch-size", "400", "--width", "4", "--image-size", "8",
@@ -284,12 +283,12 @@ def test_ctrl_c_leaves_the_run_folder_as_it_was(run_dir, monkeypatch, capsys):
 def _checkpoint(tmp_path, extra):
     """A run's checkpoint at initialisation (no training needed to test the export)."""
     base = TINY if "--backbone" not in extra else [a for a in TINY if a not in ("--width", "4")]
-    args = train.parse_args(base + ["--out", str(tmp_path / "run")] + extra)
-    config = train.run_config(args)
+    run_config = config.parse_args(base + ["--out", str(tmp_path / "run")] + extra)
     torch.manual_seed(1)
-    model = train.model_from_config(config, 10)
+    model = run_config.build_model(10)
     path = str(tmp_path / "checkpoint.pt")
-    train.save_checkpoint(path, {"format": train.CKPT_FORMAT, "config": config, "model": model.state_dict(),
+    checkpoint.save_checkpoint(path, {"format": checkpoint.CKPT_FORMAT, "config": run_config.to_dict(),
+                                      "model": model.state_dict(),
                                  "run": {"epoch": 0, "step": 0}})
     return path, model
 
@@ -329,7 +328,7 @@ def test_export_loads_strictly_into_torchvision(tmp_path, extra, fmt, cifar):
     with torch.no_grad():
         expect = model.backbone(x)
         torch.testing.assert_close(twin(x), expect, rtol=0, atol=0)
-        loaded = fastclr.load_backbone(out)
+        loaded = export.load_backbone(out)
         torch.testing.assert_close(loaded(x), expect, rtol=0, atol=0)
     assert loaded.out_features == expect.shape[1] == arch["out_features"] and not loaded.training
 
@@ -338,7 +337,7 @@ def test_export_of_a_narrow_resnet_and_of_the_supervised_baseline(tmp_path):
     path, model = _checkpoint(tmp_path, ["--loss", "supervised"])
     out = str(tmp_path / "b.pt")
     export.main([path, "--out", out])
-    loaded = fastclr.load_backbone(out)
+    loaded = export.load_backbone(out)
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model.eval().backbone(x), rtol=0, atol=0)
@@ -349,26 +348,50 @@ def test_export_and_load_refuse_what_they_cannot_use(tmp_path, run_dir):
     with pytest.raises(SystemExit, match="fastclr.export: .* is not a fastclr run folder"):
         export.main([str(tmp_path), "--out", str(tmp_path / "b.pt")])
     with pytest.raises(ValueError, match="a training checkpoint: export its backbone"):
-        fastclr.load_backbone(os.path.join(run_dir, "checkpoint.pt"))
+        export.load_backbone(os.path.join(run_dir, "checkpoint.pt"))
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
     with pytest.raises(ValueError, match="not a fastclr backbone export|neither"):
-        fastclr.load_backbone(str(junk))
+        export.load_backbone(str(junk))
     damaged = tmp_path / "damaged"
     export.main([run_dir, "--out", str(damaged / "good.pt")])
     cut = damaged / "cut.pt"
     cut.write_bytes((damaged / "good.pt").read_bytes()[:3000])
     with pytest.raises(ValueError, match=r"cannot read .*cut\.pt \(truncated"):
-        fastclr.load_backbone(str(cut))
+        export.load_backbone(str(cut))
     other_zip = damaged / "other.pt"
     with zipfile.ZipFile(other_zip, "w") as z:
         z.writestr("readme.txt", "not a model")
     with pytest.raises(ValueError, match=r"cannot read .*other\.pt \(truncated, or a zip file"):
-        fastclr.load_backbone(str(other_zip))
+        export.load_backbone(str(other_zip))
     a_file = tmp_path / "a_file"
     a_file.write_text("")
     with pytest.raises(SystemExit, match="fastclr.export: cannot write .*a_file/b.pt"):
         export.main([run_dir, "--out", str(a_file / "b.pt")])
-    with pytest.raises(SystemExit, match="fastclr.evaluate: cannot make the output folder"):
+    with pytest.raises(SystemExit, match="fastclr.evaluate: cannot write to the output folder"):
         eval_run.main([run_dir, "--out", str(a_file / "eval")])
     assert sorted(os.listdir(tmp_path)) == ["a_file", "damaged", "junk.safetensors"]
+
+
+# --- kNN against brute force ------------------------------------------------------------------
+
+def test_knn_matches_brute_force(seed):
+    train, test = torch.randn(300, 12), torch.randn(40, 12)
+    labels = torch.randint(0, 5, (300,))
+    k, t = 17, 0.07
+    scores = ev.knn_predict(train, labels, test, 5, k=k, temperature=t, chunk=7)
+    sim = F.normalize(test, dim=1) @ F.normalize(train, dim=1).T
+    expect = torch.zeros(40, 5)
+    for q in range(40):
+        top = sim[q].argsort(descending=True)[:k]
+        for j in top:
+            expect[q, labels[j]] += torch.exp(sim[q, j] / t)
+    torch.testing.assert_close(scores, expect, rtol=1e-4, atol=1e-5)
+
+
+def test_knn_on_separable_clusters(seed):
+    centres = torch.randn(4, 16) * 5
+    ytr, yte = torch.arange(200) % 4, torch.arange(80) % 4
+    xtr, xte = centres[ytr] + torch.randn(200, 16), centres[yte] + torch.randn(80, 16)
+    assert ev.knn_accuracy(xtr, ytr, xte, yte, 4, k=20) == 1.0
+    # the linear probe on the same data: tests/test_ev.py

@@ -88,7 +88,7 @@ def test_extension_built_for_another_torch_is_refused(tmp_path):
     assert ops._build_mismatch(record) == ""
 
 
-@pytest.mark.parametrize("command", ["train", "evaluate", "export"])
+@pytest.mark.parametrize("command", ["train", "evaluate", "export", "embed"])
 def test_commands_without_their_extra_say_which_to_install(tmp_path, monkeypatch, command):
     import fastclr.app as app
     monkeypatch.setitem(app.TRAIN_REQUIREMENTS, "no_such_module_here", "scikit-learn")

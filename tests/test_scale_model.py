@@ -19,7 +19,7 @@ def test_tile_counts_match_the_kernels_schedule(paired, m, world):
     for rank in range(world):
         lo, count = rank * b, (span - rank * b if rank == world - 1 else b)
         fwd, diag, off, row_tile, bwd_tile = torch.ops.fastclr.nt_xent_tile_counts(
-            m, m // 2 if paired else m, not paired, lo, count)
+            m, m // 2 if paired else m, labels=not paired, row_lo=lo, row_count=count)
         assert scale_model.forward_tiles(m, count, paired, row_tile, 1024) == fwd
         assert scale_model.backward_tiles(m, lo, count, paired, bwd_tile) == (diag, off)
 

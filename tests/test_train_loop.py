@@ -1,7 +1,7 @@
-"""The rebuilt loop's promises: configuration files, --help, no host synchronisation per step,
-the loss family (SupCon, multi-view), the schedule checks on resume, step checkpoints, the
-final evaluation under SIGTERM, DALI's resumed order, and a rank killed under torchrun."""
-import glob
+"""The training loop's promises: no host synchronisation per step, the loss family (SupCon,
+multi-view), gradient caching, the schedule checks on resume, step checkpoints, the final
+evaluation under SIGTERM, DALI's resumed order, a rank killed under torchrun, any backbone and
+optimizer, the supervised baseline, fp16 loss scaling."""
 import json
 import os
 import signal
@@ -12,108 +12,8 @@ import time
 import pytest
 import torch
 
-from fastclr.app import data, train
+from fastclr.app import checkpoint, config, data, runtime, train
 from test_train import REPO, TINY, _signal_at
-
-CONFIGS = sorted(glob.glob(os.path.join(train.CONFIG_DIR, "*.yaml")))
-
-
-# --- configuration ------------------------------------------------------------------------------
-
-def test_configs_are_shipped():
-    names = {os.path.basename(c) for c in CONFIGS}
-    assert {"digits.yaml", "cifar10_resnet18_solo_learn.yaml", "cifar10_resnet50_simclr_b9.yaml",
-            "imagenet_resnet50_simclr.yaml"} <= names
-
-
-@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
-def test_every_shipped_config_parses_and_resolves(path):
-    import yaml
-    with open(path) as f:
-        raw = yaml.safe_load(f)
-    with open(path) as f:
-        assert f.readline().startswith("#"), "each config says where it comes from"
-    args = train.parse_args(["--config", path])
-    for key, value in raw.items():
-        assert getattr(args, key.replace("-", "_")) == value, key
-    for key in train.DATASET_DEFAULTS["digits"]:
-        assert getattr(args, key) is not None, key  # resolved: nothing left to the dataset
-    with pytest.raises(SystemExit) as exc:  # --help-level: the parser takes the file
-        train.parse_args(["--config", path, "--help"])
-    assert exc.value.code == 0
-
-
-def test_published_recipes_say_what_they_are():
-    solo = train.parse_args(["--config", os.path.join(train.CONFIG_DIR, "cifar10_resnet18_solo_learn.yaml")])
-    assert (solo.batch_size, solo.base_lr, solo.temperature, solo.proj_hidden, solo.proj_dim,
-            solo.epochs) == (256, 0.4, 0.2, 2048, 256, 1000)
-    b9 = train.parse_args(["--config", os.path.join(train.CONFIG_DIR, "cifar10_resnet50_simclr_b9.yaml")])
-    assert (b9.backbone, b9.batch_size, b9.temperature) == ("resnet50", 1024, 0.5)
-    inet = train.parse_args(["--config", os.path.join(train.CONFIG_DIR, "imagenet_resnet50_simclr.yaml")])
-    assert (inet.batch_size, inet.base_lr, inet.lr_scaling, inet.temperature, inet.weight_decay,
-            inet.epochs) == (4096, 0.3, "linear", 0.1, 1e-6, 100)
-
-
-def test_default_config_is_the_default_run():
-    """the shipped digits recipe spells out what `python -m fastclr.train` does with no flags."""
-    default = train.run_config(train.parse_args([]))
-    from_file = train.run_config(train.parse_args(["--config", os.path.join(train.CONFIG_DIR, "digits.yaml")]))
-    assert default == from_file
-
-
-def test_config_by_name_is_the_shipped_recipe(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # any folder: the recipes are package data
-    by_name = train.run_config(train.parse_args(["--config", "cifar10_resnet50_simclr_b9"]))
-    by_path = train.run_config(train.parse_args(
-        ["--config", os.path.join(train.CONFIG_DIR, "cifar10_resnet50_simclr_b9.yaml")]))
-    assert by_name == by_path
-    with pytest.raises(SystemExit, match="neither a file nor a shipped recipe .*digits"):
-        train.parse_args(["--config", "digitz"])
-
-
-def test_command_line_overrides_config(tmp_path):
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text("epochs: 7\nbatch-size: 128\ntemperature: 0.3\ncompile: false\n")
-    args = train.parse_args(["--config", str(cfg), "--epochs", "9"])
-    assert (args.epochs, args.batch_size, args.temperature) == (9, 128, 0.3)
-
-
-@pytest.mark.parametrize("text, message", [
-    ("epochz: 3\n", "unknown key 'epochz' (did you mean 'epochs'?)"),
-    ("epochs: 2.5\n", "epochs must be int"),
-    ("epochs: true\n", "epochs must be int"),
-    ("loss: triplet\n", "loss must be one of"),
-    ("compile: 1\n", "compile must be bool"),
-    ("- epochs\n", "must be a mapping"),
-    ("resume: auto\n", "unknown key 'resume'"),
-    ("epochs: [\n", "cannot read"),
-])
-def test_bad_config_is_refused_clearly(tmp_path, text, message):
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text(text)
-    with pytest.raises(SystemExit) as exc:
-        train.parse_args(["--config", str(cfg)])
-    assert message in str(exc.value)
-
-
-def test_help_shows_defaults_and_per_dataset_ones(capsys):
-    with pytest.raises(SystemExit):
-        train.parse_args(["--help"])
-    out = " ".join(capsys.readouterr().out.split())
-    assert "--log-every LOG_EVERY read the loss" in out and "(default: 10)" in out
-    assert "(default: 0.9)" in out  # momentum
-    assert "default per --dataset: digits 256, cifar10 512" in out  # batch size
-    assert "--config FILE.yaml" in out
-
-
-def test_config_is_printed_and_resume_checks_it(tmp_path, capsys):
-    out = str(tmp_path / "run")
-    train.main(TINY + ["--epochs", "1", "--out", out])
-    printed = capsys.readouterr().out
-    assert "configuration (saved as config.yaml):" in printed and "  width: 4" in printed
-    with pytest.raises(SystemExit, match=r"different run: --loss 'ntxent' there, 'supcon' here"):
-        train.main(TINY + ["--epochs", "1", "--out", out, "--resume", "auto", "--loss", "supcon"])
-
 
 # --- no host synchronisation per step ------------------------------------------------------------
 
@@ -134,8 +34,8 @@ class _CountSyncs(torch.overrides.TorchFunctionMode):
 
 
 def _setup(tmp_path, *extra):
-    args = train.parse_args(TINY + ["--out", str(tmp_path), *extra])
-    device, rank, world = train.setup_distributed(args.device)
+    args = config.parse_args(TINY + ["--out", str(tmp_path), *extra])
+    device, rank, world = runtime.setup_distributed(args.device)
     return train.setup_run(args, device, rank, world)
 
 
@@ -152,7 +52,7 @@ def test_steady_state_step_makes_no_host_sync(tmp_path, extra):
     assert mode.calls == []
     # and the loop reads the device once per --log-every steps and at the end of the epoch
     run.state = train.RunState()
-    run.args.log_every = 2
+    run.config.log_every = 2
     with _CountSyncs() as mode, run.stop_request:
         train.run_epoch(run)
     assert mode.calls.count("tolist") == 2 and set(mode.calls) == {"tolist"}, mode.calls
@@ -201,7 +101,7 @@ def test_loss_family_runs_and_resumes_exactly(tmp_path, monkeypatch, extra):
 
 
 def test_views_augment_independently():
-    args = train.parse_args(TINY + ["--views", "3"])
+    args = config.parse_args(TINY + ["--views", "3"])
     views = train.TorchViews(args, (0.5,) * 3, (0.2,) * 3, torch.device("cpu"), torch.float32, False, 0)
     x = torch.randint(0, 256, (5, 3, 8, 8), dtype=torch.uint8)
     v = views(x, 0)
@@ -239,7 +139,7 @@ def test_micro_batch_runs_and_resumes_exactly(tmp_path, monkeypatch):
 
 def test_bad_micro_batch_flag(capsys):
     with pytest.raises(SystemExit):
-        train.parse_args(TINY + ["--micro-batch", "0"])
+        config.parse_args(TINY + ["--micro-batch", "0"])
     assert "--micro-batch must be >= 1, got 0" in capsys.readouterr().err
 
 
@@ -272,19 +172,19 @@ def test_base_lr_can_change_on_resume(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         train.main(TINY + ["--out", out, "--log-every", "1"])
     monkeypatch.undo()
-    args = train.parse_args(TINY + ["--out", out, "--resume", "auto", "--base-lr", "0.03"])
+    args = config.parse_args(TINY + ["--out", out, "--resume", "auto", "--base-lr", "0.03"])
     run = train.setup_run(args, torch.device("cpu"), 0, 1)
-    assert run.lr_at(run.state.step) == pytest.approx(0.03 * 400 / 256 * train.lr_factor(2, 6, 1))
+    assert run.lr_at(run.state.step) == pytest.approx(0.03 * 400 / 256 * config.lr_factor(2, 6, 1))
 
 
 def test_checkpoint_every_steps(tmp_path, monkeypatch):
     seen = []
-    real = train.checkpoint_bytes
+    real = checkpoint.checkpoint_bytes
 
     def spy(state):
         seen.append((state["run"]["epoch"], state["run"]["batch"], state["run"]["step"]))
         return real(state)
-    monkeypatch.setattr(train, "checkpoint_bytes", spy)
+    monkeypatch.setattr(checkpoint, "checkpoint_bytes", spy)
     train.main(TINY + ["--out", str(tmp_path), "--ckpt-every-steps", "2", "--ckpt-every", "2"])
     assert seen == [(0, 2, 2), (1, 1, 4), (2, 0, 6)]
 
@@ -405,18 +305,18 @@ def test_each_torchrun_attempt_gets_its_own_keys(monkeypatch):
     monkeypatch.setenv("MASTER_PORT", str(server.port))
     monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
-    train._attempt_store(2).set("rank_0", "a dead worker's address")
+    runtime.attempt_store(2).set("rank_0", "a dead worker's address")
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
-    assert not train._attempt_store(2).check(["rank_0"])
-    assert train._attempt_store(2).num_keys() >= 1  # the same server: the key is there, unseen
+    assert not runtime.attempt_store(2).check(["rank_0"])
+    assert runtime.attempt_store(2).num_keys() >= 1  # the same server: the key is there, unseen
     monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT")
-    assert train._attempt_store(2) is None  # not under torchrun: env:// as before
+    assert runtime.attempt_store(2) is None  # not under torchrun: env:// as before
 
 
 def test_any_torchvision_backbone_trains_and_resumes_exactly(tmp_path, monkeypatch):
     """A MobileNet (no --width: it is the ResNets' alone), its 3x3 stride-2 stem made stride 1."""
     tiny = [a for a in TINY if a not in ("--width", "4")] + ["--backbone", "mobilenet_v3_small"]
-    args = train.parse_args(tiny)
+    args = config.parse_args(tiny)
     assert args.width is None and args.cifar_stem == "on"
     a = train.main(tiny + ["--out", str(tmp_path / "a")])
     _signal_at(monkeypatch, 4)
@@ -446,15 +346,15 @@ def test_backbones_a_run_cannot_use_are_named(tmp_path, capsys, argv, message):
 
 
 def test_adamw_defaults_to_its_own_learning_rate():
-    assert train.parse_args(["--optimizer", "adamw"]).base_lr == train.ADAMW_BASE_LR
-    assert train.parse_args(["--optimizer", "adamw", "--base-lr", "0.01"]).base_lr == 0.01
-    assert train.parse_args(["--optimizer", "sgd"]).base_lr == train.DATASET_DEFAULTS["digits"]["base_lr"]
+    assert config.parse_args(["--optimizer", "adamw"]).base_lr == config.ADAMW_BASE_LR
+    assert config.parse_args(["--optimizer", "adamw", "--base-lr", "0.01"]).base_lr == 0.01
+    assert config.parse_args(["--optimizer", "sgd"]).base_lr == config.DATASET_DEFAULTS["digits"]["base_lr"]
 
 
 def test_supervised_baseline_learns_the_labels():
     """--loss supervised: cross-entropy of every view's logits against its image's label."""
     from types import SimpleNamespace
-    run = SimpleNamespace(args=SimpleNamespace(loss="supervised", loss_impl="auto"),
+    run = SimpleNamespace(config=SimpleNamespace(loss="supervised", loss_impl="auto"),
                           device=torch.device("cpu"), group=None, rank=0)
     z, labels = torch.randn(3 * 5, 4), torch.randint(0, 4, (5,))
     loss, top1 = train.contrastive_loss(run, z, labels, 3)
@@ -488,5 +388,5 @@ def test_fp16_overflow_is_skipped_and_the_scale_recovers(tmp_path, monkeypatch):
     for _ in range(2):
         train.train_step(run, x, labels)
     assert run.scaler.get_scale() == scale  # grown back
-    *_, bad, _, _ = run.sums.read(0, None)
+    bad = run.sums.read(0, None)[3]
     assert bad == 1  # the overflow counted as a skipped step

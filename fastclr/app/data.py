@@ -8,28 +8,31 @@ in memory as uint8 arrays (N, H, W, 3); an image folder stays on disk.
 - ``cifar10`` / ``cifar100``: the python-pickle archives (``cifar-10-python.tar.gz`` or the
   folder it unpacks to) in ``data_dir``; never downloaded.
 - ``imagefolder``: ``data_dir/train/<class>/*`` and ``data_dir/val/<class>/*``.
+- ``folder``: every image under ``data_dir``, at any depth, no labels (fastclr/app/folder.py).
 - ``synthetic``: random images and labels, for throughput runs (evaluation is meaningless).
 
 The training loop takes its batches from here through one interface, ``train_batches`` (an
 object with ``len()`` = steps per epoch and ``epoch(e, start)`` yielding ``(x, labels)``), and
 every source -- in-memory arrays, an image folder through DataLoader workers, DALI -- orders an
-epoch by one scheme, ``BatchOrder``: so a run resumed at any batch sees the same images in the
+epoch by one scheme, ``sampling.BatchOrder``: so a run resumed at any batch sees the same images in the
 same order as an uninterrupted one, whichever source it uses, on any number of processes.
 """
 from __future__ import annotations
 
 import os
 import pickle
+import sys
 import tarfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from . import augment
-from .augment import CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD  # noqa: F401 - re-exported
+from . import dali, folder, imagefiles
+from .augment import CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD
+from .sampling import BatchOrder
 
-DATASETS = ("digits", "cifar10", "cifar100", "imagefolder", "synthetic")
+DATASETS = ("digits", "cifar10", "cifar100", "imagefolder", "folder", "synthetic")
 _CIFAR = {
     "cifar10": ("cifar-10-python.tar.gz", "cifar-10-batches-py",
                 [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], b"labels", 10),
@@ -49,6 +52,8 @@ class ArrayDataset:
     num_classes: int
     mean: tuple
     std: tuple
+    note: str = ""  # how the splits were made, where it is not the dataset's own
+    skipped: dict = field(default_factory=dict)  # files that could not be decoded: path -> why
 
     @property
     def native_size(self) -> int:
@@ -83,6 +88,8 @@ def load_dataset(name: str, data_dir: str | None = None, *, synthetic_size: int 
         return _cifar(name, data_dir)
     if name == "imagefolder":
         return _folder(data_dir)
+    if name == "folder":
+        return folder.load(data_dir, *normalisation("folder"))
     return _synthetic(synthetic_size, synthetic_image_size)
 
 
@@ -191,48 +198,6 @@ def _synthetic(n: int, size: int) -> ArrayDataset:
     return ArrayDataset("synthetic", x[k:], y[k:], x[:k], y[:k], 10, *normalisation("synthetic"))
 
 
-class BatchOrder:
-    """The one shuffle/shard scheme of every training source.
-
-    Epoch ``e`` is the permutation of ``range(n)`` drawn from ``(seed, e)``; global batch ``k``
-    is its slice ``[k B, (k + 1) B)`` and rank ``r`` of ``W`` takes the ``r``-th of the ``W``
-    equal parts of it. So ``W`` processes of ``B / W`` images see exactly the images one
-    process of ``B`` sees, and a run resumed at any batch sees what an uninterrupted one does.
-    ``drop_last`` (the training loop's choice: the loss wants full batches) drops the last
-    partial global batch; otherwise it is kept (rank by rank, as far as it reaches).
-    """
-
-    def __init__(self, n: int, global_batch: int, *, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, drop_last: bool = True):
-        if global_batch < 1 or global_batch % world_size:
-            raise ValueError(f"the global batch ({global_batch}) must be a positive multiple of the "
-                             f"number of processes ({world_size})")
-        if drop_last and global_batch > n:
-            raise ValueError(f"--batch-size {global_batch} is larger than the training set ({n} images)")
-        self.n, self.global_batch, self.seed, self.rank = n, global_batch, seed, rank
-        self.local = global_batch // world_size
-        self.drop_last = drop_last
-        self._perm = (None, None)
-
-    def __len__(self) -> int:
-        full, rest = divmod(self.n, self.global_batch)
-        return full + (1 if rest and not self.drop_last else 0)
-
-    def batch(self, epoch: int, k: int) -> torch.Tensor:
-        """This rank's indices (int64) of global batch ``k`` of ``epoch`` (maybe empty at the
-        end of an epoch without drop_last)."""
-        if self._perm[0] != epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perm = (epoch, torch.randperm(self.n, generator=g))
-        lo = k * self.global_batch + self.rank * self.local
-        return self._perm[1][lo:min(lo + self.local, (k + 1) * self.global_batch)]
-
-    def epoch(self, epoch: int, start: int = 0):
-        """This rank's index tensors of batches ``start..len-1`` of ``epoch``."""
-        for k in range(start, len(self)):
-            yield self.batch(epoch, k)
-
-
 class ArrayBatches:
     """Training batches of an in-memory dataset in ``BatchOrder``: ``epoch(e, start)`` yields
     ``(uint8 (b, 3, H, W), labels (b,))`` for batches ``start..len-1`` of epoch ``e``."""
@@ -255,37 +220,8 @@ class ArrayBatches:
             yield (x.pin_memory(), y.pin_memory()) if pin else (x, y)
 
 
-class FolderBatches:
-    """Training batches of an image folder in ``BatchOrder``: decoded and resized to a
-    ``size``-pixel square in DataLoader workers (the loop augments them), same interface as
-    ``ArrayBatches``. The files are ``torchvision.datasets.ImageFolder``'s, in its order."""
-
-    augmented = False
-
-    def __init__(self, root: str, size: int, global_batch: int, *, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, workers: int = 4):
-        import torchvision
-        from torchvision.transforms import v2 as T
-        self.ds = torchvision.datasets.ImageFolder(
-            root, transform=T.Compose([T.Resize((size, size), antialias=True), T.PILToTensor()]))
-        self.order = BatchOrder(len(self.ds), global_batch, seed=seed, rank=rank, world_size=world_size)
-        self.workers = workers
-
-    def __len__(self) -> int:
-        return len(self.order)
-
-    def epoch(self, epoch: int, start: int = 0):
-        batches = list(self.order.epoch(epoch, start))
-        if not batches:
-            return
-        loader = torch.utils.data.DataLoader(self.ds, batch_sampler=[b.tolist() for b in batches],
-                                             num_workers=self.workers,
-                                             pin_memory=torch.cuda.is_available())
-        yield from loader
-
-
 class DaliBatches:
-    """Training batches augmented by DALI (``fastclr.app.augment.dali_loader``) in ``BatchOrder``:
+    """Training batches augmented by DALI (``fastclr.app.dali.dali_loader``) in ``BatchOrder``:
     ``epoch(e, start)`` yields ``((view_1, ..., view_V), labels)`` on the training device.
 
     DALI runs ahead of the loop, so its source is told once, at the first ``epoch()`` call, where
@@ -311,7 +247,7 @@ class DaliBatches:
 
     def _open(self, epoch, start):
         if self.loader is None:
-            self.loader = augment.dali_loader(
+            self.loader = dali.dali_loader(
                 self.source, self.global_batch // self.world, seed=self.seed, shard_id=self.rank,
                 num_shards=self.world, start_epoch=epoch, start_batch=start, **self.loader_kw)
             self.next_epoch = (epoch, start)
@@ -334,11 +270,18 @@ def _image_folder_files(root) -> list:
 
 
 def train_batches(ds, global_batch: int, *, seed: int = 0, rank: int = 0, world_size: int = 1,
-                  workers: int = 4, size: int = 32, dali: dict | None = None):
-    """The training batches of ``ds`` for one process: ``ArrayBatches`` / ``FolderBatches``
-    (uint8 images for the loop's torch augmentation), or ``DaliBatches`` when ``dali`` holds
-    ``dali_loader``'s augmentation arguments. All in ``BatchOrder``."""
+                  workers: int = 4, size: int = 32, dali: dict | None = None, files: dict | None = None):
+    """The training batches of ``ds`` for one process: ``ArrayBatches`` (uint8 images for the
+    loop's torch augmentation), ``folder.FileBatches`` for an image folder, labelled or not (views
+    cropped from the originals in the workers; ``files``: its views, scale, max_bad and report), or
+    ``DaliBatches`` when ``dali`` holds ``dali_loader``'s augmentation arguments. All in
+    ``BatchOrder``."""
     kw = dict(seed=seed, rank=rank, world_size=world_size)
+    if isinstance(ds, folder.FolderImages):
+        if dali is not None:
+            raise ValueError("--dataset folder is read by the torch path (--augment torch); DALI's "
+                             "folder reader takes class folders (--dataset imagefolder)")
+        return folder.FileBatches(ds, size, global_batch, workers=workers, **kw, **(files or {}))
     if dali is not None:
         source = ds.train_images if isinstance(ds, ArrayDataset) else ds.train_dir
         labels = ds.train_labels if isinstance(ds, ArrayDataset) else None
@@ -346,7 +289,21 @@ def train_batches(ds, global_batch: int, *, seed: int = 0, rank: int = 0, world_
                            std=ds.std, **kw, **dali)
     if isinstance(ds, ArrayDataset):
         return ArrayBatches(ds.train_images, ds.train_labels, global_batch, **kw)
-    return FolderBatches(ds.train_dir, int(round(size * 256 / 224)), global_batch, workers=workers, **kw)
+    return folder.FileBatches(labelled_files(ds), size, global_batch, workers=workers, **kw, **(files or {}))
+
+
+def labelled_files(ds: FolderDataset) -> folder.FolderImages:
+    """An image folder's training split as the files FileBatches reads, with their labels."""
+    files, labels = _class_files(ds.train_dir)
+    return folder.FolderImages(ds.name, ds.train_dir, files, ds.mean, ds.std, num_classes=ds.num_classes,
+                               labels=labels)
+
+
+def _class_files(root: str) -> tuple:
+    """(files relative to ``root``, their classes) of a folder of class folders, in
+    torchvision's ImageFolder order (classes sorted, then files)."""
+    samples = _image_folder_files(root)
+    return [os.path.relpath(p, root) for p, _ in samples], [c for _, c in samples]
 
 
 def eval_batches(ds, split: str, size: int, *, workers: int = 4, batch: int = 512):
@@ -359,13 +316,14 @@ def eval_batches(ds, split: str, size: int, *, workers: int = 4, batch: int = 51
         for lo in range(0, len(images), batch):
             yield eval_arrays(images[lo:lo + batch], size), labels[lo:lo + batch]
         return
-    import torchvision
-    from torchvision.transforms import v2 as T
-    folder = torchvision.datasets.ImageFolder(
-        ds.train_dir if split == "train" else ds.val_dir,
-        transform=T.Compose([T.Resize(int(round(size * 256 / 224)), antialias=True),
-                             T.CenterCrop(size), T.PILToTensor()]))
-    yield from torch.utils.data.DataLoader(folder, batch_size=batch, num_workers=workers)
+    root = ds.train_dir if split == "train" else ds.val_dir
+    files, labels = _class_files(root)
+    labels = torch.tensor(labels)
+    for x, idx, bad in imagefiles.centre_batches(root, files, size, batch=batch, workers=workers):
+        for i, why in bad.items():
+            print(f"evaluation: skipped {os.path.join(root, files[i])}: it cannot be decoded ({why})",
+                  file=sys.stderr)
+        yield x, labels[idx]
 
 
 def eval_arrays(images: np.ndarray, size: int) -> torch.Tensor:
@@ -391,9 +349,46 @@ def train_images(ds, indices, size: int) -> torch.Tensor:
     indices = np.asarray(indices)
     if isinstance(ds, ArrayDataset):
         return eval_arrays(ds.train_images[indices], size)
-    import torchvision
-    from torchvision.transforms import v2 as T
-    folder = torchvision.datasets.ImageFolder(
-        ds.train_dir, transform=T.Compose([T.Resize(int(round(size * 256 / 224)), antialias=True),
-                                           T.CenterCrop(size), T.PILToTensor()]))
-    return torch.stack([folder[int(i)][0] for i in indices])
+    files = _class_files(ds.train_dir)[0]
+    chosen = [files[int(i)] for i in indices]
+    batches = list(imagefiles.centre_batches(ds.train_dir, chosen, size, workers=0))
+    bad = [f"{chosen[i]} ({why})" for _, _, skipped in batches for i, why in skipped.items()]
+    if bad:
+        raise ValueError(f"cannot decode {', '.join(bad)} under {ds.train_dir}, chosen for fine-tuning")
+    return torch.cat([x for x, _, _ in batches])
+
+
+def labelled_folder(root: str, size: int, mean, std, *, seed: int = 0, workers: int = 4) -> ArrayDataset:
+    """A labelled folder -- one sub-folder per class, its images at any depth below -- to evaluate
+    a run on: each class's decodable images, in a seeded order, split in two, the first half
+    (rounded up) the training part (kNN's bank, the probe's training set), the rest the test
+    part; decoded once as the evaluation views them (``imagefiles.centre_view`` at ``size``), in
+    memory. Files that cannot be decoded are skipped and listed in ``skipped``."""
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"--val-dir: no such folder: {root}")
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    files = [(os.path.join(c, f), k) for k, c in enumerate(classes) for f in imagefiles.scan(os.path.join(root, c))]
+    if not files:
+        raise FileNotFoundError(f"--val-dir: {root} has no class folders with images (give one "
+                                "sub-folder per class)")
+    images, skipped = [None] * len(files), {}
+    for x, idx, bad in imagefiles.centre_batches(root, [f for f, _ in files], size, workers=workers):
+        skipped.update({files[i][0]: why for i, why in bad.items()})
+        for img, i in zip(x, idx.tolist()):
+            images[i] = img.permute(1, 2, 0).numpy()
+    parts = ([], [])
+    for k in range(len(classes)):
+        mine = [i for i, (_, c) in enumerate(files) if c == k and images[i] is not None]
+        mine = [mine[j] for j in np.random.default_rng([seed, k, 0x7A1]).permutation(len(mine))]
+        half = (len(mine) + 1) // 2
+        parts[0].extend(mine[:half])
+        parts[1].extend(mine[half:])
+    if not parts[0] or not parts[1]:
+        raise ValueError(f"--val-dir: {root} needs at least two decodable images")
+
+    def arrays(ids):
+        return (np.stack([images[i] for i in ids]), np.array([files[i][1] for i in ids], np.int64))
+    note = (f"--val-dir {root}: {len(classes)} classes, each class's images in a seeded order (seed "
+            f"{seed}), the first half (rounded up) the training part, the rest the test part")
+    return ArrayDataset("val-dir", *arrays(parts[0]), *arrays(parts[1]), len(classes), tuple(mean),
+                        tuple(std), note, skipped)

@@ -14,6 +14,7 @@ stopped (Ctrl-C, SIGTERM) or failed leaves the folder as it was.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -23,56 +24,24 @@ import time
 
 import torch
 
+from . import checkpoint as ckpt_io
 from . import data as data_mod
 from . import evaluate as ev
+from . import folder
+from .augment import TorchSimCLRAugment
+from .config import RunConfig
+from .runtime import exit_on_signal, setup_distributed
 
 EVAL_FORMAT = "fastclr-eval-1"
 DEFAULT_PROTOCOLS = ("knn", "linear", "kmeans", "tsne")
 
 
-# --- what is evaluated --------------------------------------------------------------------------
-
-def load_run(path: str, what: str = "fastclr.evaluate") -> tuple:
-    """(checkpoint contents, its path) of a run folder or a checkpoint file; anything else is
-    refused with a message naming what was wrong."""
-    from .train import read_checkpoint
-    if os.path.isdir(path):
-        ckpt = os.path.join(path, "checkpoint.pt")
-        if not os.path.isfile(ckpt):
-            raise SystemExit(f"{what}: {path} is not a fastclr run folder (it has no checkpoint.pt)")
-        path = ckpt
-    elif not os.path.exists(path):
-        raise SystemExit(f"{what}: {path} does not exist (give a run folder or its checkpoint.pt)")
-    return read_checkpoint(path, what), path
-
-
-def num_classes_of(ckpt: dict, fallback: int) -> int:
-    """The supervised baseline's classifier width, from its weights (else ``fallback``)."""
-    head = ckpt["model"].get("head.weight")
-    return int(head.shape[0]) if ckpt["config"]["loss"] == "supervised" and head is not None else fallback
-
-
-def model_of(ckpt: dict, *, random_init: bool, num_classes: int):
-    """The run's model with its trained weights (loaded strictly), or at a seeded random
-    initialisation."""
-    from .train import model_from_config
-    config = ckpt["config"]
-    torch.manual_seed(config["seed"])
-    try:
-        model = model_from_config(config, num_classes_of(ckpt, num_classes))
-        if not random_init:
-            model.load_state_dict(ckpt["model"])
-    except (ValueError, RuntimeError) as exc:
-        raise SystemExit(f"fastclr.evaluate: the checkpoint's model cannot be rebuilt here: {exc}") from None
-    return model
-
-
 # --- the protocols on a model -------------------------------------------------------------------
 
-def split_features(model, ds, config: dict, device, *, dtype=None, channels_last=False,
+def split_features(model, ds, config: RunConfig, device, *, dtype=None, channels_last=False,
                    workers: int = 4, head: bool = True, progress: bool = False) -> dict:
     """The backbone's (and the head's) features of the training and held-out splits."""
-    size = config["image_size"]
+    size = config.image_size
     kw = dict(mean=ds.mean, std=ds.std, device=device, dtype=dtype, channels_last=channels_last,
               size=size, progress=progress)
     split = {}
@@ -98,12 +67,14 @@ class Plots:
         return path
 
 
-def evaluate_model(model, ds, config: dict, s: ev.Settings, protocols, device, *, fresh_model=None,
+def evaluate_model(model, ds, config: RunConfig, s: ev.Settings, protocols, device, *, fresh_model=None,
                    plots: Plots | None = None, sweep: bool = True, dtype=None, channels_last=False,
                    workers: int = 4) -> dict:
     """``{protocol: figures}`` and ``{"seconds": {protocol: s}}`` for ``model`` on ``ds``. ``plots``
     collects the PNGs to draw; ``fresh_model()``: the untrained network fine-tuning compares with."""
     model = model.to(device)
+    if not ds.num_classes:  # no labels: what needs none
+        return _unlabeled(model, ds, config, s, protocols, device, dtype)
     t0 = time.perf_counter()
     try:
         split = split_features(model, ds, config, device, dtype=dtype, channels_last=channels_last,
@@ -118,6 +89,20 @@ def evaluate_model(model, ds, config: dict, s: ev.Settings, protocols, device, *
         seconds[name] = time.perf_counter() - t0
     out["seconds"] = seconds
     return out
+
+
+def _unlabeled(model, ds, config: RunConfig, s: ev.Settings, protocols, device, dtype) -> dict:
+    """An unlabeled dataset: the protocols that need labels are skipped (said in the report), and
+    the embeddings' alignment and uniformity (Wang & Isola 2020) are measured on a fixed sample."""
+    t0 = time.perf_counter()
+    views, sample = folder.sample_views(ds, config.image_size, seed=s.seed, scale=(config.crop_scale, 1.0))
+    aug = TorchSimCLRAugment(config.image_size, strength=config.strength, mean=ds.mean, std=ds.std,
+                             flip=config.flip, crop=False)
+    gen = torch.Generator().manual_seed(s.seed)
+    z = [ev.embed(model, aug(v, generator=gen, views=1)[0], device=device, dtype=dtype) for v in views]
+    return {"skipped": {p: f"needs labels; --dataset {ds.name} has none" for p in protocols},
+            "embedding": ev.alignment_uniformity(z[0], z[1]), "embedding_sample": sample,
+            "seconds": {"embedding": time.perf_counter() - t0}}
 
 
 def _protocol(name, model, ds, config, s, split, device, fresh_model, plots, sweep) -> dict:
@@ -150,14 +135,14 @@ def _finetune_fraction(fraction, labels, starts, ds, config, s, device) -> dict:
     """Fine-tuning on one label fraction from each start (pretrained, from scratch), on the
     same images."""
     idx = ev.few_label_subset(labels, fraction, s.seed)
-    images = data_mod.train_images(ds, idx, config["image_size"])
+    images = data_mod.train_images(ds, idx, config.image_size)
     y = torch.as_tensor(labels[idx])
     out = {"images": len(idx), "indices": idx.tolist()}
     for name, backbone in starts:
         t0 = time.perf_counter()
         net = ev.finetune(backbone, images, y, ds.num_classes, s, mean=ds.mean, std=ds.std,
                           device=device, desc=f"fine-tune {name} ({fraction:g} of the labels)")
-        feats = ev.extract_features(net, data_mod.eval_batches(ds, "test", config["image_size"]),
+        feats = ev.extract_features(net, data_mod.eval_batches(ds, "test", config.image_size),
                                     mean=ds.mean, std=ds.std, device=device)
         out[name] = {**ev.topk_accuracy(feats[0], feats[1]), "seconds": time.perf_counter() - t0}
     return out
@@ -178,6 +163,7 @@ def summary_rows(results: dict) -> list:
     if "kmeans" in r:
         rows += [("k-means", m, r["kmeans"][key]) for m, key in
                  (("NMI", "nmi"), ("ARI", "ari"), ("cluster accuracy", "cluster_accuracy"))]
+    rows += [("embedding", name, v) for name, v in r.get("embedding", {}).items()]
     for frac, f in r.get("finetune", {}).items():
         for start in ("pretrained", "scratch"):
             if start in f:
@@ -201,6 +187,11 @@ def markdown(report: dict) -> str:
                   "|---|---|---|---|---|"]
         lines += [f"| {x['class']} | {x['precision']:.3f} | {x['recall']:.3f} | {x['f1']:.3f} | "
                   f"{x['support']} |" for x in r["linear"]["per_class"]]
+    if r.get("embedding_sample"):
+        lines += ["", f"Alignment and uniformity (Wang & Isola 2020) of the projections of two views of "
+                      f"each of {r['embedding_sample']}."]
+    if r.get("skipped"):
+        lines += ["", "## Skipped", ""] + [f"- {p}: {why}" for p, why in r["skipped"].items()]
     lines += ["", "## Seconds", "", "| step | s |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in r["seconds"].items()]
     return "\n".join(lines) + "\n"
@@ -267,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--dataset", choices=data_mod.DATASETS, help="evaluate on another dataset (transfer; default: "
       "the run's)")
     a("--data-dir", help="that dataset's folder (default: the run's)")
+    a("--val-dir", help="a labelled folder (one sub-folder per class) to evaluate on, split per "
+      "class by a seeded order into the training part and the test part (default: the run's "
+      "--val-dir, if any)")
     a("--random-init", action="store_true", help="the run's network at a seeded random "
       "initialisation instead of its trained weights (the floor)")
     a("--out", help="where the outputs go (default: the run folder)")
@@ -287,14 +281,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def settings_of(config: dict, args=None, *, progress: bool = True) -> ev.Settings:
+def settings_of(config: RunConfig, args=None, *, progress: bool = True) -> ev.Settings:
     """The protocols' settings: the run's kNN / probe / seed, overridden by the command line."""
     def pick(name, default):
         value = getattr(args, name, None) if args is not None else None
         return default if value is None else value
-    s = ev.Settings(seed=pick("seed", config["seed"]), knn_k=pick("knn_k", config["knn_k"]),
-                    knn_temperature=pick("knn_temperature", config["knn_temperature"]),
-                    probe_epochs=pick("probe_epochs", config["probe_epochs"]), progress=progress)
+    s = ev.Settings(seed=pick("seed", config.seed), knn_k=pick("knn_k", config.knn_k),
+                    knn_temperature=pick("knn_temperature", config.knn_temperature),
+                    probe_epochs=pick("probe_epochs", config.probe_epochs), progress=progress)
     if args is not None:
         s.label_fractions, s.finetune_steps = args.label_fraction, args.finetune_steps
         s.finetune_lr, s.kmeans_restarts, s.tsne_points = args.finetune_lr, args.kmeans_restarts, args.tsne_points
@@ -306,43 +300,48 @@ def settings_of(config: dict, args=None, *, progress: bool = True) -> ev.Setting
     return s
 
 
-def _dataset(args, config: dict):
-    name = args.dataset or config["dataset"]
-    data_dir = args.data_dir if args.dataset or args.data_dir else config.get("data_dir")
+def _dataset(args, config: RunConfig):
+    name = args.dataset or config.dataset
+    data_dir = args.data_dir if args.dataset or args.data_dir else config.data_dir
     try:
-        return data_mod.load_dataset(name, data_dir, synthetic_size=config.get("synthetic_size", 4096),
-                                     synthetic_image_size=config["image_size"])
+        ds = data_mod.load_dataset(name, data_dir, synthetic_size=config.synthetic_size,
+                                   synthetic_image_size=config.image_size)
     except (ValueError, FileNotFoundError) as exc:
         raise SystemExit(f"fastclr.evaluate: {exc}") from None
+    return evaluation_data(ds, config, args.val_dir or (None if args.dataset else config.val_dir),
+                       "fastclr.evaluate", args.workers)
 
 
-def _output_folder(args, ckpt_path: str) -> str:
-    out = args.out or os.path.dirname(os.path.abspath(ckpt_path))
+def evaluation_data(ds, config: RunConfig, val_dir: str | None, program: str, workers: int | None = None):
+    """``ds``, or with ``val_dir`` the labelled folder (data.labelled_folder) evaluation reads
+    instead; its bad files are said on stderr."""
+    if not val_dir:
+        return ds
     try:
-        os.makedirs(out, exist_ok=True)
-    except OSError as exc:
-        raise SystemExit(f"fastclr.evaluate: cannot make the output folder {out}: "
-                         f"{exc.strerror or exc}") from None
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise SystemExit(f"fastclr.evaluate: cannot write to {out} (no permission); give --out")
-    return out
+        labelled = data_mod.labelled_folder(val_dir, config.image_size, ds.mean, ds.std, seed=config.seed,
+                                            workers=config.workers if workers is None else workers)
+    except (ValueError, FileNotFoundError) as exc:
+        raise SystemExit(f"{program}: {exc}") from None
+    for path, why in labelled.skipped.items():
+        print(f"{program}: --val-dir: skipped {path}: it cannot be decoded ({why})", file=sys.stderr)
+    return labelled
 
 
 def main(argv=None) -> dict:
-    from .train import _exit_on_signal, setup_distributed
     args = build_parser().parse_args(argv)
-    ckpt, ckpt_path = load_run(args.run)
-    config = ckpt["config"]
+    ckpt, config, ckpt_path = ckpt_io.load_run(args.run)
     s = settings_of(config, args, progress=not args.no_progress)
     ds = _dataset(args, config)
-    out = _output_folder(args, ckpt_path)
+    out = args.out or os.path.dirname(os.path.abspath(ckpt_path))
+    ckpt_io.check_output_folder(out, "fastclr.evaluate", "give --out")
     device, _, _ = setup_distributed(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" and config.get("precision") != "fp32" else None
+    dtype = torch.bfloat16 if device.type == "cuda" and config.precision != "fp32" else None
     stem = "_".join(["eval"] + (["random_init"] if args.random_init else [])
-                    + ([ds.name] if ds.name != config["dataset"] else []))
-    model = model_of(ckpt, random_init=args.random_init, num_classes=ds.num_classes)
-    fresh = None if args.no_scratch else (lambda: model_of(ckpt, random_init=True, num_classes=ds.num_classes))
-    with _exit_on_signal(f"during the evaluation; {out} is as it was"):
+                    + ([ds.name] if ds.name != config.dataset else []))
+    model = ckpt_io.model_of(ckpt, config, random_init=args.random_init, num_classes=ds.num_classes)
+    fresh = None if args.no_scratch else (
+        lambda: ckpt_io.model_of(ckpt, config, random_init=True, num_classes=ds.num_classes))
+    with exit_on_signal(f"during the evaluation; {out} is as it was"):
         report = evaluate_into(
             out, stem,
             lambda plots: evaluate_model(model, ds, config, s, args.protocols, device, fresh_model=fresh,
@@ -354,15 +353,15 @@ def main(argv=None) -> dict:
     return report
 
 
-def make_report(config: dict, run: dict, ckpt_path: str, ds, s: ev.Settings, results: dict,
+def make_report(config: RunConfig, run: dict, ckpt_path: str, ds, s: ev.Settings, results: dict,
                 protocols, random_init: bool) -> dict:
     """eval.json's contents: what was evaluated, on what, with which settings, and the figures."""
-    import dataclasses
     return {"format": EVAL_FORMAT, "checkpoint": os.path.abspath(ckpt_path),
-            "model": "random init" if random_init else f"{config['loss']} run",
-            "dataset": ds.name, "pretrained_on": config["dataset"], "backbone": config["backbone"],
+            "model": "random init" if random_init else f"{config.loss} run",
+            "dataset": ds.name, "pretrained_on": config.dataset, "backbone": config.backbone,
             "epoch": run["epoch"], "step": run["step"], "protocols": list(protocols),
-            "settings": dataclasses.asdict(s), "results": results}
+            "settings": dataclasses.asdict(s), "results": results,
+            **({"split": ds.note, "skipped_files": ds.skipped} if getattr(ds, "note", "") else {})}
 
 
 def evaluate_into(out: str, stem: str, evaluate, report, guard=None) -> dict:

@@ -31,6 +31,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from fastclr.similarity import knn_topk
+
+from .augment import TorchSimCLRAugment
+
 PROTOCOLS = ("knn", "linear", "kmeans", "finetune", "tsne")
 
 
@@ -88,6 +92,33 @@ def extract_features(backbone: nn.Module, batches, *, mean, std, device, dtype=N
 
 
 @torch.no_grad()
+def embed(model: nn.Module, x: torch.Tensor, *, device, dtype=None, batch: int = 256) -> torch.Tensor:
+    """The model's projections of normalised images ``x`` (float (N, 3, H, W)), in eval mode,
+    L2-normalised: the embeddings the contrastive loss compares."""
+    was_training = model.training
+    model.eval()
+    try:
+        out = []
+        for i in range(0, len(x), batch):
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                out.append(model(x[i:i + batch].to(device))[1].float())
+    finally:
+        model.train(was_training)
+    return F.normalize(torch.cat(out), dim=1)
+
+
+def alignment_uniformity(z1: torch.Tensor, z2: torch.Tensor) -> dict:
+    """Wang & Isola (2020) of L2-normalised embeddings of two views of the same images:
+    alignment E ||z1 - z2||^2 over the pairs (lower: views closer), uniformity
+    log E exp(-2 ||z_i - z_j||^2) over distinct images of the first view (lower: spread wider)."""
+    align = (z1 - z2).pow(2).sum(1).mean()
+    sq = torch.cdist(z1.double(), z1.double()).pow(2)
+    off = ~torch.eye(len(z1), dtype=torch.bool, device=z1.device)
+    uniform = torch.logsumexp(-2 * sq[off], 0) - math.log(max(int(off.sum()), 1))
+    return {"alignment": float(align), "uniformity": float(uniform)}
+
+
+@torch.no_grad()
 def head_features(head: nn.Module, features: torch.Tensor, batch: int = 4096) -> torch.Tensor:
     """The head's output (the projection) for backbone ``features``, in eval mode."""
     was_training = head.training
@@ -113,7 +144,6 @@ def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict
 def knn_neighbours(train_features, test_features, k: int, *, chunk=None, impl="auto"):
     """(similarities, indices) of each test feature's ``k`` nearest training features, best first
     (k capped at the bank size)."""
-    from fastclr.similarity import knn_topk
     k = min(k, train_features.shape[0])
     return knn_topk(test_features.float(), train_features.float(), k, impl=impl, chunk=chunk)
 
@@ -295,7 +325,6 @@ def finetune(backbone: nn.Module, images: torch.Tensor, labels: torch.Tensor, nu
     momentum 0.9, no weight decay, cosine schedule over ``s.finetune_steps``, random crop and flip
     only; then the BatchNorm statistics re-estimated (``recalibrate_batchnorm``). Returns
     ``nn.Sequential(backbone, classifier)``, in eval mode."""
-    from .augment import TorchSimCLRAugment
     torch.manual_seed(s.seed)
     g = torch.Generator(device="cpu").manual_seed(s.seed)
     model = nn.Sequential(copy.deepcopy(backbone),

@@ -1,5 +1,5 @@
 """``python -m fastclr.export RUN_DIR_OR_CHECKPOINT --out backbone.pt``: the trained backbone
-alone, for use outside fastclr, and ``fastclr.load_backbone(path)`` to read it back.
+alone, for use outside fastclr, and ``fastclr.app.export.load_backbone(path)`` to read it back.
 
 The weights keep torchvision's parameter names, so they load with ``strict=True`` into the
 torchvision model of the run's ``--backbone`` once its classifier (the last linear layer) is
@@ -24,15 +24,20 @@ import os
 import torch
 from torch import nn
 
+from . import data
+from .checkpoint import atomic_write, load_run, model_of
+from .config import RunConfig
+from .models import backbone
+
 EXPORT_FORMAT = "fastclr-backbone-1"
 FORMATS = ("pt", "safetensors")
 
 
-def architecture(config: dict, model, mean, std) -> dict:
-    return {"backbone": config["backbone"], "width": config["width"],
-            "cifar_stem": config["cifar_stem"] == "on", "image_size": config["image_size"],
+def architecture(config: RunConfig, model, mean, std) -> dict:
+    return {"backbone": config.backbone, "width": config.width,
+            "cifar_stem": config.cifar_stem == "on", "image_size": config.image_size,
             "out_features": int(model.backbone.out_features), "mean": list(mean), "std": list(std),
-            "trained_with": config["loss"], "dataset": config["dataset"]}
+            "trained_with": config.loss, "dataset": config.dataset}
 
 
 def export_bytes(state_dict: dict, arch: dict, fmt: str) -> bytes:
@@ -81,7 +86,6 @@ def load_backbone(path: str, map_location="cpu") -> nn.Module:
     """The exported backbone as a module in eval mode (weights loaded strictly): ``net(x)`` gives
     ``(N, net.out_features)`` features of images normalised with ``net.architecture["mean"]`` /
     ``["std"]`` at ``["image_size"]`` px."""
-    from .models import backbone
     arch, state = read_export(path)
     net = backbone(arch["backbone"], width=arch["width"], cifar_stem=arch["cifar_stem"],
                    image_size=arch["image_size"])
@@ -91,9 +95,6 @@ def load_backbone(path: str, map_location="cpu") -> nn.Module:
 
 
 def main(argv=None) -> str:
-    from . import data
-    from .eval_run import load_run, model_of
-    from .train import _atomic_write
     p = argparse.ArgumentParser(prog="python -m fastclr.export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", metavar="RUN_DIR_OR_CHECKPOINT", help="a training run's folder or its checkpoint.pt")
@@ -102,15 +103,14 @@ def main(argv=None) -> str:
                    "suffix, else pt)")
     args = p.parse_args(argv)
     fmt = args.format or ("safetensors" if args.out.endswith(".safetensors") else "pt")
-    ckpt, ckpt_path = load_run(args.run, "fastclr.export")
-    config = ckpt["config"]
-    model = model_of(ckpt, random_init=False, num_classes=1)
-    mean, std = data.normalisation(config["dataset"])
+    ckpt, config, ckpt_path = load_run(args.run, "fastclr.export")
+    model = model_of(ckpt, config, random_init=False, num_classes=1, program="fastclr.export")
+    mean, std = data.normalisation(config.dataset)
     blob = export_bytes(model.backbone.state_dict(), architecture(config, model, mean, std), fmt)
     try:
-        _atomic_write(args.out, blob)
+        atomic_write(args.out, blob)
     except OSError as exc:
         raise SystemExit(f"fastclr.export: cannot write {args.out}: {exc.strerror or exc}") from None
-    print(f"wrote {args.out} ({fmt}, {len(blob) / 2**20:.1f} MiB): the {config['backbone']} backbone of "
+    print(f"wrote {args.out} ({fmt}, {len(blob) / 2**20:.1f} MiB): the {config.backbone} backbone of "
           f"{ckpt_path} (epoch {ckpt['run']['epoch']}), {model.backbone.out_features} features")
     return args.out

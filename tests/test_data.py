@@ -1,15 +1,13 @@
-"""Datasets, the model builder and the evaluation helpers of the training loop."""
+"""The datasets (fastclr/app/data.py) and their batches in the one batch order (sampling.py)."""
 import io
-import os
 import pickle
 import tarfile
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
-from fastclr.app import data, evaluate, models
+from fastclr.app import data
 
 
 def test_digits_split():
@@ -72,39 +70,3 @@ def test_array_batches_shard_the_global_batch():
     resumed = list(one.epoch(1, start=2))
     assert torch.equal(resumed[0][0], list(one.epoch(1))[2][0])
     assert not torch.equal(next(one.epoch(0))[0], next(one.epoch(1))[0])  # reshuffled per epoch
-
-
-@pytest.mark.parametrize("name, width, stem, size, feat", [
-    ("resnet18", 8, True, 16, 64), ("resnet34", 4, True, 9, 32), ("resnet50", 4, False, 40, 128),
-    ("resnet18", 64, False, 32, 512)])
-def test_models(name, width, stem, size, feat):
-    m = models.build_model(name, width=width, cifar_stem=stem, head_layers=3, proj_dim=16)
-    h, z = m(torch.randn(3, 3, size, size))
-    assert h.shape == (3, feat) and z.shape == (3, 16)
-    if stem:
-        assert isinstance(m.backbone.maxpool, torch.nn.Identity)
-        assert m.backbone.conv1.kernel_size == (3, 3)
-    with pytest.raises(ValueError, match="name must be one of"):
-        models.resnet_backbone("vgg")
-
-
-def test_knn_matches_brute_force(seed):
-    train, test = torch.randn(300, 12), torch.randn(40, 12)
-    labels = torch.randint(0, 5, (300,))
-    k, t = 17, 0.07
-    scores = evaluate.knn_predict(train, labels, test, 5, k=k, temperature=t, chunk=7)
-    sim = F.normalize(test, dim=1) @ F.normalize(train, dim=1).T
-    expect = torch.zeros(40, 5)
-    for q in range(40):
-        top = sim[q].argsort(descending=True)[:k]
-        for j in top:
-            expect[q, labels[j]] += torch.exp(sim[q, j] / t)
-    torch.testing.assert_close(scores, expect, rtol=1e-4, atol=1e-5)
-
-
-def test_knn_on_separable_clusters(seed):
-    centres = torch.randn(4, 16) * 5
-    ytr, yte = torch.arange(200) % 4, torch.arange(80) % 4
-    xtr, xte = centres[ytr] + torch.randn(200, 16), centres[yte] + torch.randn(80, 16)
-    assert evaluate.knn_accuracy(xtr, ytr, xte, yte, 4, k=20) == 1.0
-    # the linear probe on the same data: tests/test_evaluate.py

@@ -96,7 +96,7 @@ def test_help_shows_defaults_and_per_dataset_ones(capsys):
     out = " ".join(capsys.readouterr().out.split())
     assert "--log-every LOG_EVERY read the loss" in out and "(default: 10)" in out
     assert "(default: 0.9)" in out  # momentum
-    assert "default per --dataset: digits 256, cifar10 512" in out  # batch size
+    assert "default per --dataset: digits 256, fashion-mnist 512, cifar10 512" in out  # batch size
     assert "--config FILE.yaml" in out
 
 

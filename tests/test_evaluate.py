@@ -395,3 +395,36 @@ def test_knn_on_separable_clusters(seed):
     xtr, xte = centres[ytr] + torch.randn(200, 16), centres[yte] + torch.randn(80, 16)
     assert ev.knn_accuracy(xtr, ytr, xte, yte, 4, k=20) == 1.0
     # the linear probe on the same data: tests/test_ev.py
+
+
+def test_pixel_features_by_hand(run_dir, tmp_path):
+    """--features pixels: the protocols on the normalised pixels themselves (the baseline row),
+    kNN against a computation from the dataset's arrays; fine-tuning is skipped, said so."""
+    from fastclr.app import data
+    out = str(tmp_path)
+    r = eval_run.main([run_dir, "--features", "pixels", "--protocols", "knn,finetune", "--out", out] + FAST)
+    assert r["model"] == "pixels" and "eval_pixels.json" in os.listdir(out)
+    assert "finetune" in r["results"]["skipped"] and "finetune" not in r["results"]
+    ds = data.load_dataset("digits")  # the tiny run's views are 8 px: the digits' own size
+    mean, std = (np.asarray(v, np.float64) for v in (ds.mean, ds.std))
+
+    def pixels(images):
+        return ((images / 255.0 - mean) / std).reshape(len(images), -1)
+    xtr, xte = (pixels(x) for x in (ds.train_images, ds.test_images))
+    xtr, xte = (x / np.linalg.norm(x, axis=1, keepdims=True) for x in (xtr, xte))
+    sim = xte @ xtr.T
+    k, t = r["results"]["knn"]["k"], r["results"]["knn"]["temperature"]
+    top = np.argsort(-sim, axis=1)[:, :k]
+    votes = np.zeros((len(xte), 10))
+    for i, row in enumerate(top):
+        np.add.at(votes[i], ds.train_labels[row], np.exp(sim[i, row] / t))
+    by_hand = float((votes.argmax(1) == ds.test_labels).mean())
+    assert k == 20 and abs(r["results"]["knn"]["top1"] - by_hand) <= 1 / len(xte)
+    with pytest.raises(SystemExit, match="no network to initialise"):
+        eval_run.main([run_dir, "--features", "pixels", "--random-init", "--out", out] + FAST)
+
+
+def test_validation_split_is_evaluated_instead_of_the_test_split(run_dir, tmp_path):
+    r = eval_run.main([run_dir, "--validation", "300", "--protocols", "linear", "--out", str(tmp_path)] + FAST)
+    assert r["split"].startswith("validation: 300 of the 1437 training images")
+    assert np.asarray(r["results"]["linear"]["confusion"]).sum() == 300  # not the 360 test images

@@ -28,7 +28,7 @@ ADAMW_BASE_LR = 1e-3  # --base-lr's default with --optimizer adamw (the datasets
 # A checkpoint may only resume a run that agrees on these ...
 RUN_DEFINING = ("dataset", "backbone", "width", "cifar_stem", "head_layers", "proj_dim",
                 "proj_hidden", "batch_size", "image_size", "seed", "loss", "views", "positives",
-                "optimizer")
+                "optimizer", "validation")
 # ... and on these, which fix the learning-rate schedule (warm-up, then cosine to 0 at the end).
 SCHEDULE = ("epochs", "warmup_epochs")
 
@@ -36,23 +36,30 @@ SCHEDULE = ("epochs", "warmup_epochs")
 DATASET_DEFAULTS = {
     "digits": dict(epochs=50, batch_size=256, image_size=16, width=16, temperature=0.15,
                    crop_scale=0.3, flip=0.0, strength=0.5, base_lr=0.5, warmup_epochs=5,
-                   eval_every=10),
+                   eval_every=10, knn_k=20),
+    # 28 px grey photographs: views at the native size (a 16 px view loses the texture that tells
+    # a shirt from a T-shirt), the CIFAR stem, no blur (below 96 px), flips (clothes are
+    # symmetric), crops down to a fifth; colour jitter on grey images is brightness and contrast
+    # only (saturation and hue change nothing where the channels are equal). docs/training.md.
+    "fashion-mnist": dict(epochs=15, batch_size=512, image_size=28, width=16, temperature=0.2,
+                          crop_scale=0.2, flip=0.5, strength=0.5, base_lr=0.5, warmup_epochs=1,
+                          eval_every=0, knn_k=20),
     "cifar10": dict(epochs=200, batch_size=512, image_size=32, width=64, temperature=0.5,
                     crop_scale=0.08, flip=0.5, strength=0.5, base_lr=0.3, warmup_epochs=10,
-                    eval_every=0),
+                    eval_every=0, knn_k=200),
     "imagefolder": dict(epochs=100, batch_size=4096, image_size=224, width=64, temperature=0.1,
                         crop_scale=0.08, flip=0.5, strength=1.0, base_lr=0.3, warmup_epochs=10,
-                        eval_every=0),
+                        eval_every=0, knn_k=200),
     "synthetic": dict(epochs=2, batch_size=256, image_size=32, width=64, temperature=0.5,
                       crop_scale=0.08, flip=0.5, strength=0.5, base_lr=0.3, warmup_epochs=0,
-                      eval_every=0),
+                      eval_every=0, knn_k=200),
 }
 DATASET_DEFAULTS["cifar100"] = DATASET_DEFAULTS["cifar10"]
 # An unlabeled folder: on a GPU SimCLR's ImageNet recipe; on a CPU views and a network small
 # enough to train on a thousand images in minutes.
 DATASET_DEFAULTS["folder"] = dict(epochs=30, batch_size=128, image_size=64, width=32, temperature=0.2,
                                   crop_scale=0.2, flip=0.5, strength=0.5, base_lr=0.3,
-                                  warmup_epochs=3, eval_every=0)
+                                  warmup_epochs=3, eval_every=0, knn_k=200)
 GPU_DEFAULTS = {"folder": DATASET_DEFAULTS["imagefolder"]}
 
 
@@ -81,8 +88,13 @@ class RunConfig:
     """Every setting of a training run (the flags of ``python -m fastclr.train``)."""
     dataset: str = flag("digits", "the training data", choices=DATASETS)
     data_dir: str | None = flag(None, "cifar10/100: the folder holding the python archive; "
+                                      "fashion-mnist: the folder holding its four IDX files, or "
+                                      "torchvision's root (default: where they are installed); "
                                       "imagefolder: the folder with train/ and val/; folder: any "
                                       "folder of images (no labels)")
+    validation: int = flag(0, "digits, fashion-mnist, cifar: hold out this many training images "
+                              "(stratified, always the same ones) and evaluate on them instead of "
+                              "the test split, to tune settings without looking at the test images")
     val_dir: str | None = flag(None, "a labelled folder (one sub-folder per class) to evaluate a "
                                      "--dataset folder run on: each class split in two by a seeded "
                                      "order, half kNN's bank and the probe's training set, half the test")
@@ -149,7 +161,8 @@ class RunConfig:
     workers: int = flag(4, "image-folder decoding processes")
     synthetic_size: int = flag(4096, "images of --dataset synthetic")
     eval_every: int | None = flag(None, "kNN every E epochs (0: only at the end)")
-    knn_k: int = flag(200, "kNN neighbours")
+    knn_k: int | None = flag(None, "kNN neighbours (about a class's share of a small training set; "
+                                    "200 on large ones, as Wu et al. 2018 on ImageNet)")
     knn_temperature: float = flag(0.1, "kNN vote temperature")
     probe_epochs: int = flag(100, "linear-probe epochs")
     eval_random_init: bool = flag(False, "also evaluate the model at random initialisation")
@@ -218,7 +231,7 @@ _AT_LEAST_1 = ("epochs", "batch_size", "image_size", "width", "proj_dim", "knn_k
                "max_bad_steps", "synthetic_size", "log_every", "proj_hidden", "micro_batch")
 _POSITIVE = ("temperature", "base_lr", "knn_temperature", "trust_coefficient")
 _NON_NEGATIVE = ("eval_every", "probe_epochs", "warmup_epochs", "weight_decay", "momentum",
-                 "workers", "ckpt_every_steps")
+                 "workers", "ckpt_every_steps", "validation")
 
 
 def field_type(name: str) -> type:

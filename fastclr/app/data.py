@@ -1,12 +1,16 @@
 """Datasets for ``python -m fastclr.train``.
 
-Every dataset here is a train split and a held-out split of labelled images. The small ones live
+Every dataset here is a train split and a held-out split of labelled images. For tuning, the
+in-memory ones can hold out a validation split of their training images instead of their test
+split (``validation=N``: N training images, stratified, always the same ones). The small ones live
 in memory as uint8 arrays (N, H, W, 3); an image folder stays on disk.
 
 - ``digits``: scikit-learn's bundled handwritten digits (1797 real 8x8 grey images, no
   download), split 80/20 stratified with a fixed seed, so every run evaluates on the same 360.
 - ``cifar10`` / ``cifar100``: the python-pickle archives (``cifar-10-python.tar.gz`` or the
   folder it unpacks to) in ``data_dir``; never downloaded.
+- ``fashion-mnist``: Zalando's 60,000 + 10,000 28x28 grey photographs of clothing, from its four
+  IDX files (fastclr/app/idx.py: ``--data-dir``, Debian's package, or torchvision's download).
 - ``imagefolder``: ``data_dir/train/<class>/*`` and ``data_dir/val/<class>/*``.
 - ``folder``: every image under ``data_dir``, at any depth, no labels (fastclr/app/folder.py).
 - ``synthetic``: random images and labels, for throughput runs (evaluation is meaningless).
@@ -23,16 +27,19 @@ import os
 import pickle
 import sys
 import tarfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 
-from . import dali, folder, imagefiles
+from . import dali, folder, idx, imagefiles
 from .augment import CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD
 from .sampling import BatchOrder
 
-DATASETS = ("digits", "cifar10", "cifar100", "imagefolder", "folder", "synthetic")
+DATASETS = ("digits", "fashion-mnist", "cifar10", "cifar100", "imagefolder", "folder", "synthetic")
+# Fashion-MNIST's training-split statistics (one grey channel; checked against the files by the tests)
+FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860406,) * 3, (0.3530242,) * 3
+VALIDATION_SEED = 0  # the validation split is the same for every run
 _CIFAR = {
     "cifar10": ("cifar-10-python.tar.gz", "cifar-10-batches-py",
                 [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], b"labels", 10),
@@ -79,13 +86,24 @@ class FolderDataset:
 
 
 def load_dataset(name: str, data_dir: str | None = None, *, synthetic_size: int = 4096,
-                 synthetic_image_size: int = 32):
+                 synthetic_image_size: int = 32, validation: int = 0):
+    """Dataset ``name``; with ``validation`` > 0 (in-memory datasets) its held-out split is that
+    many of the training images instead of the test split (validation_split)."""
     if name not in DATASETS:
         raise ValueError(f"--dataset must be one of {DATASETS}, got {name!r}")
+    if validation and name in ("imagefolder", "folder"):
+        raise ValueError(f"--validation: --dataset {name} is read from disk; give the images to "
+                         "validate on as their own folder instead")
     if name == "digits":
-        return _digits()
-    if name in _CIFAR:
-        return _cifar(name, data_dir)
+        ds = _digits()
+    elif name == "fashion-mnist":
+        ds = _fashion_mnist(data_dir)
+    elif name in _CIFAR:
+        ds = _cifar(name, data_dir)
+    else:
+        ds = None
+    if ds is not None:
+        return validation_split(ds, validation) if validation else ds
     if name == "imagefolder":
         return _folder(data_dir)
     if name == "folder":
@@ -95,13 +113,34 @@ def load_dataset(name: str, data_dir: str | None = None, *, synthetic_size: int 
 
 def normalisation(name: str) -> tuple:
     """(mean, std) per channel that dataset ``name``'s images are normalised with: CIFAR's usual
-    values, the digits' own training-split statistics, ImageNet's for every other dataset. The one
+    values, the digits' and Fashion-MNIST's own training-split statistics, ImageNet's for every
+    other dataset. The one
     place that decides it (training, evaluation, and export's record read it), without CIFAR's files."""
     if name in _CIFAR:
         return CIFAR_MEAN, CIFAR_STD
     if name == "digits":
         return _own_statistics(_digits_split()[0])
+    if name == "fashion-mnist":
+        return FASHION_MNIST_MEAN, FASHION_MNIST_STD
     return IMAGENET_MEAN, IMAGENET_STD
+
+
+def validation_split(ds: ArrayDataset, n: int) -> ArrayDataset:
+    """``ds`` with ``n`` of its training images (stratified by label, seeded: the same ones every
+    time) as the held-out split, and the rest as the training split; the test split is not used."""
+    from sklearn.model_selection import train_test_split
+    if not 0 < n < len(ds.train_labels):
+        raise ValueError(f"--validation must be between 1 and {len(ds.train_labels) - 1} "
+                         f"(the training images of {ds.name}), got {n}")
+    try:
+        train, val = train_test_split(np.arange(len(ds.train_labels)), test_size=n, stratify=ds.train_labels,
+                                      random_state=VALIDATION_SEED)
+    except ValueError as exc:  # fewer than one image per class
+        raise ValueError(f"--validation {n}: {exc}") from None
+    train, val = np.sort(train), np.sort(val)
+    note = f"validation: {n} of the {len(ds.train_labels)} training images (stratified, seed {VALIDATION_SEED})"
+    return replace(ds, train_images=ds.train_images[train], train_labels=ds.train_labels[train],
+                   test_images=ds.train_images[val], test_labels=ds.train_labels[val], note=note)
 
 
 def _own_statistics(train_images: np.ndarray) -> tuple:
@@ -123,6 +162,14 @@ def _digits_split() -> tuple:
 def _digits() -> ArrayDataset:
     xtr, ytr, xte, yte = _digits_split()  # normalisation("digits") without splitting twice
     return ArrayDataset("digits", xtr, ytr, xte, yte, 10, *_own_statistics(xtr))
+
+
+def _fashion_mnist(data_dir: str | None) -> ArrayDataset:
+    splits = idx.read_fashion_mnist(data_dir)
+    (xtr, ytr), (xte, yte) = (splits[k] for k in ("train", "test"))
+    rgb = [np.repeat(x[..., None], 3, axis=-1) for x in (xtr, xte)]  # grey -> 3 equal channels
+    return ArrayDataset("fashion-mnist", rgb[0], ytr.astype(np.int64), rgb[1], yte.astype(np.int64),
+                        10, *normalisation("fashion-mnist"))
 
 
 def _unpickle(f):

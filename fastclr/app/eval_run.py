@@ -4,11 +4,13 @@ protocols of fastclr/app/evaluate.py (kNN, linear probe, k-means, few-label fine
 The checkpoint's own configuration says the dataset, the model and the preprocessing; flags pick
 the protocols (``--protocols``, default knn,linear,kmeans,tsne; ``all`` adds finetune), another
 dataset (``--dataset``/``--data-dir``: transfer), the model at random initialisation instead of
-the trained one (``--random-init``: the floor), and the protocols' settings. It writes, into the
+the trained one (``--random-init``: the floor), or no network at all (``--features pixels``: the
+protocols on the normalised pixels of the unaugmented images, the baseline every representation
+should beat), and the protocols' settings. It writes, into the
 run folder (or ``--out``), ``eval.json`` (every figure with its protocol's settings; the few-label
 subsets' image indices), ``eval.md`` (the tables) and the plots, and prints the summary table.
-Outputs of another dataset or of the random initialisation are named ``eval_<dataset>``,
-``eval_random_init...``. Nothing is written until every protocol has finished: an evaluation
+Outputs of another dataset, of the random initialisation or of the pixels are named
+``eval_<dataset>``, ``eval_random_init...``, ``eval_pixels...``. Nothing is written until every protocol has finished: an evaluation
 stopped (Ctrl-C, SIGTERM) or failed leaves the folder as it was.
 """
 from __future__ import annotations
@@ -23,6 +25,7 @@ import tempfile
 import time
 
 import torch
+from torch import nn
 
 from . import checkpoint as ckpt_io
 from . import data as data_mod
@@ -38,6 +41,15 @@ DEFAULT_PROTOCOLS = ("knn", "linear", "kmeans", "tsne")
 
 # --- the protocols on a model -------------------------------------------------------------------
 
+class PixelFeatures(nn.Module):
+    """The "model" of ``--features pixels``: the normalised image itself, flattened, as the
+    features (no head; nothing to fine-tune)."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone, self.head = nn.Flatten(), None
+
+
 def split_features(model, ds, config: RunConfig, device, *, dtype=None, channels_last=False,
                    workers: int = 4, head: bool = True, progress: bool = False) -> dict:
     """The backbone's (and the head's) features of the training and held-out splits."""
@@ -48,7 +60,7 @@ def split_features(model, ds, config: RunConfig, device, *, dtype=None, channels
     for name in ("train", "test"):
         batches = data_mod.eval_batches(ds, name, size, workers=workers)
         split[name] = ev.extract_features(model.backbone, batches, desc=f"features ({name})", **kw)
-        if head:
+        if head and model.head is not None:
             split[f"head_{name}"] = ev.head_features(model.head, split[name][0])
     return split
 
@@ -83,6 +95,9 @@ def evaluate_model(model, ds, config: RunConfig, s: ev.Settings, protocols, devi
         raise SystemExit(f"fastclr.evaluate: {ds.name} does not fit the model: {exc}") from None
     seconds = {"features": time.perf_counter() - t0}
     out = {}
+    if model.head is None and "finetune" in protocols:  # pixel features
+        out["skipped"] = {"finetune": "pixel features: there is no network to fine-tune"}
+        protocols = [p for p in protocols if p != "finetune"]
     for name in protocols:
         t0 = time.perf_counter()
         out[name] = _protocol(name, model, ds, config, s, split, device, fresh_model, plots, sweep)
@@ -263,6 +278,11 @@ def build_parser() -> argparse.ArgumentParser:
       "--val-dir, if any)")
     a("--random-init", action="store_true", help="the run's network at a seeded random "
       "initialisation instead of its trained weights (the floor)")
+    a("--features", choices=("model", "pixels"), default="model",
+      help="model: the network's features; pixels: the normalised pixels of the unaugmented "
+      "images at the run's view size, flattened (the baseline; no fine-tuning)")
+    a("--validation", type=int, help="evaluate on this many of the training images held out "
+      "(data.validation_split) instead of the test split; 0: the test split (default: the run's)")
     a("--out", help="where the outputs go (default: the run folder)")
     a("--label-fraction", type=_fractions, default=(0.01, 0.1),
       help="finetune: the labelled fractions of the training split (default: 0.01,0.1)")
@@ -303,9 +323,10 @@ def settings_of(config: RunConfig, args=None, *, progress: bool = True) -> ev.Se
 def _dataset(args, config: RunConfig):
     name = args.dataset or config.dataset
     data_dir = args.data_dir if args.dataset or args.data_dir else config.data_dir
+    validation = args.validation if args.validation is not None else 0 if args.dataset else config.validation
     try:
         ds = data_mod.load_dataset(name, data_dir, synthetic_size=config.synthetic_size,
-                                   synthetic_image_size=config.image_size)
+                                   synthetic_image_size=config.image_size, validation=validation)
     except (ValueError, FileNotFoundError) as exc:
         raise SystemExit(f"fastclr.evaluate: {exc}") from None
     return evaluation_data(ds, config, args.val_dir or (None if args.dataset else config.val_dir),
@@ -336,28 +357,35 @@ def main(argv=None) -> dict:
     ckpt_io.check_output_folder(out, "fastclr.evaluate", "give --out")
     device, _, _ = setup_distributed(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" and config.precision != "fp32" else None
-    stem = "_".join(["eval"] + (["random_init"] if args.random_init else [])
+    pixels = args.features == "pixels"
+    if pixels and args.random_init:
+        raise SystemExit("fastclr.evaluate: --features pixels has no network to initialise; drop --random-init")
+    stem = "_".join(["eval"] + (["random_init"] if args.random_init else []) + (["pixels"] if pixels else [])
                     + ([ds.name] if ds.name != config.dataset else []))
-    model = ckpt_io.model_of(ckpt, config, random_init=args.random_init, num_classes=ds.num_classes)
-    fresh = None if args.no_scratch else (
-        lambda: ckpt_io.model_of(ckpt, config, random_init=True, num_classes=ds.num_classes))
+    if pixels:
+        model, fresh = PixelFeatures(), None
+    else:
+        model = ckpt_io.model_of(ckpt, config, random_init=args.random_init, num_classes=ds.num_classes)
+        fresh = None if args.no_scratch else (
+            lambda: ckpt_io.model_of(ckpt, config, random_init=True, num_classes=ds.num_classes))
     with exit_on_signal(f"during the evaluation; {out} is as it was"):
         report = evaluate_into(
             out, stem,
             lambda plots: evaluate_model(model, ds, config, s, args.protocols, device, fresh_model=fresh,
                                          plots=plots, dtype=dtype, workers=args.workers),
             lambda results: make_report(config, ckpt["run"], ckpt_path, ds, s, results, args.protocols,
-                                        args.random_init))
+                                        "pixels" if pixels else "random init" if args.random_init else None))
     print_summary(report)
     print(f"wrote {os.path.join(out, stem)}.json, .md and plots", file=sys.stderr)
     return report
 
 
 def make_report(config: RunConfig, run: dict, ckpt_path: str, ds, s: ev.Settings, results: dict,
-                protocols, random_init: bool) -> dict:
-    """eval.json's contents: what was evaluated, on what, with which settings, and the figures."""
+                protocols, model: str | None = None) -> dict:
+    """eval.json's contents: what was evaluated (``model``: "random init", "pixels"; default the
+    run's network), on what, with which settings, and the figures."""
     return {"format": EVAL_FORMAT, "checkpoint": os.path.abspath(ckpt_path),
-            "model": "random init" if random_init else f"{config.loss} run",
+            "model": model or f"{config.loss} run",
             "dataset": ds.name, "pretrained_on": config.dataset, "backbone": config.backbone,
             "epoch": run["epoch"], "step": run["step"], "protocols": list(protocols),
             "settings": dataclasses.asdict(s), "results": results,

@@ -146,7 +146,7 @@ def _load_data(config: RunConfig, device, rank, world, amp_dtype, channels_last)
                        scale=(config.crop_scale, 1.0), flip=config.flip)
     try:
         ds = data_mod.load_dataset(config.dataset, config.data_dir, synthetic_size=config.synthetic_size,
-                                   synthetic_image_size=config.image_size)
+                                   synthetic_image_size=config.image_size, validation=config.validation)
         files = dict(views=config.views, scale=(config.crop_scale, 1.0), max_bad=config.max_bad_files,
                      report=metrics.BadFileLog(config.out) if rank == 0 else None)
         batches = data_mod.train_batches(ds, config.batch_size, seed=config.seed, rank=rank,
@@ -502,7 +502,7 @@ def final_evaluation(run: Run) -> dict:
     return eval_run.evaluate_into(
         config.out, "eval", lambda plots: run_evaluation(run, probe=True, plots=plots),
         lambda results: eval_run.make_report(config, run.state.state_dict(), run.ckpt_path, run.eval_ds,
-                                             eval_run.settings_of(config), results, ("knn", "linear"), False),
+                                             eval_run.settings_of(config), results, ("knn", "linear")),
         guard=lambda write: run.write_or_exit("the evaluation results", path, write))["results"]
 
 

@@ -30,6 +30,7 @@ from torch import nn
 from fastclr import _dispatch
 
 IMPLS = (*_dispatch.OPS["LARS"].impls, "cpp")  # "cpp": the old name of "cpu", still taken
+_KERNEL_DTYPES = {"cuda": (torch.float32, torch.bfloat16, torch.float16)}  # the compiled steps' dtypes, where not every float
 _NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
 
 
@@ -143,19 +144,45 @@ class LARS(torch.optim.Optimizer):
                          weight_decay=float(group["weight_decay"]),
                          trust_coefficient=float(group["trust_coefficient"]),
                          nesterov=bool(group["nesterov"]), exclude=bool(group["exclude"]))
-            by_device: dict = {}
-            for p, g, b in zip(params, grads, bufs):
-                by_device.setdefault(p.device, ([], [], []))
-                for lst, x in zip(by_device[p.device], (p, g, b)):
-                    lst.append(x)
-            for device, (ps, gs, bs) in by_device.items():
+            for device, compiled, (ps, gs, bs) in self._calls(params, grads, bufs):
                 skip = None if found_inf is None else found_inf.to(device, torch.float32).reshape(1)
-                kernel = _dispatch.resolve("LARS", self.impl, device).kernel
-                if kernel is None:  # the foreach step
+                if compiled is None:  # the foreach step
                     _foreach_step(ps, gs, bs, **hyper, skip=skip)
                 else:  # one compiled call: the CPU or CUDA kernel, by the dispatcher
-                    kernel(ps, gs, bs, **hyper, found_inf=skip)
+                    compiled(ps, gs, bs, **hyper, found_inf=skip)
         return loss
+
+    def _calls(self, params, grads, bufs) -> list:
+        """The group's parameters by the call that steps them: ``[(device, kernel or None,
+        (params, grads, bufs))]``. The compiled kernels take one dtype per call and parameters
+        laid out densely with their buffer's strides (any dense layout, channels-last too); the
+        rest -- a strided view, a tensor with gaps -- goes to the foreach step (kernel None) in
+        the same step(): the trust ratio is per parameter, so splitting changes nothing. So do
+        float64 parameters where the kernel has no float64 path (CUDA's)."""
+        backends, calls = {}, {}
+        for p, g, b in zip(params, grads, bufs):
+            if p.device not in backends:
+                backends[p.device] = _dispatch.resolve("LARS", self.impl, p.device)
+            kernel = backends[p.device].kernel
+            takes = p.dtype in _KERNEL_DTYPES.get(backends[p.device].name, (p.dtype,))
+            dense = _dense(p) and b.stride() == p.stride()
+            key = (p.device, kernel, p.dtype) if kernel is not None and dense and takes else (p.device, None, None)
+            for lst, x in zip(calls.setdefault(key, ([], [], [])), (p, g, b)):
+                lst.append(x)
+        return [(device, kernel, lists) for (device, kernel, _), lists in calls.items()]
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Whether ``t``'s elements fill its storage span without gaps or overlaps, in some order of
+    the dimensions (contiguous, channels-last, a transpose): ATen's is_non_overlapping_and_dense."""
+    if t.is_contiguous():
+        return True
+    expected = 1
+    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 def _foreach_step(params, grads, bufs, lr, momentum, weight_decay, trust_coefficient, nesterov,

@@ -264,3 +264,43 @@ def test_lars_takes_tensor_learning_rates():
     torch.testing.assert_close(p1, p2)
     with pytest.raises(ValueError, match="lr"):
         fastclr.LARS([p1], lr=torch.tensor(-0.1))
+
+
+def _layouts(device):
+    """Parameters torch's optimizers step, in one group: a strided view (timm's optimizer tests),
+    a transpose, a channels-last weight, a 0-dim tensor, a tensor with a gap between rows, and
+    float64 / float16 / bfloat16 ones beside float32."""
+    g = torch.Generator().manual_seed(3)
+
+    def r(*shape, dtype=torch.float32):
+        return torch.randn(*shape, generator=g).to(device, dtype)
+    return [r(10, 5, 2)[..., 0], r(3, 4).t(), r(4, 3, 5, 5).contiguous(memory_format=torch.channels_last),
+            r(()), r(6, 9)[:, 1:8], r(11, dtype=torch.float64), r(5, 3, dtype=torch.float16),
+            r(4, 6, dtype=torch.bfloat16), r(33)]
+
+
+@pytest.mark.parametrize("impl,device", IMPLS)
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_every_parameter_torch_steps(impl, device, nesterov):
+    """A strided view once failed the compiled step ('needs dense params'); every layout and dtype
+    is stepped, in the compiled call or the foreach one, as the float64 equations say."""
+    params = [nn.Parameter(p) for p in _layouts(device)]
+    start = [p.detach().double().clone() for p in params]
+    opt = LARS(params, lr=0.3, momentum=0.9, weight_decay=1e-4, trust_coefficient=0.01,
+               nesterov=nesterov, impl=impl)
+    gen = torch.Generator().manual_seed(4)
+    grads = [[torch.randn(p.shape, generator=gen).to(device, p.dtype) for p in params] for _ in range(3)]
+    for step in grads:
+        for p, gr in zip(params, step):
+            p.grad = gr
+        opt.step()
+    for i, p in enumerate(params):
+        w, v = start[i], torch.zeros_like(start[i])
+        for step in grads:
+            w, v = reference_step(w, step[i], v, 0.3, 0.9, 1e-4, 0.01, nesterov, False)
+            if p.dtype in (torch.float16, torch.bfloat16):
+                w = w.to(p.dtype).double()  # the parameter is rounded after each step
+        tol = {torch.float16: 2e-3, torch.bfloat16: 1e-2}.get(p.dtype, 1e-6)
+        assert p.shape == start[i].shape and p.stride() == params[i].stride()
+        err = ((p.detach().double() - w).abs().max() / w.abs().max().clamp_min(1e-30)).item()
+        assert err <= tol, (i, p.dtype, err)

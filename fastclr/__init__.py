@@ -13,7 +13,7 @@ from fastclr.ops import extension_available, extension_error
 from fastclr.optim import LARS, lars_param_groups
 from fastclr.similarity import knn_topk, normalized_similarity
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = ["nt_xent_fused", "grad_cache_backward", "NTXentLoss", "supcon_fused", "SupConLoss",
            "LARS", "lars_param_groups", "reference", "normalized_similarity", "knn_topk",
            "extension_available", "extension_error", "__version__"]

@@ -14,6 +14,7 @@ from typing import NamedTuple
 from fastclr import _dispatch, _numerics, distributed, reference
 from fastclr._boundary import KernelOptions, local_row_mask
 from fastclr._dispatch import check_row_pair, describe as _describe
+from fastclr._signatures import refuse_positional
 
 IMPLS = _dispatch.OPS["nt_xent_fused"].impls
 
@@ -242,6 +243,14 @@ def _supcon_rows(z, labels, temperature, positives, impl, return_accuracy, lo, c
     return rows, stats[3], rank
 
 
+_NTXENT_KEYWORDS = "learnable_temperature, impl, reduction, process_group and gather_distributed"
+_NTXENT_PEERS = ("lightly's NTXentLoss(temperature, memory_bank_size, gather_distributed) has the "
+                 "memory bank's size second: fastclr's NTXentLoss has no memory bank; lightly's "
+                 "gather_distributed=True is the same keyword here. Before 0.2.0 the second argument "
+                 "was learnable_temperature: write learnable_temperature=True.")
+_SUPCON_KEYWORDS = "positives, learnable_temperature, impl, reduction and process_group"
+
+
 class _TemperatureModule(nn.Module):
     """A loss module's temperature: a float > 0 or a 0-dim tensor (kept as given, so a tensor
     that requires grad stays in the graph), settable later (``criterion.temperature = 0.2``);
@@ -288,9 +297,10 @@ class NTXentLoss(_TemperatureModule):
     across processes, as :func:`nt_xent_fused`'s ``process_group``.
     """
 
-    def __init__(self, temperature=0.5, learnable_temperature: bool = False,
+    def __init__(self, temperature=0.5, *positional, learnable_temperature: bool = False,
                  impl: str = "auto", reduction: str = "mean", process_group=None,
                  gather_distributed: bool = False):
+        refuse_positional("NTXentLoss(temperature, ...)", positional, _NTXENT_KEYWORDS, _NTXENT_PEERS)
         _dispatch.check_impl("nt_xent_fused", impl)
         if reduction not in REDUCTIONS:
             raise ValueError(f"NTXentLoss: reduction must be one of {REDUCTIONS}, got {reduction!r}")
@@ -308,7 +318,8 @@ class NTXentLoss(_TemperatureModule):
             return torch.distributed.group.WORLD
         return self.process_group
 
-    def forward(self, z1: torch.Tensor, z2: torch.Tensor, return_accuracy: bool = False):
+    def forward(self, z1: torch.Tensor, z2: torch.Tensor, *positional, return_accuracy: bool = False):
+        refuse_positional("NTXentLoss.forward(z1, z2)", positional, "return_accuracy")
         return nt_xent_fused(z1, z2, self.temperature, impl=self.impl, reduction=self.reduction,
                              return_accuracy=return_accuracy, process_group=self._group())
 
@@ -320,9 +331,11 @@ class SupConLoss(_TemperatureModule):
     """Module form of :func:`supcon_fused`: ``criterion(z, labels)``, as pytorch-metric-learning's
     ``SupConLoss(temperature)(embeddings, labels)``. ``temperature`` as :class:`NTXentLoss`'s."""
 
-    def __init__(self, temperature=0.1, positives: str = "mean",
+    def __init__(self, temperature=0.1, *positional, positives: str = "mean",
                  learnable_temperature: bool = False, impl: str = "auto",
                  reduction: str = "mean", process_group=None):
+        refuse_positional("SupConLoss(temperature, ...)", positional, _SUPCON_KEYWORDS,
+                          "Before 0.2.0 the second argument was positives: write positives='mean' or 'sum'.")
         _dispatch.check_impl("supcon_fused", impl)
         if positives not in POSITIVES:
             raise ValueError(f"SupConLoss: positives must be one of {POSITIVES}, got {positives!r}")
@@ -335,7 +348,10 @@ class SupConLoss(_TemperatureModule):
         self.reduction = reduction
         self.process_group = process_group
 
-    def forward(self, z: torch.Tensor, labels: torch.Tensor, return_accuracy: bool = False):
+    def forward(self, z: torch.Tensor, labels: torch.Tensor, *positional, return_accuracy: bool = False):
+        refuse_positional("SupConLoss.forward(z, labels)", positional, "return_accuracy",
+                          "pytorch-metric-learning's third argument, indices_tuple (a miner's pairs), has "
+                          "no counterpart: fastclr's SupCon uses every pair of the batch.")
         return supcon_fused(z, labels, self.temperature, positives=self.positives, impl=self.impl,
                             reduction=self.reduction, return_accuracy=return_accuracy,
                             process_group=self.process_group)

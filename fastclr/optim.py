@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from fastclr import _dispatch
+from fastclr._signatures import refuse_positional
 
 IMPLS = (*_dispatch.OPS["LARS"].impls, "cpp")  # "cpp": the old name of "cpu", still taken
 _KERNEL_DTYPES = {"cuda": (torch.float32, torch.bfloat16, torch.float16)}  # the compiled steps' dtypes, where not every float
@@ -67,6 +68,13 @@ def _check_hyper(name: str, value, *, positive: bool = False) -> float:
     return float(value)
 
 
+_LARS_PEERS = ("lightly's LARS(params, lr, momentum, dampening, weight_decay, nesterov, "
+               "trust_coefficient, eps) and timm's Lars(params, lr, momentum, dampening, weight_decay, "
+               "nesterov, trust_coeff, ...) put dampening third: write LARS(params, lr, momentum=..., "
+               "weight_decay=..., trust_coefficient=...); dampening and eps have no counterpart "
+               "(google-research/simclr's LARS, which this is, has neither).")
+
+
 class LARS(torch.optim.Optimizer):
     """Layer-wise Adaptive Rate Scaling with SimCLR's update (see the module docstring).
 
@@ -75,14 +83,17 @@ class LARS(torch.optim.Optimizer):
             ``exclude=True`` and any of the hyper-parameters below.
         lr: learning rate, a number or a 0-dim tensor (may change between steps: set
             ``group["lr"]``, e.g. by a scheduler).
-        momentum, weight_decay, trust_coefficient: >= 0.
+        momentum, weight_decay, trust_coefficient: >= 0; keyword-only, as every option below
+            (a positional one is a TypeError saying what lightly's and timm's order means).
         nesterov: Nesterov momentum.
         impl: "auto" (cuda for CUDA parameters, cpu for CPU ones when the extension is built,
             else foreach, with one warning), "cpu" (alias "cpp"), "cuda" or "foreach".
     """
 
-    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 1e-6,
+    def __init__(self, params, lr: float, *positional, momentum: float = 0.9, weight_decay: float = 1e-6,
                  trust_coefficient: float = 0.001, nesterov: bool = False, impl: str = "auto"):
+        refuse_positional("LARS(params, lr, ...)", positional,
+                          "momentum, weight_decay, trust_coefficient, nesterov and impl", _LARS_PEERS)
         _check_hyper("lr", lr)
         defaults = dict(lr=lr, momentum=_check_hyper("momentum", momentum),
                         weight_decay=_check_hyper("weight_decay", weight_decay),

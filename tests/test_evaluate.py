@@ -16,9 +16,9 @@ from fastclr.app import checkpoint, config, eval_run, export, models, train
 from fastclr.app import evaluate as ev
 
 TINY = ["--epochs", "1", "--batch-size", "400", "--width", "4", "--image-size", "8",
-        "--probe-epochs", "3", "--no-progress", "--knn-k", "20"]
+        "--probe-epochs", "3", "--no-progress", "--knn-k", "20", "--deterministic"]
 FAST = ["--no-progress", "--finetune-steps", "4", "--kmeans-restarts", "2", "--tsne-points", "120",
-        "--label-fraction", "0.05,0.1"]
+        "--label-fraction", "0.05,0.1", "--deterministic"]
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from fastclr.app import train
 
 # A tiny but real run: ResNet-18 at width 4 on 8 px digits, 3 steps per epoch.
 TINY = ["--epochs", "2", "--batch-size", "400", "--width", "4", "--image-size", "8",
-        "--probe-epochs", "5", "--no-progress", "--knn-k", "20"]
+        "--probe-epochs", "5", "--no-progress", "--knn-k", "20", "--deterministic"]  # exact resume on any CPU
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

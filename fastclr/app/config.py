@@ -150,12 +150,17 @@ class RunConfig:
     crop_scale: float | None = flag(None, "smallest crop area fraction of the random resized crop")
     flip: float | None = flag(None, "horizontal flip probability")
     strength: float | None = flag(None, "colour-jitter strength")
-    precision: str = flag("auto", "auto: bf16 autocast on GPU; fp16: float16 autocast with loss "
-                                  "scaling (GPUs without bfloat16: V100, T4)",
+    precision: str = flag("auto", "auto: bf16 autocast on a GPU and on a CPU with native bf16 dot "
+                                  "products (AVX512-BF16, AMX), fp32 on other CPUs (where bf16 is "
+                                  "emulated, slowly); fp16: float16 autocast with loss scaling (GPUs "
+                                  "without bfloat16: V100, T4)",
                           choices=("auto", "fp32", "bf16", "fp16"))
-    channels_last: str = flag("auto", "auto: on for GPU (on a CPU it is faster too, but oneDNN's "
-                                      "channels_last kernels are not deterministic: no exact resume)",
-                              choices=("auto", "on", "off"))
+    channels_last: str = flag("auto", "auto: on where --precision auto picks bf16 (oneDNN's CPU "
+                                      "channels-last kernels are faster but not deterministic: no "
+                                      "exact resume)", choices=("auto", "on", "off"))
+    deterministic: bool = flag(False, "on a CPU, --precision auto and --channels-last auto mean fp32 "
+                                      "and contiguous on every CPU: a resumed run ends bit-identical "
+                                      "to an uninterrupted one", recorded=False)
     compile: bool = flag(False, "torch.compile the model")
     device: str = flag("auto", "auto | cpu | cuda")
     workers: int = flag(4, "image-folder decoding processes")

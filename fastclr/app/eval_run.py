@@ -33,7 +33,7 @@ from . import evaluate as ev
 from . import folder
 from .augment import TorchSimCLRAugment
 from .config import RunConfig
-from .runtime import exit_on_signal, setup_distributed
+from .runtime import exit_on_signal, fast_paths, setup_distributed
 
 EVAL_FORMAT = "fastclr-eval-1"
 DEFAULT_PROTOCOLS = ("knn", "linear", "kmeans", "tsne")
@@ -298,6 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--device", default="auto", help="auto | cpu | cuda")
     a("--workers", type=int, default=4, help="image-folder decoding processes")
     a("--no-progress", action="store_true", help="no progress bars")
+    a("--deterministic", action="store_true", help="fp32 and contiguous on every CPU (default: the "
+      "run's --precision/--channels-last, whose auto is bf16 and channels-last on a CPU with native "
+      "bf16 dot products)")
     return p
 
 
@@ -356,7 +359,9 @@ def main(argv=None) -> dict:
     out = args.out or os.path.dirname(os.path.abspath(ckpt_path))
     ckpt_io.check_output_folder(out, "fastclr.evaluate", "give --out")
     device, _, _ = setup_distributed(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" and config.precision != "fp32" else None
+    # the run's precision and layout, as training chose them on this device (runtime.fast_paths)
+    dtype, channels_last = fast_paths(config.precision, config.channels_last, device,
+                                      deterministic=args.deterministic)
     pixels = args.features == "pixels"
     if pixels and args.random_init:
         raise SystemExit("fastclr.evaluate: --features pixels has no network to initialise; drop --random-init")
@@ -372,7 +377,8 @@ def main(argv=None) -> dict:
         report = evaluate_into(
             out, stem,
             lambda plots: evaluate_model(model, ds, config, s, args.protocols, device, fresh_model=fresh,
-                                         plots=plots, dtype=dtype, workers=args.workers),
+                                         plots=plots, dtype=dtype, channels_last=channels_last,
+                                         workers=args.workers),
             lambda results: make_report(config, ckpt["run"], ckpt_path, ds, s, results, args.protocols,
                                         "pixels" if pixels else "random init" if args.random_init else None))
     print_summary(report)

@@ -1,7 +1,8 @@
 """The process's runtime: the device and torch.distributed set-up, and what SIGTERM / SIGINT do.
 
 ``setup_distributed`` picks the device and, under torchrun, joins the process group (NCCL on
-GPUs, gloo on CPU). ``StopRequest`` lets a signal ask the training loop to save and stop at its
+GPUs, gloo on CPU); ``fast_paths`` what ``--precision auto`` and ``--channels-last auto`` mean on
+it (bf16 autocast and channels-last on a GPU, and on a CPU with native bf16 dot products). ``StopRequest`` lets a signal ask the training loop to save and stop at its
 next look at the device; ``exit_on_signal`` makes a signal end a stretch of work that cannot
 stop half-way (an evaluation) with one message and exit status 128 + signal.
 """
@@ -31,6 +32,44 @@ def setup_distributed(device_arg: str):
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=attempt_store(world),
                                 rank=rank, world_size=world)
     return device, rank, world
+
+
+# Values of FASTCLR_CPU_CAPABILITY / ATEN_CPU_CAPABILITY below AVX-512, and of oneDNN's
+# ONEDNN_MAX_CPU_ISA without AVX-512 or AMX in them: an AVX2 machine being emulated.
+_BELOW_AVX512 = ("default", "avx2", "sse", "sse41", "sse42", "avx")
+CPU_FAST_PATH_NOTE = ("training on the CPU's fast paths (bf16 autocast and/or channels-last): a run "
+                      "resumed from a checkpoint is not bit-identical to an uninterrupted one; "
+                      "--deterministic (with --precision and --channels-last auto) trains in fp32, "
+                      "contiguous, and resumes exactly")
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX), as torch reports it,
+    and nothing caps the instruction set below AVX-512: FASTCLR_CPU_CAPABILITY or torch's
+    ATEN_CPU_CAPABILITY at avx2 or less, or oneDNN's ONEDNN_MAX_CPU_ISA without AVX512/AMX, say
+    an AVX2 machine is being emulated (where bf16 runs an order of magnitude slower than fp32)."""
+    for name in ("FASTCLR_CPU_CAPABILITY", "ATEN_CPU_CAPABILITY"):
+        if os.environ.get(name, "").strip().lower() in _BELOW_AVX512:
+            return False
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
+    if isa and "AVX512" not in isa and "AMX" not in isa and isa != "ALL":
+        return False
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        return False
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def fast_paths(precision: str, channels_last: str, device: torch.device, *, deterministic: bool = False,
+               native_bf16=None) -> tuple:
+    """``(autocast dtype or None, channels_last)`` for the flags' values: "auto" is bf16 and
+    channels-last on a GPU, and on a CPU with native bf16 (``native_bf16``, default
+    cpu_has_native_bf16()) unless ``deterministic``; fp32 and contiguous on other CPUs. An explicit
+    value is taken as given."""
+    fast = device.type == "cuda" or (not deterministic and (
+        cpu_has_native_bf16() if native_bf16 is None else native_bf16))
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}.get(
+        precision, torch.bfloat16 if fast else None)
+    return dtype, channels_last == "on" or (channels_last == "auto" and fast)
 
 
 def attempt_store(world: int):

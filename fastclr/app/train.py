@@ -49,6 +49,7 @@ from . import data as data_mod
 from . import dali, eval_run, metrics, models
 from .augment import TorchSimCLRAugment
 from .config import RunConfig, parse_args
+from . import runtime
 from .runtime import StopRequest, exit_on_signal, setup_distributed
 from .state import EpochSums, RunState, Stop
 
@@ -194,9 +195,10 @@ def optimizer_step(optimizer, found_inf: torch.Tensor) -> None:
 def setup_run(config: RunConfig, device, rank, world) -> Run:
     torch.manual_seed(config.seed)
     gpu = device.type == "cuda"
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}.get(
-        config.precision, torch.bfloat16 if gpu else None)
-    channels_last = config.channels_last == "on" or (config.channels_last == "auto" and gpu)
+    amp_dtype, channels_last = runtime.fast_paths(config.precision, config.channels_last, device,
+                                                  deterministic=config.deterministic)
+    if not gpu and rank == 0 and (amp_dtype is not None or channels_last):
+        print(f"fastclr.train: {runtime.CPU_FAST_PATH_NOTE}", file=sys.stderr, flush=True)
     ds, batches, views = _load_data(config, device, rank, world, amp_dtype, channels_last)
     model, optimizer = _build_model(config, device, channels_last, ds.num_classes)
     ckpt_path = os.path.join(config.out, "checkpoint.pt")

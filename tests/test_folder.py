@@ -193,7 +193,7 @@ def test_more_bad_files_than_allowed_stop_the_run(photos, tmp_path, capsys):
 # --- a run ----------------------------------------------------------------------------------
 
 TINY = ["--dataset", "folder", "--epochs", "2", "--batch-size", "12", "--image-size", "8", "--width", "2",
-        "--workers", "2", "--no-progress", "--proj-dim", "8", "--max-bad-files", "0.2", "--deterministic"]
+        "--workers", "2", "--no-progress", "--proj-dim", "8", "--deterministic", "--max-bad-files", "0.2"]
 
 
 def test_a_run_trains_resumes_exactly_and_lists_its_files(photos, tmp_path, monkeypatch):

@@ -41,7 +41,7 @@ DATASET_DEFAULTS = {
     # a shirt from a T-shirt), the CIFAR stem, no blur (below 96 px), flips (clothes are
     # symmetric), crops down to a fifth; colour jitter on grey images is brightness and contrast
     # only (saturation and hue change nothing where the channels are equal). docs/training.md.
-    "fashion-mnist": dict(epochs=15, batch_size=512, image_size=28, width=16, temperature=0.2,
+    "fashion-mnist": dict(epochs=7, batch_size=512, image_size=28, width=16, temperature=0.2,
                           crop_scale=0.2, flip=0.5, strength=0.5, base_lr=0.5, warmup_epochs=1,
                           eval_every=0, knn_k=20),
     "cifar10": dict(epochs=200, batch_size=512, image_size=32, width=64, temperature=0.5,

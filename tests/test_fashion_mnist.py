@@ -136,6 +136,8 @@ def test_validation_split_is_stratified_disjoint_and_fixed(tmp_path):
     assert not any(np.array_equal(t, v) for t in full.test_images for v in a.test_images)
     with pytest.raises(ValueError, match="--validation must be between 1 and 199"):
         data.load_dataset("fashion-mnist", str(tmp_path), validation=200)
+    synthetic = data.load_dataset("synthetic", synthetic_size=300, validation=30)  # every in-memory dataset
+    assert len(synthetic.test_labels) == 30 and synthetic.note.startswith("validation: 30 of the 270")
     with pytest.raises(ValueError, match="is read from disk"):
         data.load_dataset("imagefolder", str(tmp_path), validation=5)
 

@@ -92,7 +92,8 @@ class RunConfig:
                                       "torchvision's root (default: where they are installed); "
                                       "imagefolder: the folder with train/ and val/; folder: any "
                                       "folder of images (no labels)")
-    validation: int = flag(0, "digits, fashion-mnist, cifar: hold out this many training images "
+    validation: int = flag(0, "datasets held in memory (digits, fashion-mnist, cifar, synthetic): "
+                              "hold out this many training images "
                               "(stratified, always the same ones) and evaluate on them instead of "
                               "the test split, to tune settings without looking at the test images")
     val_dir: str | None = flag(None, "a labelled folder (one sub-folder per class) to evaluate a "

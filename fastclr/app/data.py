@@ -91,9 +91,11 @@ def load_dataset(name: str, data_dir: str | None = None, *, synthetic_size: int 
     many of the training images instead of the test split (validation_split)."""
     if name not in DATASETS:
         raise ValueError(f"--dataset must be one of {DATASETS}, got {name!r}")
-    if validation and name in ("imagefolder", "folder"):
-        raise ValueError(f"--validation: --dataset {name} is read from disk; give the images to "
-                         "validate on as their own folder instead")
+    if name in ("imagefolder", "folder"):  # read from disk
+        if validation:
+            raise ValueError(f"--validation: --dataset {name} is read from disk; give the images to "
+                             "validate on as their own folder instead")
+        return _folder(data_dir) if name == "imagefolder" else folder.load(data_dir, *normalisation("folder"))
     if name == "digits":
         ds = _digits()
     elif name == "fashion-mnist":
@@ -101,21 +103,15 @@ def load_dataset(name: str, data_dir: str | None = None, *, synthetic_size: int 
     elif name in _CIFAR:
         ds = _cifar(name, data_dir)
     else:
-        ds = None
-    if ds is not None:
-        return validation_split(ds, validation) if validation else ds
-    if name == "imagefolder":
-        return _folder(data_dir)
-    if name == "folder":
-        return folder.load(data_dir, *normalisation("folder"))
-    return _synthetic(synthetic_size, synthetic_image_size)
+        ds = _synthetic(synthetic_size, synthetic_image_size)
+    return validation_split(ds, validation) if validation else ds
 
 
 def normalisation(name: str) -> tuple:
     """(mean, std) per channel that dataset ``name``'s images are normalised with: CIFAR's usual
     values, the digits' and Fashion-MNIST's own training-split statistics, ImageNet's for every
-    other dataset. The one
-    place that decides it (training, evaluation, and export's record read it), without CIFAR's files."""
+    other dataset. The one place that decides it (training, evaluation, and export's record read
+    it), without CIFAR's files."""
     if name in _CIFAR:
         return CIFAR_MEAN, CIFAR_STD
     if name == "digits":

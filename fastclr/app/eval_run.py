@@ -6,12 +6,12 @@ the protocols (``--protocols``, default knn,linear,kmeans,tsne; ``all`` adds fin
 dataset (``--dataset``/``--data-dir``: transfer), the model at random initialisation instead of
 the trained one (``--random-init``: the floor), or no network at all (``--features pixels``: the
 protocols on the normalised pixels of the unaugmented images, the baseline every representation
-should beat), and the protocols' settings. It writes, into the
-run folder (or ``--out``), ``eval.json`` (every figure with its protocol's settings; the few-label
-subsets' image indices), ``eval.md`` (the tables) and the plots, and prints the summary table.
-Outputs of another dataset, of the random initialisation or of the pixels are named
-``eval_<dataset>``, ``eval_random_init...``, ``eval_pixels...``. Nothing is written until every protocol has finished: an evaluation
-stopped (Ctrl-C, SIGTERM) or failed leaves the folder as it was.
+should beat), and the protocols' settings. It writes, into the run folder (or ``--out``),
+``eval.json`` (every figure with its protocol's settings; the few-label subsets' image indices),
+``eval.md`` (the tables) and the plots, and prints the summary table. Outputs of another
+dataset, of the random initialisation or of the pixels are named ``eval_<dataset>``,
+``eval_random_init...``, ``eval_pixels...``. Nothing is written until every protocol has
+finished: an evaluation stopped (Ctrl-C, SIGTERM) or failed leaves the folder as it was.
 """
 from __future__ import annotations
 

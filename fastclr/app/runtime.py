@@ -2,8 +2,9 @@
 
 ``setup_distributed`` picks the device and, under torchrun, joins the process group (NCCL on
 GPUs, gloo on CPU); ``fast_paths`` what ``--precision auto`` and ``--channels-last auto`` mean on
-it (bf16 autocast and channels-last on a GPU, and on a CPU with native bf16 dot products). ``StopRequest`` lets a signal ask the training loop to save and stop at its
-next look at the device; ``exit_on_signal`` makes a signal end a stretch of work that cannot
+it (bf16 autocast and channels-last on a GPU, and on a CPU with native bf16 dot products).
+``StopRequest`` lets a signal ask the training loop to save and stop at its next look at the
+device; ``exit_on_signal`` makes a signal end a stretch of work that cannot
 stop half-way (an evaluation) with one message and exit status 128 + signal.
 """
 from __future__ import annotations

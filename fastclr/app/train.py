@@ -46,10 +46,9 @@ from fastclr.optim import LARS, lars_param_groups
 
 from . import checkpoint as ckpt_io
 from . import data as data_mod
-from . import dali, eval_run, metrics, models
+from . import dali, eval_run, metrics, models, runtime
 from .augment import TorchSimCLRAugment
 from .config import RunConfig, parse_args
-from . import runtime
 from .runtime import StopRequest, exit_on_signal, setup_distributed
 from .state import EpochSums, RunState, Stop
 
